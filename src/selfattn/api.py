@@ -1,0 +1,197 @@
+"""The public entry point: ``attention(q, k, v, ...)``, its validation, and ``attention_weights``.
+
+Shape legend (used everywhere in selfattn)
+------------------------------------------
+    B     batch size
+    H_q   query heads;  H_kv key/value heads (grouped-query attention: H_q is a multiple of H_kv, and query head h
+          reads key/value head h // (H_q // H_kv); K and V are never copied)
+    N_q   query positions;  N_k key/value positions (they may differ)
+    D     head dim of queries and keys (d_k);  D_v head dim of values (may differ from D)
+
+    q (B, H_q, N_q, D)   k (B, H_kv, N_k, D)   v (B, H_kv, N_k, D_v)   ->   out (B, H_q, N_q, D_v)
+
+This is the layout of ``torch.nn.functional.scaled_dot_product_attention``.
+
+Causal alignment
+----------------
+``causal=True`` is bottom-right aligned: query i sees key j when ``j <= i + N_k - N_q`` — the last query lines up
+with the last key, as when decoding new tokens against a KV cache. torch's ``is_causal=True`` is top-left aligned
+(``j <= i``); the two agree only when N_q == N_k. For N_q = 2, N_k = 5::
+
+    selfattn causal=True           torch is_causal=True
+         k0 k1 k2 k3 k4                 k0 k1 k2 k3 k4
+    q0    1  1  1  1  .             q0   1  .  .  .  .
+    q1    1  1  1  1  1             q1   1  1  .  .  .
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from selfattn import backends, masks
+from selfattn.backends import AttentionCall
+from selfattn.masks import Mask
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    mask: Mask | Tensor | None = None,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+    return_lse: bool = False,
+):
+    """softmax(q·kᵀ·scale + bias, masked)·v, exactly, on the best backend that can serve the call.
+
+    Args:
+        q, k, v: (B, H_q, N_q, D), (B, H_kv, N_k, D), (B, H_kv, N_k, D_v); same dtype and device.
+        causal: bottom-right causal mask (see the module docstring); combined with ``mask`` by "and".
+        mask: a ``selfattn.masks.Mask`` (or a ``mask_mod(b, h, q_idx, kv_idx)`` function), or a bool tensor
+            broadcastable to (B, H_q, N_q, N_k); True means "may attend".
+        bias: additive float scores broadcastable to (B, H_q, N_q, N_k) (e.g. ALiBi), added after scaling.
+        scale: multiplies q·kᵀ; default 1/√D.
+        backend: a registered backend name (``selfattn.backends.names()``) or None to choose automatically.
+        return_lse: also return the per-row log-sum-exp (B, H_q, N_q) in float32 (−inf for fully masked rows).
+
+    Returns:
+        out (B, H_q, N_q, D_v) in the input dtype, or (out, lse). Rows with every key masked are zeros.
+
+    Example:
+        >>> import torch, selfattn
+        >>> q = k = v = torch.randn(1, 2, 5, 8)
+        >>> selfattn.attention(q, k, v, causal=True).shape
+        torch.Size([1, 2, 5, 8])
+    """
+    call = make_call(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale)
+    if call.N_q == 0 or call.N_k == 0:
+        out = q.new_zeros(call.B, call.H_q, call.N_q, call.D_v)
+        lse = torch.full((call.B, call.H_q, call.N_q), -math.inf, device=q.device)
+    else:
+        out, lse = backends.choose(call, backend).forward(call)
+    return (out, lse) if return_lse else out
+
+
+def attention_weights(
+    q: Tensor,
+    k: Tensor,
+    *,
+    causal: bool = False,
+    mask: Mask | Tensor | None = None,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """The softmax weights (B, H_q, N_q, N_k) in q's dtype, computed by the oracle (O(N_q·N_k) memory on purpose:
+    this is for looking, not for speed). Rows with every key masked are zeros."""
+    from selfattn import reference
+
+    v = k[..., :0]  # the weights do not depend on V
+    call = make_call(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale, allow_empty_dv=True)
+    steps = reference.steps(call.q, call.k, call.v, scale=call.scale, mask=call.mask, bias=call.bias)
+    return steps.weights.to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------ validation
+
+
+def make_call(q, k, v, *, causal=False, mask=None, bias=None, scale=None, allow_empty_dv=False) -> AttentionCall:
+    """Validate the arguments of ``attention`` and bundle them; every error names the values and the fix."""
+    _check_tensors(q, k, v)
+    B, H_q, N_q, D = q.shape
+    H_kv, N_k = k.shape[1], k.shape[2]
+    _check_shapes(q, k, v, allow_empty_dv)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False, got {causal!r}")
+    scale = _check_scale(scale, D)
+    bias = _check_bias(bias, q, B, H_q, N_q, N_k)
+    mask = _check_mask(mask, q, B, H_q, N_q, N_k)
+    if causal:
+        mask = masks.causal() if mask is None else masks.causal() & mask
+    return AttentionCall(q, k, v, scale, mask, bias, causal)
+
+
+def _check_tensors(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dimensions (B, H, N, D), got shape {tuple(t.shape)}; "
+                f"for one sequence of one head use {name}[None, None], for (B, N, H, D) use {name}.transpose(1, 2)"
+            )
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast with .to(dtype)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; move with .to()")
+
+
+def _check_shapes(q, k, v, allow_empty_dv) -> None:
+    (B, H_q, N_q, D), (Bk, H_kv, N_k, Dk), (Bv, H_v, N_v, D_v) = q.shape, k.shape, v.shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"batch sizes differ: q has B={B}, k B={Bk}, v B={Bv}; they must be equal")
+    if D != Dk:
+        raise ValueError(f"q and k must share the head dim D: q has D={D}, k has D={Dk}")
+    if (H_kv, N_k) != (H_v, N_v):
+        raise ValueError(
+            f"k and v must have the same heads and positions: k is (H_kv={H_kv}, N_k={N_k}), v is ({H_v}, {N_v})"
+        )
+    if H_kv == 0 or H_q % H_kv != 0:
+        raise ValueError(
+            f"got H_q={H_q} query heads and H_kv={H_kv} key/value heads: H_q must be a positive multiple of H_kv "
+            "(grouped-query attention)"
+        )
+    if D == 0 or (D_v == 0 and not allow_empty_dv):
+        raise ValueError(f"head dims must be positive, got D={D}, D_v={D_v}")
+
+
+def _check_scale(scale, D: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {scale!r}; leave it None for 1/sqrt(D) = {1 / math.sqrt(D):.4g}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}; leave it None for 1/sqrt(D) = {1 / math.sqrt(D):.4g}")
+    return float(scale)
+
+
+def _broadcasts(what: str, t: Tensor, target: tuple[int, ...], fix: str) -> None:
+    try:
+        ok = t.dim() <= 4 and torch.broadcast_shapes(t.shape, target) == torch.Size(target)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} of shape {tuple(t.shape)} does not broadcast to (B, H_q, N_q, N_k) = {target}; {fix}")
+
+
+def _check_bias(bias, q, B, H_q, N_q, N_k):
+    if bias is None:
+        return None
+    if not isinstance(bias, Tensor) or not bias.dtype.is_floating_point:
+        raise TypeError(f"bias must be a floating-point tensor, got {getattr(bias, 'dtype', type(bias))}; "
+                        "pass a bool tensor as mask= instead")
+    if bias.device != q.device:
+        raise ValueError(f"bias is on {bias.device} but q is on {q.device}; move it with .to(q.device)")
+    _broadcasts("bias", bias, (B, H_q, N_q, N_k), "give it shape (B or 1, H_q or 1, N_q, N_k)")
+    return bias
+
+
+def _check_mask(mask, q, B, H_q, N_q, N_k):
+    if mask is None:
+        return None
+    if isinstance(mask, Tensor):
+        if mask.dtype != torch.bool:
+            raise TypeError(f"a mask tensor must be torch.bool (True = may attend), got {mask.dtype}; "
+                            "pass additive float scores as bias= instead")
+        if mask.device != q.device:
+            raise ValueError(f"mask is on {mask.device} but q is on {q.device}; move it with .to(q.device)")
+        _broadcasts("mask", mask, (B, H_q, N_q, N_k), "give it shape (B or 1, H_q or 1, N_q, N_k)")
+        return masks.from_tensor(mask, N_q, N_k)
+    return masks.as_mask(mask)

@@ -1,0 +1,131 @@
+"""What a backend is: a name, what it can do (as data), why it cannot serve a call, and how it runs one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from selfattn.masks import Mask
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One validated attention call. Shapes: q (B, H_q, N_q, D), k (B, H_kv, N_k, D), v (B, H_kv, N_k, D_v).
+
+    ``mask`` is the effective mask (``causal`` already folded in) or None; ``bias`` is an additive float tensor
+    broadcastable to (B, H_q, N_q, N_k) or None.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    scale: float
+    mask: Mask | None = None
+    bias: Tensor | None = None
+    causal: bool = False
+
+    @property
+    def B(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def H_q(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def H_kv(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def N_q(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def N_k(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def D(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def D_v(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def needs_grad(self) -> bool:
+        tensors = (self.q, self.k, self.v) + ((self.bias,) if self.bias is not None else ())
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+    def describe(self) -> str:
+        return (
+            f"B={self.B} H_q={self.H_q} H_kv={self.H_kv} N_q={self.N_q} N_k={self.N_k} D={self.D} D_v={self.D_v} "
+            f"{self.dtype} on {self.device.type}, mask={self.mask.name if self.mask else None}, "
+            f"bias={'yes' if self.bias is not None else 'no'}, grad={'yes' if self.needs_grad else 'no'}"
+        )
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A way to compute attention. Capabilities are data; ``not_supported_reasons`` turns them into sentences.
+
+    Subclasses implement ``forward(call) -> (out, lse)``: out (B, H_q, N_q, D_v) in the input dtype, lse
+    (B, H_q, N_q) float32 (−inf for fully masked rows), differentiable with respect to q, k, v (and bias) when
+    ``supports_grad``.
+    """
+
+    name: str
+    description: str
+    devices: frozenset[str] = frozenset({"cpu", "cuda"})
+    dtypes: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+    head_dims: tuple[int, int] = (1, 1 << 16)  # inclusive range of D and D_v
+    supports_masks: bool = True
+    supports_bias: bool = True
+    supports_grad: bool = True
+    supports_gqa: bool = True
+    supports_dv_differs: bool = True
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def unavailable_reasons(self) -> list[str]:
+        """Why this backend cannot run on this machine at all (a missing package, no GPU); [] if it can."""
+        return []
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        reasons = list(self.unavailable_reasons())
+        if call.device.type not in self.devices:
+            reasons.append(f"runs on {sorted(self.devices)}, not {call.device.type}")
+        if call.dtype not in self.dtypes:
+            reasons.append(f"supports {sorted(str(d) for d in self.dtypes)}, not {call.dtype}")
+        lo, hi = self.head_dims
+        for name, d in (("D", call.D), ("D_v", call.D_v)):
+            if not lo <= d <= hi:
+                reasons.append(f"head dim {name}={d} outside [{lo}, {hi}]")
+        if call.mask is not None and not self.supports_masks:
+            reasons.append(f"does not take masks (got {call.mask.name})")
+        if call.bias is not None and not self.supports_bias:
+            reasons.append("does not take an additive bias")
+        if call.needs_grad and not self.supports_grad:
+            reasons.append("has no backward (inputs require grad)")
+        if call.H_q != call.H_kv and not self.supports_gqa:
+            reasons.append(f"no grouped-query attention (H_q={call.H_q}, H_kv={call.H_kv})")
+        if call.D != call.D_v and not self.supports_dv_differs:
+            reasons.append(f"needs D == D_v (got {call.D} and {call.D_v})")
+        reasons.extend(self.call_reasons(call))
+        return reasons
+
+    def call_reasons(self, call: AttentionCall) -> list[str]:
+        """Backend-specific reasons beyond the declared capabilities."""
+        return []
+
+    def forward(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,264 @@
+"""Masks are functions: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = the query may see the key).
+
+Positions
+---------
+``q_idx`` is the query's *position in the key sequence*, not its row number. With N_q queries and N_k keys, query
+row i sits at position ``i + N_k - N_q`` (bottom-right alignment: the last query is the last key's position, as when
+decoding with a KV cache). For N_q = N_k the two are the same. So ``causal`` is simply ``kv_idx <= q_idx``::
+
+    N_q = 2, N_k = 5 (bottom-right, selfattn)     torch's is_causal=True (top-left)
+                k0 k1 k2 k3 k4                                k0 k1 k2 k3 k4
+    q0 (pos 3)   1  1  1  1  .                      q0         1  .  .  .  .
+    q1 (pos 4)   1  1  1  1  1                      q1         1  1  .  .  .
+
+Rows whose position is negative (N_q > N_k) see no key under a causal mask: their output is zero.
+
+A mask_mod is called with broadcastable integer tensors: ``b`` of shape (B, 1, 1, 1), ``h`` (1, H, 1, 1),
+``q_idx`` (1, 1, N_q, 1) and ``kv_idx`` (1, 1, 1, N_k) — or any sub-block of them — and must return a bool tensor
+that broadcasts to their common shape. Write it with tensor operations (``&``, ``|``, comparisons, indexing).
+
+Masks combine with ``&`` and ``|``. Each ready-made mask also knows which *blocks* of the score matrix it hides
+entirely, so the tiled backends skip them without evaluating the mask element by element (FlexAttention's block
+mask). A custom mask_mod gets an exact block classification by evaluating it densely, block by block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+# Block states: how much of a (query block x key block) tile a mask lets through.
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+# (B_or_1, H_or_1, q_lo, q_hi, k_lo, k_hi) -> int8 state tensor, q_lo/q_hi shaped (nQ, 1), k_lo/k_hi shaped (1, nK)
+BlockFn = Callable[[int, int, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class Mask:
+    """A mask function with a name and, optionally, a cheap exact-or-conservative block classifier.
+
+    ``block_fn`` must never call a block EMPTY or FULL unless it is; PARTIAL is always safe.
+    """
+
+    mask_mod: MaskMod
+    name: str = "custom"
+    block_fn: BlockFn | None = None
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return self.mask_mod(b, h, q_idx, kv_idx)
+
+    def __and__(self, other: Mask) -> Mask:
+        other = as_mask(other)
+        return Mask(
+            lambda b, h, q, k: self.mask_mod(b, h, q, k) & other.mask_mod(b, h, q, k),
+            f"({self.name} & {other.name})",
+            _combine(self, other, torch.minimum),
+        )
+
+    def __or__(self, other: Mask) -> Mask:
+        other = as_mask(other)
+        return Mask(
+            lambda b, h, q, k: self.mask_mod(b, h, q, k) | other.mask_mod(b, h, q, k),
+            f"({self.name} | {other.name})",
+            _combine(self, other, torch.maximum),
+        )
+
+    def __repr__(self) -> str:
+        return f"Mask({self.name})"
+
+    def dense(self, B: int, H: int, N_q: int, N_k: int, device: torch.device | str | None = None) -> Tensor:
+        """The mask as a bool tensor of shape (B, H, N_q, N_k) — for tests and the oracle (O(N_q·N_k) memory)."""
+        b, h, q, k = grid(B, H, N_q, N_k, device=device)
+        return self.mask_mod(b, h, q, k).expand(B, H, N_q, N_k)
+
+    def block_states(
+        self, B: int, H: int, N_q: int, N_k: int, block_q: int, block_k: int, device: torch.device | str | None = None
+    ) -> Tensor:
+        """int8 tensor (B or 1, H or 1, ceil(N_q/block_q), ceil(N_k/block_k)) of EMPTY / PARTIAL / FULL."""
+        offset = N_k - N_q
+        q_lo = torch.arange(0, N_q, block_q, device=device)
+        q_hi = torch.clamp(q_lo + block_q, max=N_q)
+        k_lo = torch.arange(0, N_k, block_k, device=device)
+        k_hi = torch.clamp(k_lo + block_k, max=N_k)
+        args = (q_lo[:, None] + offset, q_hi[:, None] + offset, k_lo[None, :], k_hi[None, :])
+        if self.block_fn is not None:
+            states = self.block_fn(B, H, *args)
+        else:
+            states = _dense_block_states(self, B, H, N_q, N_k, block_q, block_k, device)
+        while states.dim() < 4:
+            states = states.unsqueeze(0)
+        return states.to(torch.int8)
+
+
+def grid(B: int, H: int, N_q: int, N_k: int, device=None, q_start: int = 0, k_start: int = 0, offset: int | None = None):
+    """Broadcastable (b, h, q_idx, kv_idx) index tensors; q_idx holds aligned positions (row + N_k - N_q)."""
+    if offset is None:
+        offset = N_k - N_q
+    b = torch.arange(B, device=device).view(B, 1, 1, 1)
+    h = torch.arange(H, device=device).view(1, H, 1, 1)
+    q = torch.arange(q_start, q_start + N_q, device=device).view(1, 1, N_q, 1) + offset
+    k = torch.arange(k_start, k_start + N_k, device=device).view(1, 1, 1, N_k)
+    return b, h, q, k
+
+
+def _dense_block_states(mask: Mask, B, H, N_q, N_k, block_q, block_k, device) -> Tensor:
+    n_qb, n_kb = -(-N_q // block_q), -(-N_k // block_k)
+    states = torch.empty(B, H, n_qb, n_kb, dtype=torch.int8, device=device)
+    b, h, _, _ = grid(B, H, 1, 1, device=device)
+    offset = N_k - N_q
+    for i in range(n_qb):  # one query block of rows at a time keeps the memory at O(block_q * N_k)
+        q0, q1 = i * block_q, min(N_q, (i + 1) * block_q)
+        q = torch.arange(q0, q1, device=device).view(1, 1, -1, 1) + offset
+        k = torch.arange(N_k, device=device).view(1, 1, 1, -1)
+        m = mask.mask_mod(b, h, q, k).expand(B, H, q1 - q0, N_k)
+        pad = n_kb * block_k - N_k
+        any_ = torch.nn.functional.pad(m, (0, pad), value=False).view(B, H, q1 - q0, n_kb, block_k).any(-1).any(-2)
+        all_ = torch.nn.functional.pad(m, (0, pad), value=True).view(B, H, q1 - q0, n_kb, block_k).all(-1).all(-2)
+        states[:, :, i] = any_.to(torch.int8) + all_.to(torch.int8)
+    return states
+
+
+def _combine(a: Mask, b: Mask, op) -> BlockFn | None:
+    if a.block_fn is None or b.block_fn is None:
+        return None  # fall back to exact dense classification of the combined mask
+
+    def block_fn(B, H, q_lo, q_hi, k_lo, k_hi):
+        return op(a.block_fn(B, H, q_lo, q_hi, k_lo, k_hi), b.block_fn(B, H, q_lo, q_hi, k_lo, k_hi))
+
+    return block_fn
+
+
+def _state(any_visible: Tensor, all_visible: Tensor) -> Tensor:
+    return any_visible.to(torch.int8) + (all_visible & any_visible).to(torch.int8)
+
+
+# ----------------------------------------------------------------------------------------------- ready-made masks
+
+
+def causal() -> Mask:
+    """A query sees its own position and every earlier one: ``kv_idx <= q_idx`` (bottom-right aligned)."""
+
+    def block_fn(B, H, q_lo, q_hi, k_lo, k_hi):
+        return _state(k_lo <= q_hi - 1, k_hi - 1 <= q_lo)
+
+    return Mask(lambda b, h, q, k: k <= q, "causal", block_fn)
+
+
+def sliding_window(window: int) -> Mask:
+    """Causal local attention: a query sees the ``window`` most recent positions, itself included
+    (``q_idx - window < kv_idx <= q_idx``). Compute grows as N·window instead of N²."""
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"sliding_window(window) takes an int number of positions, got {window!r}")
+    if window < 1:
+        raise ValueError(f"sliding_window(window={window}): the window must be at least 1 (the query itself)")
+
+    def block_fn(B, H, q_lo, q_hi, k_lo, k_hi):
+        any_ = (k_lo <= q_hi - 1) & (k_hi - 1 > q_lo - window)
+        all_ = (k_hi - 1 <= q_lo) & (k_lo > q_hi - 1 - window)
+        return _state(any_, all_)
+
+    return Mask(lambda b, h, q, k: (k <= q) & (k > q - window), f"sliding_window({window})", block_fn)
+
+
+def key_padding(lengths: Tensor) -> Mask:
+    """Batch element b has ``lengths[b]`` real keys; the rest are padding: ``kv_idx < lengths[b]``."""
+    lengths = _int_tensor("key_padding(lengths)", lengths, dim=1)
+    if (lengths < 0).any():
+        raise ValueError(f"key_padding(lengths): lengths must be >= 0, got {lengths.tolist()}")
+
+    def mask_mod(b, h, q, k):
+        return k < lengths.to(k.device)[b]
+
+    def block_fn(B, H, q_lo, q_hi, k_lo, k_hi):
+        L = lengths.to(k_lo.device).view(-1, 1, 1, 1)
+        return _state(k_lo < L, k_hi <= L).expand(-1, 1, q_lo.shape[0], -1)
+
+    return Mask(mask_mod, "key_padding", block_fn)
+
+
+def document(doc_ids: Tensor) -> Mask:
+    """Packed sequences: ``doc_ids[b, pos]`` (or ``doc_ids[pos]``) names the document of each key position; a query
+    sees only keys of its own document: ``doc_ids[q_idx] == doc_ids[kv_idx]``. Combine with ``causal()`` for a
+    packed decoder batch. Blocks whose id ranges do not meet are skipped (exact for sorted ids)."""
+    doc_ids = _int_tensor("document(doc_ids)", doc_ids, dim=None)
+    if doc_ids.dim() not in (1, 2):
+        raise ValueError(f"document(doc_ids): expected shape (N_k,) or (B, N_k), got {tuple(doc_ids.shape)}")
+    ids = doc_ids if doc_ids.dim() == 2 else doc_ids[None]  # (B or 1, N_k)
+    n = ids.shape[-1]
+
+    def mask_mod(b, h, q, k):
+        d = ids.to(q.device)
+        bb = b if d.shape[0] > 1 else torch.zeros_like(b)
+        valid = (q >= 0) & (q < n)
+        return valid & (d[bb, q.clamp(0, n - 1)] == d[bb, k])
+
+    def block_fn(B, H, q_lo, q_hi, k_lo, k_hi):
+        d = ids.to(q_lo.device)
+        big = torch.iinfo(d.dtype).max
+        lo_q, hi_q = _range_minmax(d, q_lo[:, 0], q_hi[:, 0], big)  # (Bd, nQ)
+        lo_k, hi_k = _range_minmax(d, k_lo[0], k_hi[0], big)  # (Bd, nK)
+        any_ = (lo_q[:, :, None] <= hi_k[:, None, :]) & (lo_k[:, None, :] <= hi_q[:, :, None])
+        all_ = (lo_q == hi_q)[:, :, None] & (lo_k == hi_k)[:, None, :] & (lo_q[:, :, None] == lo_k[:, None, :])
+        all_ &= ((q_lo >= 0) & (q_hi <= n))[None]  # query positions outside the ids belong to no document
+        return _state(any_, all_)[:, None]
+
+    return Mask(mask_mod, "document", block_fn)
+
+
+def _range_minmax(ids: Tensor, lo: Tensor, hi: Tensor, big: int):
+    """min and max of ids[:, lo:hi] for each range; empty or out-of-range parts are ignored."""
+    n = ids.shape[-1]
+    out_min = torch.full((ids.shape[0], lo.numel()), big, dtype=ids.dtype, device=ids.device)
+    out_max = torch.full((ids.shape[0], lo.numel()), -big, dtype=ids.dtype, device=ids.device)
+    for j, (a, c) in enumerate(zip(lo.tolist(), hi.tolist())):
+        a, c = max(a, 0), min(c, n)
+        if c > a:
+            seg = ids[:, a:c]
+            out_min[:, j] = seg.min(-1).values
+            out_max[:, j] = seg.max(-1).values
+    return out_min, out_max
+
+
+def from_tensor(mask: Tensor, N_q: int, N_k: int) -> Mask:
+    """Wrap a dense bool tensor broadcastable to (B, H, N_q, N_k) (True = visible) as a Mask."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"a mask tensor must be torch.bool (True = visible), got {mask.dtype}; pass additive float"
+                        " scores as bias=")
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    offset = N_k - N_q
+
+    def mask_mod(b, h, q, k):
+        t = m.to(q.device)
+        bi = b if t.shape[0] > 1 else torch.zeros_like(b)
+        hi = h if t.shape[1] > 1 else torch.zeros_like(h)
+        qi = (q - offset) if t.shape[2] > 1 else torch.zeros_like(q)
+        ki = k if t.shape[3] > 1 else torch.zeros_like(k)
+        return t[bi, hi, qi, ki]
+
+    return Mask(mask_mod, f"tensor{tuple(mask.shape)}")
+
+
+def as_mask(mask) -> Mask:
+    if isinstance(mask, Mask):
+        return mask
+    if callable(mask):
+        return Mask(mask, getattr(mask, "__name__", "custom"))
+    raise TypeError(f"expected a selfattn.masks.Mask or a mask_mod(b, h, q_idx, kv_idx) function, got {type(mask)}")
+
+
+def _int_tensor(where: str, t, dim: int | None) -> Tensor:
+    if not isinstance(t, Tensor):
+        t = torch.as_tensor(t)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{where}: expected an integer tensor, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{where}: expected a {dim}-D tensor, got shape {tuple(t.shape)}")
+    return t.long()

@@ -1,0 +1,152 @@
+"""The oracle: attention computed exactly in the textbook's order, in float64. Every fast path is tested against it.
+
+    Q = X·W_Q,  K = X·W_K,  V = X·W_V                     (project, when given X and the weights)
+    S = Q·Kᵀ                                              (raw scores, N_q × N_k)
+    S = S · scale            scale = 1/√d_k by default   (keeps the softmax from saturating as d_k grows)
+    S = S + bias;  S[~mask] = −∞                          (mask: True = visible)
+    P = exp(S − max_j S) / Σ_j exp(S − max_j S)           (softmax, the row maximum subtracted for stability)
+    Y = P·V                                               (N_q × d_v, one vector per token)
+
+A row whose keys are all masked has P = 0, Y = 0 and log-sum-exp −∞ (never NaN).
+
+Shapes follow ``torch.nn.functional.scaled_dot_product_attention``: (B, H, N, D); see ``selfattn.api``.
+This module materialises the N_q × N_k matrix on purpose: it is slow and memory-hungry, and it is plain.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from selfattn.masks import Mask
+from selfattn.masks import causal as causal_mask
+
+# The oracle keeps about this many float64 N_q x N_k matrices alive at once (scores, exp, weights, mask, autograd).
+_MATRICES_ALIVE = 6
+
+
+class Steps(NamedTuple):
+    """Every intermediate of one attention call, in the textbook's order (float64)."""
+
+    q: Tensor  # (B, H_q, N_q, D)
+    k: Tensor  # (B, H_q, N_k, D)   K repeated per query head (GQA)
+    v: Tensor  # (B, H_q, N_k, D_v)
+    scores: Tensor  # (B, H_q, N_q, N_k)  Q·Kᵀ
+    scaled: Tensor  # scores · scale (+ bias)
+    masked: Tensor  # −∞ where the mask hides a key
+    weights: Tensor  # softmax over the last dimension; rows of zeros where everything is masked
+    lse: Tensor  # (B, H_q, N_q)  log Σ_j exp(masked), −∞ for fully masked rows
+    out: Tensor  # (B, H_q, N_q, D_v)
+
+
+class TooLargeError(MemoryError):
+    """The N_q x N_k matrix of this call would not fit in memory; use a tiled backend."""
+
+
+def project(x: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q_i = x_i·W_Q, k_i = x_i·W_K, v_i = x_i·W_V for every row x_i of x (..., N, d_model)."""
+    return x @ w_q, x @ w_k, x @ w_v
+
+
+def steps(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = None,
+    mask: Mask | Tensor | None = None,
+    bias: Tensor | None = None,
+    causal: bool = False,
+) -> Steps:
+    """Run the textbook computation in float64 and keep every step. q (B, H_q, N_q, D); k (B, H_kv, N_k, D);
+    v (B, H_kv, N_k, D_v); H_q a multiple of H_kv. ``mask`` is a Mask or a bool tensor (True = visible)."""
+    B, H_q, N_q, D = q.shape
+    H_kv, N_k = k.shape[1], k.shape[2]
+    check_fits(B * H_q * N_q * N_k)
+    q, k, v = (t.to(torch.float64) for t in (q, k, v))
+    group = H_q // H_kv
+    k = k.repeat_interleave(group, dim=1)  # (B, H_q, N_k, D): the oracle may copy, the backends must not
+    v = v.repeat_interleave(group, dim=1)  # (B, H_q, N_k, D_v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+
+    scores = q @ k.transpose(-2, -1)  # (B, H_q, N_q, N_k)
+    scaled = scores * scale
+    if bias is not None:
+        scaled = scaled + bias.to(torch.float64)
+    visible = dense_visible(mask, causal, B, H_q, N_q, N_k, q.device)
+    masked = scaled if visible is None else scaled.masked_fill(~visible, -math.inf)
+
+    row_max = masked.amax(dim=-1, keepdim=True)  # (B, H_q, N_q, 1)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # all-masked rows: −∞ → 0
+    e = torch.exp(masked - row_max)
+    total = e.sum(dim=-1, keepdim=True)
+    weights = torch.where(total > 0, e / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(e))
+    lse = (row_max + torch.log(total)).squeeze(-1)  # log(0) = −∞ for fully masked rows
+    out = weights @ v  # (B, H_q, N_q, D_v)
+    return Steps(q, k, v, scores, scaled, masked, weights, lse, out)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = None,
+    mask: Mask | Tensor | None = None,
+    bias: Tensor | None = None,
+    causal: bool = False,
+    return_lse: bool = False,
+    return_weights: bool = False,
+):
+    """softmax(Q·Kᵀ·scale + bias, masked)·V in float64. Returns ``out`` or a tuple (out, [lse], [weights]).
+
+    >>> q = k = v = torch.eye(2, dtype=torch.float64).view(1, 1, 2, 2)
+    >>> attention(q, k, v, causal=True)[0, 0]
+    tensor([[1.0000, 0.0000],
+            [0.3302, 0.6698]], dtype=torch.float64)
+    """
+    s = steps(q, k, v, scale=scale, mask=mask, bias=bias, causal=causal)
+    extra = ([s.lse] if return_lse else []) + ([s.weights] if return_weights else [])
+    return (s.out, *extra) if extra else s.out
+
+
+def dense_visible(mask, causal, B, H, N_q, N_k, device) -> Tensor | None:
+    """The effective mask as a dense bool tensor (True = visible), or None when nothing is masked."""
+    visible = None
+    if causal:
+        visible = causal_mask().dense(B, H, N_q, N_k, device=device)
+    if mask is not None:
+        m = mask.dense(B, H, N_q, N_k, device=device) if isinstance(mask, Mask) else mask.to(device)
+        visible = m if visible is None else visible & m
+    return visible
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS would give us now (MemAvailable on Linux), else total physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def bytes_needed(n_scores: int) -> int:
+    return n_scores * 8 * _MATRICES_ALIVE
+
+
+def check_fits(n_scores: int) -> None:
+    need, have = bytes_needed(n_scores), available_memory_bytes()
+    if need > have // 2:
+        raise TooLargeError(
+            f"the reference computation would materialise {n_scores:,} float64 scores (~{need / 2**30:.1f} GiB with "
+            f"its intermediates), more than half the {have / 2**30:.1f} GiB available; use a tiled backend, which "
+            "needs O(N) memory"
+        )

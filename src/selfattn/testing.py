@@ -1,0 +1,69 @@
+"""Helpers to judge a fast path against the oracle with FlashAttention's rule.
+
+The error of a fast path against the float64 oracle must be at most ``factor`` times the error of the naive
+computation done in the same dtype (2× for outputs, 3× for gradients), plus a small floor: a backend is held to
+the accuracy its dtype allows, not to a fixed table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from selfattn import reference
+
+
+def naive(q, k, v, *, scale=None, mask=None, bias=None, causal=False) -> Tensor:
+    """The textbook computation in the inputs' own dtype (no upcast): the yardstick for rounding error."""
+    B, H_q, N_q, D = q.shape
+    H_kv, N_k = k.shape[1], k.shape[2]
+    group = H_q // H_kv
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D) if scale is None else scale)
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    visible = reference.dense_visible(mask, causal, B, H_q, N_q, N_k, q.device)
+    if visible is not None:
+        s = s.masked_fill(~visible, -math.inf)
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # rows with every key masked
+    return p @ v
+
+
+def max_error(a: Tensor, b: Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def floor_for(dtype: torch.dtype, scale: float = 1.0) -> float:
+    return 2 * torch.finfo(dtype).eps * max(1.0, scale)
+
+
+def check_against_oracle(fast: Tensor, naive_same_dtype: Tensor, oracle: Tensor, *, factor: float = 2.0,
+                         what: str = "out", floor: float | None = None) -> tuple[float, float]:
+    """Assert |fast − oracle| ≤ factor·|naive − oracle| + floor (max norm); returns (error, allowed)."""
+    if fast.shape != oracle.shape:
+        raise AssertionError(f"{what}: shape {tuple(fast.shape)} != oracle's {tuple(oracle.shape)}")
+    if not torch.isfinite(fast).all():
+        raise AssertionError(f"{what}: {int((~torch.isfinite(fast)).sum())} non-finite values")
+    magnitude = oracle.abs().max().item() if oracle.numel() else 1.0
+    floor = floor_for(fast.dtype, magnitude) if floor is None else floor
+    err, err_naive = max_error(fast, oracle), max_error(naive_same_dtype, oracle)
+    allowed = factor * err_naive + floor
+    if not err <= allowed:
+        raise AssertionError(
+            f"{what}: error {err:.3e} vs the float64 oracle exceeds {factor}x the naive {fast.dtype} error "
+            f"{err_naive:.3e} + floor {floor:.1e} = {allowed:.3e}"
+        )
+    return err, allowed
+
+
+def poison_allocator(nbytes: int = 64 << 20) -> None:
+    """Fill freed memory with NaN so that an output element a kernel forgets to write is likely to read as NaN."""
+    t = torch.full((nbytes // 4,), math.nan, dtype=torch.float32)
+    del t
+
+
+__all__ = ["naive", "check_against_oracle", "max_error", "poison_allocator"]

@@ -1,0 +1,139 @@
+"""The public function: every bad input gets a clear error naming the values; edge cases; backend choice."""
+
+import math
+
+import pytest
+import torch
+
+import selfattn
+from selfattn import backends, masks
+
+
+def qkv(B=1, H_q=2, H_kv=2, N_q=4, N_k=4, D=8, D_v=8, dtype=torch.float32):
+    return (torch.randn(B, H_q, N_q, D, dtype=dtype), torch.randn(B, H_kv, N_k, D, dtype=dtype),
+            torch.randn(B, H_kv, N_k, D_v, dtype=dtype))
+
+
+def test_wrong_rank():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"q must have 4 dimensions \(B, H, N, D\), got shape \(2, 4, 8\)"):
+        selfattn.attention(q[0], k, v)
+
+
+def test_not_a_tensor_and_integer_dtype():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="k must be a torch.Tensor, got list"):
+        selfattn.attention(q, k.tolist(), v)
+    with pytest.raises(TypeError, match="floating-point"):
+        selfattn.attention(q, k, v.long())
+
+
+def test_batch_head_and_dim_mismatch():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="batch sizes differ: q has B=1, k B=2"):
+        selfattn.attention(q, torch.cat([k, k]), v)
+    with pytest.raises(ValueError, match="q has D=8, k has D=4"):
+        selfattn.attention(q, k[..., :4], v)
+    with pytest.raises(ValueError, match=r"k is \(H_kv=2, N_k=4\), v is \(2, 3\)"):
+        selfattn.attention(q, k, v[:, :, :3])
+
+
+def test_gqa_heads_not_a_multiple():
+    q, k, v = qkv(H_q=6, H_kv=4)
+    with pytest.raises(ValueError, match="got H_q=6 query heads and H_kv=4 .* multiple of H_kv"):
+        selfattn.attention(q, k, v)
+
+
+def test_dtype_mismatch():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="share one dtype, got torch.float32, torch.float64"):
+        selfattn.attention(q, k.double(), v)
+
+
+def test_device_mismatch():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="one device, got cpu, meta"):
+        selfattn.attention(q, k.to("meta"), v)
+
+
+def test_mask_that_does_not_broadcast():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"mask of shape \(3, 4\) does not broadcast to .* \(1, 2, 4, 4\)"):
+        selfattn.attention(q, k, v, mask=torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bias="):
+        selfattn.attention(q, k, v, mask=torch.ones(4, 4))
+    with pytest.raises(ValueError, match="bias of shape"):
+        selfattn.attention(q, k, v, bias=torch.ones(2, 2, 4, 4))
+    with pytest.raises(TypeError, match="mask_mod"):
+        selfattn.attention(q, k, v, mask="causal")
+
+
+@pytest.mark.parametrize("scale, err", [(math.inf, ValueError), (math.nan, ValueError), ("0.1", TypeError)])
+def test_bad_scale(scale, err):
+    q, k, v = qkv()
+    with pytest.raises(err, match="scale"):
+        selfattn.attention(q, k, v, scale=scale)
+
+
+def test_negative_window():
+    with pytest.raises(ValueError, match="window=-4"):
+        masks.sliding_window(-4)
+
+
+def test_causal_must_be_bool():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        selfattn.attention(q, k, v, causal="yes")
+
+
+def test_empty_sequences():
+    q, k, v = qkv(N_q=0)
+    assert selfattn.attention(q, k, v).shape == (1, 2, 0, 8)
+    q, k, v = qkv(N_k=0)
+    out, lse = selfattn.attention(q, k, v, return_lse=True)
+    assert torch.equal(out, torch.zeros(1, 2, 4, 8)) and torch.isneginf(lse).all()
+
+
+def test_inputs_are_untouched_after_an_error():
+    q, k, v = qkv()
+    before = [t.clone() for t in (q, k, v)]
+    with pytest.raises(ValueError):
+        selfattn.attention(q, k, v, bias=torch.ones(5, 5))
+    assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v)))
+
+
+def test_named_backend_that_cannot_serve_lists_reasons():
+    q = torch.randn(1, 1, 1 << 20, 1)
+    with pytest.raises(backends.BackendError, match="reference.*cannot serve.*GiB"):
+        selfattn.attention(q, q, q, backend="reference")
+    with pytest.raises(backends.BackendError, match="unknown backend 'nope'; registered backends"):
+        selfattn.attention(*qkv(), backend="nope")
+
+
+def test_chooser_error_lists_every_backend():
+    q = torch.randn(1, 1, 1 << 20, 1, dtype=torch.float64)
+    try:
+        selfattn.attention(q, q, q, mask=masks.Mask(lambda b, h, qi, ki: ki >= 0), bias=torch.zeros(1, 1, 1, 1))
+    except backends.BackendError as e:
+        for name in backends.names():
+            assert f"  {name}: " in str(e)
+    except MemoryError:  # pragma: no cover - a backend accepted the call but the machine is too small
+        pytest.skip("a backend accepted the call")
+
+
+def test_bottom_right_causal_differs_from_torch_top_left():
+    q, k, v = (t.double() for t in qkv(N_q=2, N_k=5))
+    ours = selfattn.attention(q, k, v, causal=True)
+    top_left = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    bottom_right = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.ones(2, 5, dtype=torch.bool).tril(diagonal=3))
+    torch.testing.assert_close(ours, bottom_right, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(ours, top_left)
+
+
+def test_attention_weights_rows_sum_to_one():
+    q, k, _ = qkv(H_q=4, H_kv=2)
+    w = selfattn.attention_weights(q, k, causal=True)
+    assert w.shape == (1, 4, 4, 4)
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 4, 4))
+    assert (w.triu(1) == 0).all()

@@ -1,0 +1,100 @@
+"""Every registered backend against the float64 oracle (FlashAttention's rule), generated from the registry.
+
+A backend added to the registry is tested here without new test code: each case runs on every backend that says
+it can serve the case; a refusal is a skip whose reason `pytest -ra` prints.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import selfattn
+from selfattn import backends, masks, reference, testing
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_cases():
+    g = torch.Generator().manual_seed(1234)
+    shapes = [  # (B, H_q, H_kv, N_q, N_k, D, D_v)
+        (1, 1, 1, 1, 1, 16, 16), (2, 4, 2, 97, 97, 40, 40), (1, 2, 1, 64, 200, 59, 59), (1, 2, 2, 130, 60, 64, 32),
+        (1, 1, 1, 1025, 1025, 64, 64), (1, 3, 3, 1023, 517, 16, 16),
+    ]
+    mask_kinds = ["none", "causal", "window", "padding", "document", "custom", "bias"]
+    cases = []
+    for shape, kind in itertools.product(shapes, mask_kinds):
+        B, H_q, H_kv, N_q, N_k, D, D_v = shape
+        if N_q * N_k > 300_000 and kind not in ("causal", "window"):
+            continue
+        cases.append(pytest.param(shape, kind, int(torch.randint(0, 2**31, (), generator=g)),
+                                  id=f"B{B}-H{H_q}x{H_kv}-{N_q}x{N_k}-D{D}v{D_v}-{kind}"))
+    return cases
+
+
+def build_mask(kind, B, H_q, N_q, N_k, g):
+    if kind == "causal":
+        return dict(causal=True)
+    if kind == "window":
+        return dict(mask=masks.sliding_window(int(torch.randint(1, 64, (), generator=g))))
+    if kind == "padding":
+        lengths = torch.randint(0, N_k + 1, (B,), generator=g)
+        lengths[0] = 0  # a fully masked batch element
+        return dict(mask=masks.key_padding(lengths))
+    if kind == "document":
+        ids = torch.sort(torch.randint(0, 5, (N_k,), generator=g)).values
+        return dict(mask=masks.document(ids), causal=True)
+    if kind == "custom":
+        return dict(mask=masks.Mask(lambda b, h, q, k: (q - k) % 3 != 1))
+    if kind == "bias":
+        return dict(bias=torch.randn(1, H_q, N_q, N_k, generator=g))
+    return {}
+
+
+@pytest.mark.parametrize("backend", backends.names())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, kind, seed", make_cases())
+def test_forward_and_backward_match_the_oracle(backend, dtype, shape, kind, seed):
+    B, H_q, H_kv, N_q, N_k, D, D_v = shape
+    g = torch.Generator().manual_seed(seed)
+    q64 = torch.randn(B, H_q, N_q, D, generator=g, dtype=torch.float64)
+    k64 = torch.randn(B, H_kv, N_k, D, generator=g, dtype=torch.float64)
+    v64 = torch.randn(B, H_kv, N_k, D_v, generator=g, dtype=torch.float64)
+    kw = build_mask(kind, B, H_q, N_q, N_k, g)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+    call = selfattn.api.make_call(q, k, v, **kw)
+    reasons = backends.get(backend).not_supported_reasons(call)
+    if reasons:
+        pytest.skip(f"{backend} does not serve this case: {'; '.join(reasons)}")
+
+    testing.poison_allocator()
+    out, lse = selfattn.attention(q, k, v, backend=backend, return_lse=True, **kw)
+    q_ref, k_ref, v_ref = (t.detach().double().requires_grad_() for t in (q, k, v))  # the oracle sees the same values
+    kw64 = {**kw, "bias": kw["bias"].double()} if "bias" in kw else kw
+    out_ref, lse_ref = reference.attention(q_ref, k_ref, v_ref, return_lse=True, **kw64)
+    q_n, k_n, v_n = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out_naive = testing.naive(q_n, k_n, v_n, **kw)
+
+    assert out.dtype == dtype and out.shape == (B, H_q, N_q, D_v)
+    testing.check_against_oracle(out, out_naive, out_ref, what=f"{backend} out")
+    dead = torch.isneginf(lse_ref)
+    assert torch.equal(torch.isneginf(lse), dead), "lse must be -inf exactly for fully masked rows"
+    assert (out[dead] == 0).all(), "fully masked rows must be zeros"
+    torch.testing.assert_close(lse[~dead].double(), lse_ref[~dead], rtol=0, atol=1e-2 if dtype in (
+        torch.bfloat16, torch.float16) else 1e-5)
+
+    if backends.get(backend).supports_grad:
+        d_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        grads = torch.autograd.grad(out, (q, k, v), d_out.to(dtype))
+        grads_ref = torch.autograd.grad(out_ref, (q_ref, k_ref, v_ref), d_out)
+        grads_naive = torch.autograd.grad(out_naive, (q_n, k_n, v_n), d_out.to(dtype))
+        for name, a, r, n in zip("qkv", grads, grads_ref, grads_naive):
+            testing.check_against_oracle(a, n, r, factor=3.0, what=f"{backend} d{name}")
+
+
+@pytest.mark.parametrize("backend", backends.names())
+def test_two_runs_are_bitwise_equal(backend):
+    q, k, v = (torch.randn(1, 2, 300, 32) for _ in range(3))
+    a = selfattn.attention(q, k, v, causal=True, backend=backend)
+    b = selfattn.attention(q, k, v, causal=True, backend=backend)
+    assert torch.equal(a, b)

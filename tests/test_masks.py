@@ -1,0 +1,104 @@
+"""Masks: dense materialisation against hand-built grids; block states consistent with the dense mask."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from selfattn import masks
+from selfattn.masks import EMPTY, FULL, PARTIAL
+
+
+def test_causal_is_bottom_right():
+    expected = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(masks.causal().dense(1, 1, 2, 5)[0, 0], expected)
+    assert torch.equal(masks.causal().dense(1, 1, 3, 3)[0, 0], torch.ones(3, 3, dtype=torch.bool).tril())
+
+
+def test_causal_rows_before_the_first_key_see_nothing():
+    m = masks.causal().dense(1, 1, 4, 2)[0, 0]  # N_q > N_k: rows 0 and 1 sit at positions -2, -1
+    assert torch.equal(m, torch.tensor([[0, 0], [0, 0], [1, 0], [1, 1]], dtype=torch.bool))
+
+
+def test_sliding_window_keeps_w_recent_positions():
+    m = masks.sliding_window(2).dense(1, 1, 4, 4)[0, 0]
+    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(m, expected)
+
+
+def test_key_padding_and_documents():
+    m = masks.key_padding(torch.tensor([2, 3])).dense(2, 1, 1, 4)
+    assert m[0, 0, 0].tolist() == [True, True, False, False] and m[1, 0, 0].tolist() == [True, True, True, False]
+    d = masks.document(torch.tensor([0, 0, 1, 1, 1])).dense(1, 1, 5, 5)[0, 0]
+    assert d[1].tolist() == [True, True, False, False, False] and d[3].tolist() == [False, False, True, True, True]
+
+
+def test_and_or_compose():
+    a, b = masks.causal(), masks.key_padding(torch.tensor([3]))
+    both = (a & b).dense(1, 1, 4, 4)
+    either = (a | b).dense(1, 1, 4, 4)
+    assert torch.equal(both, a.dense(1, 1, 4, 4) & b.dense(1, 1, 4, 4))
+    assert torch.equal(either, a.dense(1, 1, 4, 4) | b.dense(1, 1, 4, 4))
+
+
+def test_custom_mask_mod_function():
+    def every_other(b, h, q, k):
+        return (k % 2) == 0
+
+    m = masks.as_mask(every_other).dense(1, 1, 2, 4)[0, 0]
+    assert m.tolist() == [[True, False, True, False]] * 2
+
+
+@pytest.mark.parametrize("bad, err", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_window_validation(bad, err):
+    with pytest.raises(err, match="window"):
+        masks.sliding_window(bad)
+
+
+def test_mask_argument_validation():
+    with pytest.raises(TypeError, match="integer"):
+        masks.key_padding(torch.tensor([1.5]))
+    with pytest.raises(ValueError, match=">= 0"):
+        masks.key_padding(torch.tensor([-1]))
+    with pytest.raises(ValueError, match="shape"):
+        masks.document(torch.zeros(2, 2, 2, dtype=torch.long))
+
+
+def all_masks(B, N_k, g):
+    lengths = torch.randint(0, N_k + 1, (B,), generator=g)
+    ids = torch.sort(torch.randint(0, 3, (B, N_k), generator=g), dim=-1).values
+    w = int(torch.randint(1, N_k + 2, (), generator=g))
+    return {
+        "causal": masks.causal(),
+        "window": masks.sliding_window(w),
+        "padding": masks.key_padding(lengths),
+        "document": masks.document(ids),
+        "doc&causal": masks.document(ids) & masks.causal(),
+        "window|padding": masks.sliding_window(w) | masks.key_padding(lengths),
+        "custom": masks.Mask(lambda b, h, q, k: (q + k + h) % 3 != 0),
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), H=st.integers(1, 2), N_q=st.integers(1, 37), N_k=st.integers(1, 37),
+       bq=st.integers(1, 9), bk=st.integers(1, 9), seed=st.integers(0, 999))
+def test_block_states_never_lie(B, H, N_q, N_k, bq, bk, seed):
+    g = torch.Generator().manual_seed(seed)
+    for name, m in all_masks(B, N_k, g).items():
+        dense = m.dense(B, H, N_q, N_k)
+        states = m.block_states(B, H, N_q, N_k, bq, bk).expand(B, H, -1, -1)
+        for i in range(states.shape[2]):
+            for j in range(states.shape[3]):
+                tile = dense[:, :, i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+                s = states[:, :, i, j]
+                assert not (tile.flatten(2).any(-1) & (s == EMPTY)).any(), f"{name}: EMPTY block has visible keys"
+                assert not ((~tile).flatten(2).any(-1) & (s == FULL)).any(), f"{name}: FULL block has hidden keys"
+
+
+def test_analytic_block_states_are_exact_for_causal_and_window():
+    for m in (masks.causal(), masks.sliding_window(5)):
+        states = m.block_states(1, 1, 32, 32, 4, 4)[0, 0]
+        dense = m.dense(1, 1, 32, 32)[0, 0].view(8, 4, 8, 4)
+        exact = dense.any(-1).any(1).to(torch.int8) + dense.all(-1).all(1).to(torch.int8)
+        assert torch.equal(states, exact), f"{m.name}: not exact"
+        assert (states == PARTIAL).any() and (states == EMPTY).any()
