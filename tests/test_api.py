@@ -99,7 +99,7 @@ def test_inputs_are_untouched_after_an_error():
     before = [t.clone() for t in (q, k, v)]
     with pytest.raises(ValueError):
         selfattn.attention(q, k, v, bias=torch.ones(5, 5))
-    assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v)))
+    assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v), strict=True))
 
 
 def test_named_backend_that_cannot_serve_lists_reasons():

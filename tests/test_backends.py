@@ -88,7 +88,7 @@ def test_forward_and_backward_match_the_oracle(backend, dtype, shape, kind, seed
         grads = torch.autograd.grad(out, (q, k, v), d_out.to(dtype))
         grads_ref = torch.autograd.grad(out_ref, (q_ref, k_ref, v_ref), d_out)
         grads_naive = torch.autograd.grad(out_naive, (q_n, k_n, v_n), d_out.to(dtype))
-        for name, a, r, n in zip("qkv", grads, grads_ref, grads_naive):
+        for name, a, r, n in zip("qkv", grads, grads_ref, grads_naive, strict=True):
             testing.check_against_oracle(a, n, r, factor=3.0, what=f"{backend} d{name}")
 
 

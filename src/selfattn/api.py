@@ -104,7 +104,7 @@ def make_call(q, k, v, *, causal=False, mask=None, bias=None, scale=None, allow_
     """Validate the arguments of ``attention`` and bundle them; every error names the values and the fix."""
     _check_tensors(q, k, v)
     B, H_q, N_q, D = q.shape
-    H_kv, N_k = k.shape[1], k.shape[2]
+    N_k = k.shape[2]
     _check_shapes(q, k, v, allow_empty_dv)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be True or False, got {causal!r}")
@@ -134,7 +134,7 @@ def _check_tensors(q, k, v) -> None:
 
 
 def _check_shapes(q, k, v, allow_empty_dv) -> None:
-    (B, H_q, N_q, D), (Bk, H_kv, N_k, Dk), (Bv, H_v, N_v, D_v) = q.shape, k.shape, v.shape
+    (B, H_q, _, D), (Bk, H_kv, N_k, Dk), (Bv, H_v, N_v, D_v) = q.shape, k.shape, v.shape
     if not (B == Bk == Bv):
         raise ValueError(f"batch sizes differ: q has B={B}, k B={Bk}, v B={Bv}; they must be equal")
     if D != Dk:

@@ -24,8 +24,8 @@ mask). A custom mask_mod gets an exact block classification by evaluating it den
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -96,7 +96,8 @@ class Mask:
         return states.to(torch.int8)
 
 
-def grid(B: int, H: int, N_q: int, N_k: int, device=None, q_start: int = 0, k_start: int = 0, offset: int | None = None):
+def grid(B: int, H: int, N_q: int, N_k: int, device=None, q_start: int = 0, k_start: int = 0,
+         offset: int | None = None):
     """Broadcastable (b, h, q_idx, kv_idx) index tensors; q_idx holds aligned positions (row + N_k - N_q)."""
     if offset is None:
         offset = N_k - N_q
@@ -216,7 +217,7 @@ def _range_minmax(ids: Tensor, lo: Tensor, hi: Tensor, big: int):
     n = ids.shape[-1]
     out_min = torch.full((ids.shape[0], lo.numel()), big, dtype=ids.dtype, device=ids.device)
     out_max = torch.full((ids.shape[0], lo.numel()), -big, dtype=ids.dtype, device=ids.device)
-    for j, (a, c) in enumerate(zip(lo.tolist(), hi.tolist())):
+    for j, (a, c) in enumerate(zip(lo.tolist(), hi.tolist(), strict=True)):
         a, c = max(a, 0), min(c, n)
         if c > a:
             seg = ids[:, a:c]
