@@ -72,53 +72,52 @@ class Mask:
     def __repr__(self) -> str:
         return f"Mask({self.name})"
 
-    def dense(self, B: int, H: int, N_q: int, N_k: int, device: torch.device | str | None = None) -> Tensor:
-        """The mask as a bool tensor of shape (B, H, N_q, N_k) — for tests and the oracle (O(N_q·N_k) memory)."""
-        b, h, q, k = grid(B, H, N_q, N_k, device=device)
+    def dense(self, B: int, H: int, N_q: int, N_k: int, device: torch.device | str | None = None, *,
+              q_pos0: int | None = None, k_pos0: int = 0) -> Tensor:
+        """The mask as a bool tensor of shape (B, H, N_q, N_k) — for tests and the oracle (O(N_q·N_k) memory).
+
+        Query row i sits at position ``q_pos0 + i`` (default ``N_k - N_q``: bottom-right), key j at ``k_pos0 + j``.
+        """
+        q_pos0 = N_k - N_q if q_pos0 is None else q_pos0
+        b, h, q, k = grid(B, H, N_q, N_k, device, q_pos0=q_pos0, k_pos0=k_pos0)
         return self.mask_mod(b, h, q, k).expand(B, H, N_q, N_k)
 
-    def block_states(
-        self, B: int, H: int, N_q: int, N_k: int, block_q: int, block_k: int, device: torch.device | str | None = None
-    ) -> Tensor:
+    def block_states(self, B: int, H: int, N_q: int, N_k: int, block_q: int, block_k: int,
+                     device: torch.device | str | None = None, *, q_pos0: int | None = None,
+                     k_pos0: int = 0) -> Tensor:
         """int8 tensor (B or 1, H or 1, ceil(N_q/block_q), ceil(N_k/block_k)) of EMPTY / PARTIAL / FULL."""
-        offset = N_k - N_q
+        q_pos0 = N_k - N_q if q_pos0 is None else q_pos0
         q_lo = torch.arange(0, N_q, block_q, device=device)
         q_hi = torch.clamp(q_lo + block_q, max=N_q)
         k_lo = torch.arange(0, N_k, block_k, device=device)
         k_hi = torch.clamp(k_lo + block_k, max=N_k)
-        args = (q_lo[:, None] + offset, q_hi[:, None] + offset, k_lo[None, :], k_hi[None, :])
         if self.block_fn is not None:
+            args = (q_lo[:, None] + q_pos0, q_hi[:, None] + q_pos0, k_lo[None, :] + k_pos0, k_hi[None, :] + k_pos0)
             states = self.block_fn(B, H, *args)
         else:
-            states = _dense_block_states(self, B, H, N_q, N_k, block_q, block_k, device)
+            states = _dense_block_states(self, B, H, N_q, N_k, block_q, block_k, device, q_pos0, k_pos0)
         while states.dim() < 4:
             states = states.unsqueeze(0)
         return states.to(torch.int8)
 
 
-def grid(B: int, H: int, N_q: int, N_k: int, device=None, q_start: int = 0, k_start: int = 0,
-         offset: int | None = None):
-    """Broadcastable (b, h, q_idx, kv_idx) index tensors; q_idx holds aligned positions (row + N_k - N_q)."""
-    if offset is None:
-        offset = N_k - N_q
+def grid(B: int, H: int, N_q: int, N_k: int, device=None, *, q_pos0: int = 0, k_pos0: int = 0):
+    """Broadcastable (b, h, q_idx, kv_idx) index tensors for rows at positions q_pos0.. and keys at k_pos0.."""
     b = torch.arange(B, device=device).view(B, 1, 1, 1)
     h = torch.arange(H, device=device).view(1, H, 1, 1)
-    q = torch.arange(q_start, q_start + N_q, device=device).view(1, 1, N_q, 1) + offset
-    k = torch.arange(k_start, k_start + N_k, device=device).view(1, 1, 1, N_k)
+    q = torch.arange(q_pos0, q_pos0 + N_q, device=device).view(1, 1, N_q, 1)
+    k = torch.arange(k_pos0, k_pos0 + N_k, device=device).view(1, 1, 1, N_k)
     return b, h, q, k
 
 
-def _dense_block_states(mask: Mask, B, H, N_q, N_k, block_q, block_k, device) -> Tensor:
+def _dense_block_states(mask: Mask, B, H, N_q, N_k, block_q, block_k, device, q_pos0, k_pos0) -> Tensor:
     n_qb, n_kb = -(-N_q // block_q), -(-N_k // block_k)
     states = torch.empty(B, H, n_qb, n_kb, dtype=torch.int8, device=device)
-    b, h, _, _ = grid(B, H, 1, 1, device=device)
-    offset = N_k - N_q
-    for i in range(n_qb):  # one query block of rows at a time keeps the memory at O(block_q * N_k)
+    pad = n_kb * block_k - N_k
+    for i in range(n_qb):  # one block of query rows at a time keeps the memory at O(block_q * N_k)
         q0, q1 = i * block_q, min(N_q, (i + 1) * block_q)
-        q = torch.arange(q0, q1, device=device).view(1, 1, -1, 1) + offset
-        k = torch.arange(N_k, device=device).view(1, 1, 1, -1)
+        b, h, q, k = grid(B, H, q1 - q0, N_k, device, q_pos0=q_pos0 + q0, k_pos0=k_pos0)
         m = mask.mask_mod(b, h, q, k).expand(B, H, q1 - q0, N_k)
-        pad = n_kb * block_k - N_k
         any_ = torch.nn.functional.pad(m, (0, pad), value=False).view(B, H, q1 - q0, n_kb, block_k).any(-1).any(-2)
         all_ = torch.nn.functional.pad(m, (0, pad), value=True).view(B, H, q1 - q0, n_kb, block_k).all(-1).all(-2)
         states[:, :, i] = any_.to(torch.int8) + all_.to(torch.int8)
@@ -227,7 +226,8 @@ def _range_minmax(ids: Tensor, lo: Tensor, hi: Tensor, big: int):
 
 
 def from_tensor(mask: Tensor, N_q: int, N_k: int) -> Mask:
-    """Wrap a dense bool tensor broadcastable to (B, H, N_q, N_k) (True = visible) as a Mask."""
+    """Wrap a dense bool tensor broadcastable to (B, H, N_q, N_k) (True = visible) as a Mask. It is indexed by
+    position with the default alignment: row i at position i + N_k - N_q, key j at position j."""
     if mask.dtype != torch.bool:
         raise TypeError(f"a mask tensor must be torch.bool (True = visible), got {mask.dtype}; pass additive float"
                         " scores as bias=")

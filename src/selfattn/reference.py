@@ -61,9 +61,12 @@ def steps(
     mask: Mask | Tensor | None = None,
     bias: Tensor | None = None,
     causal: bool = False,
+    q_pos0: int | None = None,
+    k_pos0: int = 0,
 ) -> Steps:
     """Run the textbook computation in float64 and keep every step. q (B, H_q, N_q, D); k (B, H_kv, N_k, D);
-    v (B, H_kv, N_k, D_v); H_q a multiple of H_kv. ``mask`` is a Mask or a bool tensor (True = visible)."""
+    v (B, H_kv, N_k, D_v); H_q a multiple of H_kv. ``mask`` is a Mask or a bool tensor (True = visible).
+    Query row i sits at position ``q_pos0 + i`` (default N_k − N_q, bottom-right), key j at ``k_pos0 + j``."""
     B, H_q, N_q, D = q.shape
     H_kv, N_k = k.shape[1], k.shape[2]
     check_fits(B * H_q * N_q * N_k)
@@ -78,7 +81,7 @@ def steps(
     scaled = scores * scale
     if bias is not None:
         scaled = scaled + bias.to(torch.float64)
-    visible = dense_visible(mask, causal, B, H_q, N_q, N_k, q.device)
+    visible = dense_visible(mask, causal, B, H_q, N_q, N_k, q.device, q_pos0=q_pos0, k_pos0=k_pos0)
     masked = scaled if visible is None else scaled.masked_fill(~visible, -math.inf)
 
     row_max = masked.amax(dim=-1, keepdim=True)  # (B, H_q, N_q, 1)
@@ -102,6 +105,8 @@ def attention(
     causal: bool = False,
     return_lse: bool = False,
     return_weights: bool = False,
+    q_pos0: int | None = None,
+    k_pos0: int = 0,
 ):
     """softmax(Q·Kᵀ·scale + bias, masked)·V in float64. Returns ``out`` or a tuple (out, [lse], [weights]).
 
@@ -110,18 +115,18 @@ def attention(
     tensor([[1.0000, 0.0000],
             [0.3302, 0.6698]], dtype=torch.float64)
     """
-    s = steps(q, k, v, scale=scale, mask=mask, bias=bias, causal=causal)
+    s = steps(q, k, v, scale=scale, mask=mask, bias=bias, causal=causal, q_pos0=q_pos0, k_pos0=k_pos0)
     extra = ([s.lse] if return_lse else []) + ([s.weights] if return_weights else [])
     return (s.out, *extra) if extra else s.out
 
 
-def dense_visible(mask, causal, B, H, N_q, N_k, device) -> Tensor | None:
+def dense_visible(mask, causal, B, H, N_q, N_k, device, *, q_pos0=None, k_pos0=0) -> Tensor | None:
     """The effective mask as a dense bool tensor (True = visible), or None when nothing is masked."""
     visible = None
     if causal:
-        visible = causal_mask().dense(B, H, N_q, N_k, device=device)
+        visible = causal_mask().dense(B, H, N_q, N_k, device, q_pos0=q_pos0, k_pos0=k_pos0)
     if mask is not None:
-        m = mask.dense(B, H, N_q, N_k, device=device) if isinstance(mask, Mask) else mask.to(device)
+        m = mask.dense(B, H, N_q, N_k, device, q_pos0=q_pos0, k_pos0=k_pos0) if isinstance(mask, Mask) else mask
         visible = m if visible is None else visible & m
     return visible
 

@@ -7,10 +7,10 @@ backend and why.
 
 from __future__ import annotations
 
-from selfattn.backends.base import AttentionCall, Backend
+from selfattn.backends.base import AttentionCall, Backend, merge_by_lse
 from selfattn.backends.reference import BACKEND as _reference
 
-__all__ = ["AttentionCall", "Backend", "BackendError", "register", "get", "names", "choose", "REGISTRY"]
+__all__ = ["AttentionCall", "Backend", "BackendError", "merge_by_lse", "register", "get", "names", "choose", "REGISTRY"]
 
 # Priority order: the first that can serve a call is chosen. Later issues insert the fast backends in front.
 REGISTRY: dict[str, Backend] = {}

@@ -15,7 +15,9 @@ class AttentionCall:
     """One validated attention call. Shapes: q (B, H_q, N_q, D), k (B, H_kv, N_k, D), v (B, H_kv, N_k, D_v).
 
     ``mask`` is the effective mask (``causal`` already folded in) or None; ``bias`` is an additive float tensor
-    broadcastable to (B, H_q, N_q, N_k) or None.
+    broadcastable to (B, H_q, N_q, N_k) or None. Masks see positions: query row i is at ``q_start + i`` and key j at
+    ``k_pos0 + j``; by default q_start = N_k − N_q (bottom-right). Composite algorithms (ring attention, split-KV
+    decoding) set ``q_pos0``/``k_pos0`` to evaluate one block of a larger problem.
     """
 
     q: Tensor
@@ -25,6 +27,13 @@ class AttentionCall:
     mask: Mask | None = None
     bias: Tensor | None = None
     causal: bool = False
+    q_pos0: int | None = None
+    k_pos0: int = 0
+
+    @property
+    def q_start(self) -> int:
+        """Position of query row 0 (what mask_mod sees as q_idx for that row)."""
+        return self.N_k - self.N_q if self.q_pos0 is None else self.q_pos0
 
     @property
     def B(self) -> int:
@@ -82,6 +91,12 @@ class Backend:
     Subclasses implement ``forward(call) -> (out, lse)``: out (B, H_q, N_q, D_v) in the input dtype, lse
     (B, H_q, N_q) float32 (−inf for fully masked rows), differentiable with respect to q, k, v (and bias) when
     ``supports_grad``.
+
+    Backends that set ``supports_blocks`` also implement the two halves separately, for algorithms that split one
+    attention into blocks and merge them by log-sum-exp (ring attention, split-KV decoding):
+    ``forward_block(call) -> (out, lse)`` without autograd, and ``backward_block(call, out, lse, d_out) ->
+    (dq, dk, dv)``, the gradient contribution of this block of keys given the *final* out and lse of the rows
+    (P = exp(S − lse), dS = P·(dP − rowsum(dO∘O))). Both return float32 (or float64 for float64 inputs).
     """
 
     name: str
@@ -94,6 +109,7 @@ class Backend:
     supports_grad: bool = True
     supports_gqa: bool = True
     supports_dv_differs: bool = True
+    supports_blocks: bool = False
     extra: dict = field(default_factory=dict, compare=False)
 
     def unavailable_reasons(self) -> list[str]:
@@ -129,3 +145,23 @@ class Backend:
 
     def forward(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def forward_block(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(f"backend {self.name!r} does not compute blocks (supports_blocks=False)")
+
+    def backward_block(self, call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor):
+        raise NotImplementedError(f"backend {self.name!r} does not compute blocks (supports_blocks=False)")
+
+
+def merge_by_lse(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Combine attention over disjoint key blocks into attention over their union (exact).
+
+    Each part is (out_j (B, H, N_q, D_v), lse_j (B, H, N_q)); the result is Σ_j exp(lse_j − lse)·out_j with
+    lse = log Σ_j exp(lse_j). Rows masked in every part stay zero with lse −inf.
+    """
+    lse_all = torch.stack(lses)  # (P, B, H, N_q)
+    lse = torch.logsumexp(lse_all, dim=0)
+    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    w = torch.exp(lse_all - safe)  # (P, B, H, N_q); exp(−inf) = 0 for parts that saw nothing
+    out = sum(w_j[..., None] * o_j for w_j, o_j in zip(w, outs, strict=True))
+    return out, lse

@@ -21,13 +21,42 @@ class ReferenceBackend(Backend):
         return []
 
     def forward(self, call: AttentionCall):
-        out, lse = reference.attention(
-            call.q, call.k, call.v, scale=call.scale, mask=call.mask, bias=call.bias, return_lse=True
-        )
-        return out.to(call.dtype), lse.to(torch.float32)
+        s = self._steps(call, call.q, call.k, call.v)
+        return s.out.to(call.dtype), s.lse.to(torch.float32)
+
+    def forward_block(self, call: AttentionCall):
+        with torch.no_grad():
+            s = self._steps(call, call.q, call.k, call.v)
+        return s.out.to(_acc(call)), s.lse.to(_acc(call))
+
+    def backward_block(self, call: AttentionCall, out, lse, d_out):
+        with torch.no_grad():
+            s = self._steps(call, call.q, call.k, call.v)
+            lse = lse.to(torch.float64)[..., None]  # (B, H_q, N_q, 1)
+            p = torch.where(torch.isneginf(s.masked) | torch.isneginf(lse), 0.0, torch.exp(s.masked - lse))
+            d_out, out = d_out.to(torch.float64), out.to(torch.float64)
+            dv = p.transpose(-2, -1) @ d_out  # (B, H_q, N_k, D_v)
+            dp = d_out @ s.v.transpose(-2, -1)  # (B, H_q, N_q, N_k)
+            ds = p * (dp - (d_out * out).sum(-1, keepdim=True))
+            dq = ds @ s.k * call.scale  # (B, H_q, N_q, D)
+            dk = ds.transpose(-2, -1) @ s.q * call.scale  # (B, H_q, N_k, D)
+            group = call.H_q // call.H_kv
+            dk = dk.unflatten(1, (call.H_kv, group)).sum(2)  # (B, H_kv, N_k, D): sum over the query heads sharing it
+            dv = dv.unflatten(1, (call.H_kv, group)).sum(2)
+        return dq.to(_acc(call)), dk.to(_acc(call)), dv.to(_acc(call))
+
+    @staticmethod
+    def _steps(call: AttentionCall, q, k, v):
+        return reference.steps(q, k, v, scale=call.scale, mask=call.mask, bias=call.bias, q_pos0=call.q_start,
+                               k_pos0=call.k_pos0)
+
+
+def _acc(call: AttentionCall) -> torch.dtype:
+    return torch.float64 if call.dtype == torch.float64 else torch.float32
 
 
 BACKEND = ReferenceBackend(
     name="reference",
     description="the textbook computation in float64 (the oracle); O(N_q·N_k) memory",
+    supports_blocks=True,
 )
