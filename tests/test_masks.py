@@ -102,3 +102,15 @@ def test_analytic_block_states_are_exact_for_causal_and_window():
         exact = dense.any(-1).any(1).to(torch.int8) + dense.all(-1).all(1).to(torch.int8)
         assert torch.equal(states, exact), f"{m.name}: not exact"
         assert (states == PARTIAL).any() and (states == EMPTY).any()
+
+
+def test_specs_rebuild_the_same_mask():
+    ids = torch.tensor([0, 0, 1, 1, 1, 2])
+    built = [masks.causal(), masks.sliding_window(3), masks.key_padding(torch.tensor([4, 6])), masks.document(ids),
+             masks.document(ids) & masks.causal(), masks.sliding_window(2) | masks.key_padding(torch.tensor([1, 2])),
+             masks.from_tensor(torch.rand(6, 6) > 0.5, 6, 6)]
+    for m in built:
+        again = masks.from_spec(m.spec)
+        assert torch.equal(again.dense(2, 1, 6, 6), m.dense(2, 1, 6, 6)), m.name
+    assert masks.Mask(lambda b, h, q, k: q == k).spec is None
+    assert (masks.causal() & masks.Mask(lambda b, h, q, k: q == k)).spec is None

@@ -44,11 +44,17 @@ class Mask:
     """A mask function with a name and, optionally, a cheap exact-or-conservative block classifier.
 
     ``block_fn`` must never call a block EMPTY or FULL unless it is; PARTIAL is always safe.
+
+    ``spec`` describes a ready-made mask (or an and/or of them) as plain data — ("causal",),
+    ("sliding_window", w), ("key_padding", lengths), ("document", doc_ids), ("tensor", bool_mask, N_q, N_k),
+    ("and", spec, spec), ("or", spec, spec) — so kernels and custom ops can recognise it and ``from_spec`` can rebuild
+    it; None for an arbitrary mask_mod.
     """
 
     mask_mod: MaskMod
     name: str = "custom"
     block_fn: BlockFn | None = None
+    spec: tuple | None = None
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return self.mask_mod(b, h, q_idx, kv_idx)
@@ -59,6 +65,7 @@ class Mask:
             lambda b, h, q, k: self.mask_mod(b, h, q, k) & other.mask_mod(b, h, q, k),
             f"({self.name} & {other.name})",
             _combine(self, other, torch.minimum),
+            _combine_spec("and", self, other),
         )
 
     def __or__(self, other: Mask) -> Mask:
@@ -67,6 +74,7 @@ class Mask:
             lambda b, h, q, k: self.mask_mod(b, h, q, k) | other.mask_mod(b, h, q, k),
             f"({self.name} | {other.name})",
             _combine(self, other, torch.maximum),
+            _combine_spec("or", self, other),
         )
 
     def __repr__(self) -> str:
@@ -134,6 +142,24 @@ def _combine(a: Mask, b: Mask, op) -> BlockFn | None:
     return block_fn
 
 
+def _combine_spec(op: str, a: Mask, b: Mask) -> tuple | None:
+    return None if a.spec is None or b.spec is None else (op, a.spec, b.spec)
+
+
+def from_spec(spec: tuple) -> Mask:
+    """Rebuild a ready-made mask (or an and/or of them) from its ``spec``."""
+    kind, *args = spec
+    builders = {"causal": causal, "sliding_window": sliding_window, "key_padding": key_padding,
+                "document": document, "tensor": from_tensor}
+    if kind == "and":
+        return from_spec(args[0]) & from_spec(args[1])
+    if kind == "or":
+        return from_spec(args[0]) | from_spec(args[1])
+    if kind not in builders:
+        raise ValueError(f"unknown mask spec {kind!r}; known: {sorted(builders) + ['and', 'or']}")
+    return builders[kind](*args)
+
+
 def _state(any_visible: Tensor, all_visible: Tensor) -> Tensor:
     return any_visible.to(torch.int8) + (all_visible & any_visible).to(torch.int8)
 
@@ -147,7 +173,7 @@ def causal() -> Mask:
     def block_fn(B, H, q_lo, q_hi, k_lo, k_hi):
         return _state(k_lo <= q_hi - 1, k_hi - 1 <= q_lo)
 
-    return Mask(lambda b, h, q, k: k <= q, "causal", block_fn)
+    return Mask(lambda b, h, q, k: k <= q, "causal", block_fn, ("causal",))
 
 
 def sliding_window(window: int) -> Mask:
@@ -163,7 +189,8 @@ def sliding_window(window: int) -> Mask:
         all_ = (k_hi - 1 <= q_lo) & (k_lo > q_hi - 1 - window)
         return _state(any_, all_)
 
-    return Mask(lambda b, h, q, k: (k <= q) & (k > q - window), f"sliding_window({window})", block_fn)
+    return Mask(lambda b, h, q, k: (k <= q) & (k > q - window), f"sliding_window({window})", block_fn,
+                ("sliding_window", window))
 
 
 def key_padding(lengths: Tensor) -> Mask:
@@ -179,7 +206,7 @@ def key_padding(lengths: Tensor) -> Mask:
         L = lengths.to(k_lo.device).view(-1, 1, 1, 1)
         return _state(k_lo < L, k_hi <= L).expand(-1, 1, q_lo.shape[0], -1)
 
-    return Mask(mask_mod, "key_padding", block_fn)
+    return Mask(mask_mod, "key_padding", block_fn, ("key_padding", lengths))
 
 
 def document(doc_ids: Tensor) -> Mask:
@@ -208,7 +235,7 @@ def document(doc_ids: Tensor) -> Mask:
         all_ &= ((q_lo >= 0) & (q_hi <= n))[None]  # query positions outside the ids belong to no document
         return _state(any_, all_)[:, None]
 
-    return Mask(mask_mod, "document", block_fn)
+    return Mask(mask_mod, "document", block_fn, ("document", doc_ids))
 
 
 def _range_minmax(ids: Tensor, lo: Tensor, hi: Tensor, big: int):
@@ -244,7 +271,7 @@ def from_tensor(mask: Tensor, N_q: int, N_k: int) -> Mask:
         ki = k if t.shape[3] > 1 else torch.zeros_like(k)
         return t[bi, hi, qi, ki]
 
-    return Mask(mask_mod, f"tensor{tuple(mask.shape)}")
+    return Mask(mask_mod, f"tensor{tuple(mask.shape)}", spec=("tensor", mask, N_q, N_k))
 
 
 def as_mask(mask) -> Mask:
