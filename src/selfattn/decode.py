@@ -154,7 +154,7 @@ class SlidingWindowCache:
             raise ValueError(f"SlidingWindowCache: sinks must be an int >= 0, got {sinks!r} (StreamingLLM uses 4)")
         self.window, self.sinks, self.rotary = window, sinks, rotary
         self.cache = KVCache(batch, n_kv_heads, sinks + window, d_head, d_v, dtype=dtype, device=device)
-        self.sink_k = self.cache.k[:, :, :0].clone()  # sink keys as rotated at their own positions 0..sinks-1
+        self.sink_k = self.cache.k[:, :, :sinks].clone()  # sink keys as rotated at their own positions 0..sinks-1
         self.length = 0
 
     @property
@@ -174,8 +174,8 @@ class SlidingWindowCache:
         n = k.shape[2]
         if self.length + n <= self.capacity:  # still filling: chronological, exactly a KVCache
             self.cache.update(k, v)
-            if self.sink_k.shape[2] < self.sinks:
-                self.sink_k = self.cache.k[:, :, :self.sinks].clone()
+            if self.length < self.sinks:
+                self.sink_k.copy_(self.cache.k[:, :, :self.sinks])
             self.length += n
             return self.cache.k[:, :, :self.length], self.cache.v[:, :, :self.length]
         if n != 1:
