@@ -97,6 +97,7 @@ def _add_gpt_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--dtype", default=t.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=t.device)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="no loss-curve PNG")
@@ -133,8 +134,8 @@ def _train(args) -> int:
                       d_model=args.d_model)
     cfg = TrainConfig(model=model, data=args.data, out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, min_lr=min(args.min_lr, args.lr), warmup=args.warmup, eval_every=args.eval_every,
-                      seed=args.seed, dtype=args.dtype, device=args.device, progress=not args.no_progress,
-                      plot=not args.no_plot)
+                      seed=args.seed, dtype=args.dtype, device=args.device, threads=args.threads,
+                      progress=not args.no_progress, plot=not args.no_plot)
     r = train(cfg, resume=args.resume)
     print(f"{'stopped' if r['interrupted'] else 'done'} at step {r['step']} in {r['seconds']:.0f} s, "
           f"{r['tokens_per_s']:,.0f} tokens/s; held-out loss {r['val_loss']} nats/byte; checkpoint in {r['out_dir']}"

@@ -22,6 +22,7 @@ from selfattn import decode
 from selfattn.model import data
 
 CACHES = ("full", "window", "none")
+PREFILL_CHUNK = 1024  # prompt tokens per forward pass when filling a cache (bounds the N_q x N_k work per call)
 
 
 def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -90,7 +91,7 @@ def stream_tokens(model, prompt: Tensor, max_new_tokens: int, *, temperature: fl
             caches = decode.new_caches(model, B, window=window, sinks=sinks)
         logits, start = None, 0
         while start < T:  # the prompt, in as large pieces as the caches take
-            piece = prompt[:, start:start + caches[0].room()]
+            piece = prompt[:, start:start + min(PREFILL_CHUNK, caches[0].room())]
             logits = model(piece, caches=caches)[:, -1]
             start += piece.shape[1]
         for i in range(max_new_tokens):

@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"  # float32, bfloat16 or float16 (float16 uses loss scaling)
     device: str = "cpu"
+    threads: int | None = None  # CPU threads for torch; None: torch's default
     progress: bool = True
     plot: bool = True
 
@@ -59,6 +60,9 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be > 0 (the largest gradient norm), got {self.grad_clip}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.model, GPTConfig):
@@ -154,6 +158,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
     Ctrl-C stops the run after saving a checkpoint (the summary then has ``interrupted=True``)."""
     splits = data.load_splits(cfg.data, context=cfg.model.context)
     device = torch.device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
