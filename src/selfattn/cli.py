@@ -149,13 +149,18 @@ def _generate(args) -> int:
 
     model, _ = load_checkpoint(args.checkpoint, device=args.device)
     print(args.prompt, end="", flush=True)
+    t0, text = time.perf_counter(), ""
     try:
-        generate(model, args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 seed=args.seed, cache=args.cache, window=args.window, sinks=args.sinks,
-                 stream=lambda s: print(s, end="", flush=True))
+        text = generate(model, args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, cache=args.cache, window=args.window, sinks=args.sinks,
+                        stream=lambda s: print(s, end="", flush=True))
     except KeyboardInterrupt:
         pass
+    seconds = time.perf_counter() - t0
     print()
+    if text:
+        n = len(text.encode())
+        print(f"[{n} bytes in {seconds:.2f} s: {n / seconds:,.0f} tokens/s, cache={args.cache}]", file=sys.stderr)
     return 0
 
 

@@ -25,7 +25,7 @@ from selfattn.nn import MultiHeadAttention
 @dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int = 256  # bytes
-    context: int = 128  # the longest sequence seen in training
+    context: int = 64  # the longest sequence seen in training (bytes)
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int | None = None  # None: as many as n_head; fewer: grouped-query attention

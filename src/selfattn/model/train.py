@@ -31,14 +31,14 @@ class TrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: str | None = None  # a UTF-8 text file; None: the embedded Python documentation
     out_dir: str = "selfattn-gpt"
-    steps: int = 1500
+    steps: int = 400
     batch_size: int = 32
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup: int = 100
+    warmup: int = 40
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 250
+    eval_every: int = 100
     seed: int = 0
     dtype: str = "float32"  # float32, bfloat16 or float16 (float16 uses loss scaling)
     device: str = "cpu"
