@@ -255,7 +255,7 @@ def _resume(cfg, model, optimizer, scaler, sampler, device):
                          f"({meta['model']}) from the one asked for ({cfg.model.to_dict()}); use the same model "
                          "settings, or another --out")
     load_model(model, os.path.join(cfg.out_dir, "model.safetensors"), device=str(device))
-    state = torch.load(state_path, map_location=device, weights_only=False)
+    state = torch.load(state_path, map_location=device, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
