@@ -43,7 +43,7 @@ def bigram_loss() -> float:
 
 
 def bench_train(args) -> None:
-    print(f"before: {load()}; torch threads {torch.get_num_threads()}")
+    print(f"before: {load()}; torch threads {args.threads or torch.get_num_threads()}")
     print(f"byte-bigram baseline, held-out: {bigram_loss():.3f} nats/byte")
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or os.path.join(tmp, "run")

@@ -109,9 +109,11 @@ def _add_gpt_commands(sub) -> None:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--cache", default="full", choices=["full", "window", "none"],
-                   help="full: KV cache; window: sliding window + attention sinks (unbounded streams); none: recompute")
-    g.add_argument("--window", type=int, default=None, help="recent tokens kept by --cache window")
+    g.add_argument("--cache", default="window", choices=["window", "full", "none"],
+                   help="window: sliding window + attention sinks, fixed memory (default); full: a KV cache of every "
+                        "token; none: recompute everything for each token")
+    g.add_argument("--window", type=int, default=None,
+                   help="recent tokens kept by --cache window (default: the training context minus --sinks)")
     g.add_argument("--sinks", type=int, default=4, help="first tokens kept by --cache window")
     g.add_argument("--device", default="cpu")
 
@@ -159,8 +161,8 @@ def _generate(args) -> int:
     seconds = time.perf_counter() - t0
     print()
     if text:
-        n = len(text.encode())
-        print(f"[{n} bytes in {seconds:.2f} s: {n / seconds:,.0f} tokens/s, cache={args.cache}]", file=sys.stderr)
+        n = len(text.encode("utf-8", errors="replace"))
+        print(f"[~{n} bytes in {seconds:.2f} s: {n / seconds:,.0f} tokens/s, cache={args.cache}]", file=sys.stderr)
     return 0
 
 

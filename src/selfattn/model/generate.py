@@ -1,8 +1,10 @@
 """Sampling from a GPT: temperature, top-k, top-p, a seed, and streaming text as it is produced.
 
-``cache`` chooses how past tokens are kept: "full" (a pre-allocated ``KVCache``: exact, O(N) per token), "window"
-(a ``SlidingWindowCache`` with attention sinks: fixed memory, for unbounded streams), or "none" (recompute the whole
-sequence for every token, O(N²) per token: the yardstick the caches are tested against).
+``cache`` chooses how past tokens are kept: "window" (the default: a ``SlidingWindowCache`` with attention sinks, by
+default as long as the training context, so the model never sees a distance it was not trained on; fixed memory, for
+unbounded streams), "full" (a pre-allocated ``KVCache``: every past token, exact, O(N) per token; text degrades once
+it runs past the training context), or "none" (recompute the whole sequence for every token, O(N²) per token: the
+yardstick the caches are tested against).
 
     >>> from selfattn.model import GPT, GPTConfig
     >>> model = GPT(GPTConfig(n_layer=1, d_model=32))
@@ -61,7 +63,7 @@ def check_settings(*, max_new_tokens, temperature, top_k, top_p, cache, window=N
 
 @torch.inference_mode()
 def stream_tokens(model, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, seed: int | None = None, cache: str = "full",
+                  top_p: float | None = None, seed: int | None = None, cache: str = "window",
                   window: int | None = None, sinks: int = 4, return_logits: bool = False) -> Iterator:
     """Yield ``max_new_tokens`` new tokens (B,) one at a time (with ``return_logits``: (tokens, logits (B, vocab)))
     after the prompt (B, T) of token ids. Memory stays fixed with cache="window" however long the stream runs."""
