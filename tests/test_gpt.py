@@ -99,7 +99,7 @@ def test_sampling_settings():
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         generate(model, "ab", 5, temperature=-1)
     with pytest.raises(ValueError, match="only used with cache='window'"):
-        generate(model, "ab", 5, window=8)
+        generate(model, "ab", 5, cache="full", window=8)
 
 
 def test_data_bytes_split_and_errors(tmp_path):
