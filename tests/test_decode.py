@@ -41,15 +41,16 @@ def test_split_kv_matches_the_oracle(case, dtype):
     assert out.dtype == dtype
 
 
-def test_split_kv_goes_through_the_registry_and_refuses_a_backend_without_blocks():
+def test_split_kv_takes_the_first_block_backend_and_refuses_a_named_one_without_blocks():
     q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
     out = split_kv_attention(q, k, v, chunk=7, backend="reference")
     torch.testing.assert_close(out, reference.attention(q, k, v).float(), rtol=1e-5, atol=1e-6)
     blockless = backends.Backend(name="test-noblocks", description="forward only")
     backends.register(blockless, before="reference")
     try:
+        torch.testing.assert_close(split_kv_attention(q, k, v, chunk=7), out, rtol=0, atol=0)  # skips it
         with pytest.raises(backends.BackendError, match="supports_blocks=False"):
-            split_kv_attention(q, k, v, chunk=7)
+            split_kv_attention(q, k, v, chunk=7, backend="test-noblocks")
     finally:
         backends.REGISTRY.pop("test-noblocks")
     with pytest.raises(ValueError, match="chunk must be a positive int"):

@@ -116,6 +116,7 @@ def _add_gpt_commands(sub) -> None:
                    help="recent tokens kept by --cache window (default: the training context minus --sinks)")
     g.add_argument("--sinks", type=int, default=4, help="first tokens kept by --cache window")
     g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
 
 
 def _run_gpt_command(args) -> int:
@@ -149,6 +150,10 @@ def _generate(args) -> int:
     from selfattn.model.generate import generate
     from selfattn.model.train import load_checkpoint
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     model, _ = load_checkpoint(args.checkpoint, device=args.device)
     print(args.prompt, end="", flush=True)
     t0, text = time.perf_counter(), ""

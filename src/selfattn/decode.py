@@ -64,19 +64,31 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None =
         lengths[:, -1] = chunk - pad
         mask = masks.key_padding(lengths.flatten().to(q.device))
     call = make_call(qc, kc, vc, scale=whole.scale, mask=mask)
-    block = backends.choose(call, backend)
-    if not block.supports_blocks:
-        raise backends.BackendError(f"backend {block.name!r} cannot compute blocks (supports_blocks=False); "
-                                    f"split-KV decoding needs one of {_block_backends()}")
-    out, lse = block.forward_block(call)  # (B·P, H_q, N_q, D_v), (B·P, H_q, N_q)
+    out, lse = choose_block_backend(call, backend).forward_block(call)  # (B·P, H_q, N_q, D_v), (B·P, H_q, N_q)
     out = out.view(B, P, H_q, N_q, D_v)
     lse = lse.view(B, P, H_q, N_q)
     merged, _ = backends.merge_by_lse(list(out.unbind(1)), list(lse.unbind(1)))
     return merged.to(q.dtype)
 
 
-def _block_backends() -> list[str]:
-    return [n for n, b in backends.REGISTRY.items() if b.supports_blocks]
+def choose_block_backend(call, name: str | None = None):
+    """The first registered backend (in priority order) that computes blocks (``supports_blocks``) and can serve
+    ``call``; a named one must do both. The error lists every backend and why not."""
+    if name is not None:
+        chosen = backends.choose(call, name)
+        if not chosen.supports_blocks:
+            able = [n for n, b in backends.REGISTRY.items() if b.supports_blocks]
+            raise backends.BackendError(f"backend {name!r} cannot compute blocks (supports_blocks=False); split-KV "
+                                        f"decoding needs one of {able}, or backend=None to choose")
+        return chosen
+    why = {}
+    for n, b in backends.REGISTRY.items():
+        reasons = ([] if b.supports_blocks else ["does not compute blocks"]) + b.not_supported_reasons(call)
+        if not reasons:
+            return b
+        why[n] = reasons
+    raise backends.BackendError(f"no backend can compute split-KV blocks for {call.describe()}:\n"
+                                + "\n".join(f"  {n}: {'; '.join(r)}" for n, r in why.items()))
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, mask=None, backend=None) -> Tensor:
