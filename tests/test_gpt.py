@@ -2,6 +2,7 @@
 
 import json
 import os
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -11,6 +12,10 @@ from selfattn.model import GPT, GPTConfig, data
 from selfattn.model import train as train_mod
 from selfattn.model.generate import generate, sample_next, stream_tokens
 from selfattn.model.train import TrainConfig, load_checkpoint, train
+
+needs_train_extra = pytest.mark.skipif(
+    find_spec("safetensors") is None or find_spec("matplotlib") is None,
+    reason="checkpoints need safetensors and the loss curve matplotlib: pip install 'selfattn[train,viz]'")
 
 TINY = GPTConfig(context=16, n_layer=2, n_head=2, d_model=32)
 
@@ -133,6 +138,7 @@ def _cfg(tmp_path, out, **kw):
     return TrainConfig(**base)
 
 
+@needs_train_extra
 def test_training_checkpoints_interruption_and_resume_repeat_the_straight_run(tmp_path, monkeypatch):
     straight = train(_cfg(tmp_path, "a", plot=True), log=lambda *a: None)
     assert straight["step"] == 8 and not straight["interrupted"]
@@ -175,6 +181,7 @@ def test_training_refuses_bad_settings(tmp_path):
         _cfg(tmp_path, "x", lr=1e-3, min_lr=1e-2)
 
 
+@needs_train_extra
 def test_float16_training_uses_loss_scaling_and_stays_finite(tmp_path):
     r = train(_cfg(tmp_path, "h", steps=3, dtype="float16", eval_every=3), log=lambda *a: None)
     assert all(torch.isfinite(torch.tensor(r["history"]["train_loss"])))
@@ -188,6 +195,7 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False)) and lrs[-1] == pytest.approx(1e-4, rel=0.01)
 
 
+@needs_train_extra
 def test_cli_train_then_generate(tmp_path, capsys):
     out = str(tmp_path / "run")
     args = ["train", "--data", _corpus(tmp_path), "--out", out, "--steps", "3", "--batch-size", "2", "--context",
