@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from selfattn.backends.base import AttentionCall, Backend, merge_by_lse
 from selfattn.backends.reference import BACKEND as _reference
+from selfattn.backends.triton_flash import BACKEND as _triton  # imports no Triton (that happens when a call runs)
 
 __all__ = ["AttentionCall", "Backend", "BackendError", "merge_by_lse", "register", "get", "names", "choose", "REGISTRY"]
 
@@ -56,7 +57,7 @@ def choose(call: AttentionCall, name: str | None = None) -> Backend:
         return backend
     why = {}
     for n, backend in REGISTRY.items():
-        reasons = backend.not_supported_reasons(call)
+        reasons = backend.not_supported_reasons(call) or backend.auto_reasons(call)
         if not reasons:
             return backend
         why[n] = reasons
@@ -67,3 +68,4 @@ def choose(call: AttentionCall, name: str | None = None) -> Backend:
 
 
 register(_reference)
+register(_triton, before=names()[0])  # first in priority: it declines, with its reasons, what it cannot serve
