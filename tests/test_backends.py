@@ -96,6 +96,9 @@ def test_forward_and_backward_match_the_oracle(backend, dtype, shape, kind, seed
 @pytest.mark.parametrize("backend", backends.names())
 def test_two_runs_are_bitwise_equal(backend):
     q, k, v = (torch.randn(1, 2, 300, 32) for _ in range(3))
+    reasons = backends.get(backend).not_supported_reasons(selfattn.api.make_call(q, k, v, causal=True))
+    if reasons:
+        pytest.skip(f"{backend} does not serve this case: {'; '.join(reasons)}")
     a = selfattn.attention(q, k, v, causal=True, backend=backend)
     b = selfattn.attention(q, k, v, causal=True, backend=backend)
     assert torch.equal(a, b)

@@ -65,7 +65,7 @@ def _span(lo, hi, full_lo_raw, full_hi_raw, BLOCK: tl.constexpr):
     hi = tl.maximum(hi, lo)
     full_lo = lo + tl.cdiv(tl.maximum(full_lo_raw - lo, 0), BLOCK) * BLOCK
     full_lo = tl.minimum(full_lo, hi)
-    full_hi = full_lo + (tl.maximum(full_hi_raw - full_lo, 0) // BLOCK) * BLOCK
+    full_hi = full_lo + (tl.maximum(tl.minimum(full_hi_raw, hi) - full_lo, 0) // BLOCK) * BLOCK
     return lo, hi, full_lo, full_hi
 
 
