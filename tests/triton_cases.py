@@ -60,6 +60,7 @@ def check_case(shape, kind: str, dtype: torch.dtype, seed: int, *, grads: bool =
     v64 = torch.randn(B, H_kv, N_k, D_v, generator=g, dtype=torch.float64)
     kw = build_mask(kind, B, N_q, N_k, g)
     q, k, v = (t.to(DEVICE, dtype) for t in (q64, k64, v64))
+    kw = {n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
     if transpose:  # strided inputs, as they come out of a (B, N, H, D) projection
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     q, k, v = (t.requires_grad_(grads) for t in (q, k, v))
@@ -69,31 +70,31 @@ def check_case(shape, kind: str, dtype: torch.dtype, seed: int, *, grads: bool =
     else:
         testing.poison_allocator()
     out, lse = selfattn.attention(q, k, v, backend="triton", return_lse=True, **kw)
-    q_r, k_r, v_r = (t.detach().cpu().double().requires_grad_(grads) for t in (q, k, v))
+    q_r, k_r, v_r = (t.detach().double().requires_grad_(grads) for t in (q, k, v))  # on the device: fp64
     out_ref, lse_ref = reference.attention(q_r, k_r, v_r, return_lse=True, **kw)  # masks move to the tensors' device
     q_n, k_n, v_n = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
     out_naive = testing.naive(q_n, k_n, v_n, **kw)
 
     ident = f"{shape} {kind} {dtype}"
     assert out.dtype == dtype and out.shape == (B, H_q, N_q, D_v), ident
-    testing.check_against_oracle(out.cpu(), out_naive.cpu(), out_ref, what=f"triton out {ident}")
+    testing.check_against_oracle(out, out_naive, out_ref, what=f"triton out {ident}")
     dead = torch.isneginf(lse_ref)
-    assert torch.equal(torch.isneginf(lse.cpu()), dead), f"{ident}: lse must be -inf exactly for fully masked rows"
-    assert (out.cpu()[dead] == 0).all(), f"{ident}: fully masked rows must be zeros"
-    torch.testing.assert_close(lse.cpu()[~dead].double(), lse_ref[~dead], rtol=0,
+    assert torch.equal(torch.isneginf(lse), dead), f"{ident}: lse must be -inf exactly for fully masked rows"
+    assert (out[dead] == 0).all(), f"{ident}: fully masked rows must be zeros"
+    torch.testing.assert_close(lse[~dead].double(), lse_ref[~dead], rtol=0,
                                atol=1e-2 if dtype != torch.float32 else 1e-5, msg=lambda m: f"{ident} lse: {m}")
     if grads:
-        d_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        d_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEVICE)
         got = torch.autograd.grad(out, (q, k, v), d_out.to(DEVICE, dtype))
         ref = torch.autograd.grad(out_ref, (q_r, k_r, v_r), d_out)
         naive = torch.autograd.grad(out_naive, (q_n, k_n, v_n), d_out.to(DEVICE, dtype))
         # dS = P·(dP − delta) cancels: its rounding is relative to |dP|, not to |dS| (which is exactly 0 for a row
         # with one key, where the naive autograd happens to be exact). The floor is eps at that magnitude.
-        dp = (d_out @ v64.repeat_interleave(H_q // H_kv, 1).transpose(-2, -1)).abs().max().item()
+        dp = (d_out.cpu() @ v64.repeat_interleave(H_q // H_kv, 1).transpose(-2, -1)).abs().max().item()
         big = max(q64.abs().max().item(), k64.abs().max().item()) * (1 / D**0.5) * dp
         for name, a, r, n in zip("qkv", got, ref, naive, strict=True):
             assert a.shape == r.shape and a.dtype == dtype, f"{ident} d{name}"
-            testing.check_against_oracle(a.cpu(), n.cpu(), r, factor=3.0, what=f"triton d{name} {ident}",
+            testing.check_against_oracle(a, n, r, factor=3.0, what=f"triton d{name} {ident}",
                                          floor=testing.floor_for(dtype, max(big, r.abs().max().item())))
 
 

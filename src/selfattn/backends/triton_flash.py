@@ -139,26 +139,24 @@ def _pow2(n: int) -> int:
 INTERPRETER_BLOCKS = {"fwd": (16, 32), "dkdv": (16, 32), "dq": (32, 16)}
 
 
-def _kernel(name: str):
-    """The kernel to launch: the bare kernel under the interpreter (fixed small blocks), autotuned on a GPU."""
+def _launch(name: str, grid_rows: int, n_programs: int, args: list, flags: dict):
+    """Launch kernel ``name`` over (row tiles, n_programs): fixed small tiles under the interpreter, autotuned tiles
+    on a GPU (or the default tiles when SELFATTN_TRITON_AUTOTUNE=0)."""
     from selfattn.backends import triton_kernels as tk
 
-    if interpreting():
-        return getattr(tk, name)
-    from selfattn.backends import triton_tuning
-
-    return triton_tuning.tuned(name)
-
-
-def _launch(name: str, grid_rows: int, n_programs: int, args: list, constexprs: dict):
-    kernel = _kernel(name)
+    tile = "BLOCK_N" if name == "attn_bwd_dkdv" else "BLOCK_M"
     if interpreting():
         bm, bn = INTERPRETER_BLOCKS[name.removeprefix("attn_").removeprefix("bwd_")]
-        rows = bm if name != "attn_bwd_dkdv" else bn
-        kernel[(math.ceil(grid_rows / rows), n_programs)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn)
+        rows = bn if tile == "BLOCK_N" else bm
+        getattr(tk, name)[(triton_cdiv(grid_rows, rows), n_programs)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
+        return
+    from selfattn.backends import triton_tuning
+
+    if triton_tuning.autotuning():
+        triton_tuning.tuned(name)[lambda meta: (triton_cdiv(grid_rows, meta[tile]), n_programs)](*args, **flags)
     else:
-        tile = "BLOCK_N" if name == "attn_bwd_dkdv" else "BLOCK_M"
-        kernel[lambda meta: (triton_cdiv(grid_rows, meta[tile]), n_programs)](*args, **constexprs)
+        config = triton_tuning.default_config(name, max(flags["BLOCK_D"], flags["BLOCK_DV"]))
+        getattr(tk, name)[(triton_cdiv(grid_rows, config[tile]), n_programs)](*args, **flags, **config)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -27,9 +27,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # 1/ln 2: exp(x) = exp2(x·LOG2E), so the scale carries it and exp2 is used
-LN2 = 0.6931471805599453  # converts the base-2 log-sum-exp back to the natural log the API returns
-FAR = 1 << 30  # a position beyond any sequence (int32), for empty ranges
+LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln 2: exp(x) = exp2(x·LOG2E), so the scale carries it and exp2 is used
+LN2 = tl.constexpr(0.6931471805599453)  # converts the base-2 log-sum-exp back to the natural log the API returns
+FAR = tl.constexpr(1 << 30)  # a position beyond any sequence (int32), for empty ranges
 
 
 @triton.jit

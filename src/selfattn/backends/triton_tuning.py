@@ -10,7 +10,7 @@ retune at every step.
 from __future__ import annotations
 
 import functools
-import itertools
+import os
 
 import torch
 import triton
@@ -20,12 +20,7 @@ from selfattn.backends import triton_kernels as tk
 _KEY = ["TUNE_N_Q", "TUNE_N_K", "HEAD_D", "HEAD_DV", "CAUSAL", "WINDOW", "HAS_LEN", "HAS_DOC", "PRECISION"]
 
 
-def _configs(blocks_m, blocks_n, warps, stages) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in itertools.product(blocks_m, blocks_n, warps, stages)]
-
-
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def _shared_memory_bytes() -> int:
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
@@ -37,6 +32,7 @@ def _element_bytes(nargs) -> int:
 
 def _prune(kernel_name: str):
     def prune(configs, nargs, **kwargs):
+        nargs = {**nargs, **kwargs}  # the autotuner passes positional and keyword arguments apart
         d, dv = nargs["BLOCK_D"], nargs["BLOCK_DV"]
         e = _element_bytes(nargs)
         kept = []
@@ -50,21 +46,75 @@ def _prune(kernel_name: str):
                 need = e * (m * (d + dv) + s * n * (d + dv))
             if need <= _shared_memory_bytes() and (max(d, dv) < 256 or m * n <= 64 * 64):
                 kept.append(c)
-        return kept or configs[:1]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
 
     return prune
 
 
-# Forward: 128-row query tiles with 64/128-key tiles and 8 warps are the H100 sweet spot at D = 64/128 (as in
-# FlashAttention-2 and the Triton tutorial); smaller tiles serve D = 256 and older GPUs.
-_FWD = _configs((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
-# dK/dV: a key tile stays in registers while query tiles stream past; dQ: the mirror image.
-_DKDV = _configs((32, 64), (64, 128), (4, 8), (2, 3))
-_DQ = _configs((64, 128), (32, 64), (4, 8), (2, 3))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward: 128-row query tiles with 64/128-key tiles and 8 warps are the
+# H100's sweet spot at D = 64/128 (FlashAttention-2, the Triton tutorial); the smaller tiles serve D = 256 and older
+# GPUs. dK/dV keeps a key tile (and its two float32 accumulators) resident while query tiles stream past, so its key
+# tiles are the larger; dQ is the mirror image. A short list: each configuration compiles once per shape bucket.
+_TILES = {
+    "attn_fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)],
+    "attn_bwd_dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2), (16, 32, 4, 2)],
+    "attn_bwd_dq": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)],
+}
+
+
+def autotuning() -> bool:
+    """SELFATTN_TRITON_AUTOTUNE=0 runs every call with the default tiles (``default_config``) instead of tuning."""
+    return os.environ.get("SELFATTN_TRITON_AUTOTUNE", "1") not in ("0", "")
+
+
+def default_config(name: str, block_d: int) -> dict:
+    """Tiles that fit any NVIDIA GPU from Ampere on at this head dim (the first that the pruner keeps)."""
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in _TILES[name]]
+    nargs = {"BLOCK_D": block_d, "BLOCK_DV": block_d, "PRECISION": "tf32"}
+    c = _prune(name)(configs, nargs)[0]
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 @functools.cache
 def tuned(name: str):
-    configs = {"attn_fwd": _FWD, "attn_bwd_dkdv": _DKDV, "attn_bwd_dq": _DQ}[name]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _TILES[name]]
     return triton.autotune(configs=configs, key=_KEY,
                            prune_configs_by={"early_config_prune": _prune(name)})(getattr(tk, name))
+
+
+_POINTERS = {"Q", "K", "V", "OUT", "DO", "DK", "DV", "DQ"}
+
+
+def compile_for(name: str, *, arch: int = 90, dtype: str = "bf16", head_dim: int = 128, flags: dict | None = None,
+                config: tuple[int, int, int, int] | None = None):
+    """Compile kernel ``name`` ahead of time for an NVIDIA GPU of compute capability ``arch`` (90 = H100) without
+    one: checks that the kernels build for the real target (the interpreter does not), and gives the PTX and cubin.
+    ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages), default the first tile of the list."""
+    from triton.backends.compiler import GPUTarget
+
+    fn = getattr(tk, name)
+    block_m, block_n, warps, stages = config or _TILES[name][0]
+    consts = dict(HEAD_D=head_dim, HEAD_DV=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                  BLOCK_DV=max(16, triton.next_power_of_2(head_dim)), PRECISION="ieee" if dtype == "fp32" else "tf32",
+                  UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n)
+    consts |= dict(CAUSAL=False, WINDOW=False, HAS_LEN=False, HAS_DOC=False, DOC_RUNS=False) | (flags or {})
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in consts:
+            signature[arg] = "constexpr"
+        elif arg in _POINTERS:
+            signature[arg] = "*" + dtype
+        elif arg in ("LSE", "DELTA"):
+            signature[arg] = "*fp32"
+        elif arg in ("KLEN", "RUN_LO", "RUN_HI"):
+            signature[arg] = "*i32"
+        elif arg == "DOC":
+            signature[arg] = "*i64"
+        elif arg in ("qk_scale", "sm_scale"):
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=True))
