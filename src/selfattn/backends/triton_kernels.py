@@ -104,19 +104,13 @@ def _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, s
                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_k = offs_n < N_k
-        if not MASKED:  # a fully visible block lies inside [0, min(N_k, klen))
-            in_k = offs_n >= 0
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=in_k[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=in_k[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        k = _tile(k_base, offs_n, skn, skd, N_k, HEAD_D, BLOCK_D, MASKED)  # unmasked blocks lie inside [0, N_k)
+        v = _tile(v_base, offs_n, svn, svd, N_k, HEAD_DV, BLOCK_DV, MASKED)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
+            in_k = offs_n < N_k
             k_doc = offs_n
             if HAS_DOC:
                 k_doc = tl.load(doc_base + (k_pos0 + offs_n) * s_doc_n, mask=in_k, other=0)
@@ -154,11 +148,9 @@ def attn_fwd(Q, K, V, OUT, LSE, KLEN, DOC, RUN_LO, RUN_HI,
     hk = h // GROUP  # grouped-query attention: the key/value head read in place, never copied
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_in = offs_m < N_q
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=q_in[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+    q = _tile(Q + b * sqb + h * sqh, offs_m, sqn, sqd, N_q, HEAD_D, BLOCK_D, True)
     q_pos = q_pos0 + offs_m
     q_first = q_pos0 + start_m
     q_last = q_pos0 + tl.minimum(start_m + BLOCK_M, N_q) - 1
@@ -207,20 +199,6 @@ def attn_fwd(Q, K, V, OUT, LSE, KLEN, DOC, RUN_LO, RUN_HI,
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, row0, offs_m, N_q):
-    """lse in log2 units with +inf for rows that saw nothing (so exp2(s − lse) = 0 there), and delta."""
-    in_q = offs_m < N_q
-    lse = tl.load(LSE + row0 + offs_m, mask=in_q, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    delta = tl.load(DELTA + row0 + offs_m, mask=in_q, other=0.0)
-    return lse, delta
-
-
-
-# -------------------------------------------------------------------------------------------------------- backward
-
-
-@triton.jit
 def _row_stats(LSE, DELTA, row0, offs_m, N_q):
     """lse in log2 units, +inf for rows that saw nothing (so exp2(s − lse) = 0 there, never inf·0), and delta."""
     in_q = offs_m < N_q
@@ -231,10 +209,21 @@ def _row_stats(LSE, DELTA, row0, offs_m, N_q):
 
 
 @triton.jit
-def _query_rows(base, offs_m, stride_n, stride_d, in_q, HEAD: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    return tl.load(base + offs_m[:, None] * stride_n + offs[None, :] * stride_d,
-                   mask=in_q[:, None] & (offs[None, :] < HEAD), other=0.0)
+def _tile(base, rows, stride_r, stride_c, n_rows, N_COLS: tl.constexpr, BLOCK_C: tl.constexpr,
+          CHECK_ROWS: tl.constexpr):
+    """A (rows x BLOCK_C) tile, zero outside; no bounds test that is known to pass (so the loads vectorise)."""
+    cols = tl.arange(0, BLOCK_C)
+    ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if CHECK_ROWS:
+        if N_COLS == BLOCK_C:
+            return tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        else:
+            return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < N_COLS)[None, :], other=0.0)
+    else:
+        if N_COLS == BLOCK_C:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=(cols < N_COLS)[None, :], other=0.0)
 
 
 @triton.jit
@@ -246,8 +235,8 @@ def _dkdv_inner(dk, dv, k, v, offs_n, k_ok, k_doc, q_base, do_base, doc_base, LS
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_q = offs_m < N_q
-        q = _query_rows(q_base, offs_m, sqn, sqd, in_q, HEAD_D, BLOCK_D)
-        do = _query_rows(do_base, offs_m, sdon, sdod, in_q, HEAD_DV, BLOCK_DV)
+        q = _tile(q_base, offs_m, sqn, sqd, N_q, HEAD_D, BLOCK_D, MASKED)
+        do = _tile(do_base, offs_m, sdon, sdod, N_q, HEAD_DV, BLOCK_DV, MASKED)
         lse, delta = _row_stats(LSE, DELTA, row0, offs_m, N_q)
         s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M): keys are the rows here
         p_t = tl.math.exp2(s_t - lse[None, :])
@@ -288,10 +277,8 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KLEN, DOC, RUN_LO, RUN_HI,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_k = offs_n < N_k
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=in_k[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                mask=in_k[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+    k = _tile(K + b * skb + hk * skh, offs_n, skn, skd, N_k, HEAD_D, BLOCK_D, True)
+    v = _tile(V + b * svb + hk * svh, offs_n, svn, svd, N_k, HEAD_DV, BLOCK_DV, True)
     k_first = k_pos0 + start_n
     k_last = k_pos0 + tl.minimum(start_n + BLOCK_N, N_k) - 1
     k_pos = k_pos0 + offs_n
@@ -361,20 +348,14 @@ def _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_bas
               HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
               HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_k = offs_n < N_k
-        if not MASKED:
-            in_k = offs_n >= 0
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=in_k[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=in_k[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        k = _tile(k_base, offs_n, skn, skd, N_k, HEAD_D, BLOCK_D, MASKED)  # unmasked blocks lie inside [0, N_k)
+        v = _tile(v_base, offs_n, svn, svd, N_k, HEAD_DV, BLOCK_DV, MASKED)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
+            in_k = offs_n < N_k
             k_doc = offs_n
             if HAS_DOC:
                 k_doc = tl.load(doc_base + (k_pos0 + offs_n) * s_doc_n, mask=in_k, other=0)
@@ -408,8 +389,8 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KLEN, DOC, RUN_LO, RUN_HI,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_in = offs_m < N_q
-    q = _query_rows(Q + b * sqb + h * sqh, offs_m, sqn, sqd, q_in, HEAD_D, BLOCK_D)
-    do = _query_rows(DO + b * sdob + h * sdoh, offs_m, sdon, sdod, q_in, HEAD_DV, BLOCK_DV)
+    q = _tile(Q + b * sqb + h * sqh, offs_m, sqn, sqd, N_q, HEAD_D, BLOCK_D, True)
+    do = _tile(DO + b * sdob + h * sdoh, offs_m, sdon, sdod, N_q, HEAD_DV, BLOCK_DV, True)
     lse, delta = _row_stats(LSE, DELTA, pid_bh.to(tl.int64) * N_q, offs_m, N_q)
     q_pos = q_pos0 + offs_m
     q_first = q_pos0 + start_m
