@@ -75,3 +75,11 @@ def test_masks_become_kernel_arguments():
 ], ids=["custom", "or", "tensor", "short-ids", "two-docs"])
 def test_masks_without_kernel_form_are_declined_with_the_reason(kw, words):
     assert any(words in r for r in backends.get("triton").call_reasons(_call(**kw)))
+
+
+def test_a_mask_tensor_changed_in_place_is_translated_again():
+    lengths = torch.tensor([3, 9])
+    mask = masks.key_padding(lengths)
+    assert triton_flash.kernel_mask(_call(mask=mask)).key_lengths.tolist() == [3, 9]
+    lengths[0] = 5
+    assert triton_flash.kernel_mask(_call(mask=mask)).key_lengths.tolist() == [5, 9]

@@ -20,6 +20,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +58,40 @@ class KernelMask:
     runs: tuple[Tensor, Tensor] | None = None
 
 
+_TRANSLATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Mask -> {(B, N_k, k_pos0, device): ...}
+
+
 def kernel_mask(call: AttentionCall) -> KernelMask:
-    """Translate ``call.mask`` (via its spec) into kernel arguments; raises _NoKernelForm with the reason."""
+    """Translate ``call.mask`` (via its spec) into kernel arguments; raises _NoKernelForm with the reason.
+
+    Remembered per Mask object and shape, so a mask reused by every layer (and asked twice per call, by the chooser
+    and by the forward) is translated, and its tensors moved to the GPU, once."""
     if call.mask is None:
         return KernelMask()
+    # the spec's tensors' version counters: a lengths or ids tensor changed in place is translated again
+    tensors = tuple((t.data_ptr(), t._version) for t in _spec_tensors(call.mask.spec))
+    key = (call.B, call.N_k, call.k_pos0, str(call.device), tensors)
+    per_mask = _TRANSLATED.setdefault(call.mask, {})
+    if key not in per_mask:
+        if len(per_mask) > 8:
+            per_mask.clear()
+        try:
+            per_mask[key] = _translate(call)
+        except _NoKernelForm as e:
+            per_mask[key] = str(e)
+    if isinstance(per_mask[key], str):
+        raise _NoKernelForm(per_mask[key])
+    return per_mask[key]
+
+
+def _spec_tensors(spec) -> list[Tensor]:
+    if spec is None:
+        return []
+    return [t for part in spec for t in ([part] if isinstance(part, Tensor) else
+                                         _spec_tensors(part) if isinstance(part, tuple) else [])]
+
+
+def _translate(call: AttentionCall) -> KernelMask:
     if call.mask.spec is None:
         raise _NoKernelForm(
             f"mask {call.mask.name!r} is a custom mask_mod, which the kernels cannot evaluate; they take the "
@@ -120,7 +151,8 @@ def _document(doc_ids: Tensor, call: AttentionCall):
     ends = torch.ones_like(starts)
     ends[:, :-1] = starts[:, 1:]
     n_runs = starts.sum(1)
-    n_docs = torch.tensor([row.unique().numel() for row in ids], device=ids.device)
+    by_id = ids.sort(1).values
+    n_docs = (by_id[:, 1:] != by_id[:, :-1]).sum(1) + 1
     if not torch.equal(n_runs, n_docs):  # a document split into several runs: compare ids everywhere, skip nothing
         return ids, None
     run_lo = torch.where(starts, pos, torch.zeros_like(pos)).cummax(1).values
@@ -140,23 +172,23 @@ INTERPRETER_BLOCKS = {"fwd": (16, 32), "dkdv": (16, 32), "dq": (32, 16)}
 
 
 def _launch(name: str, grid_rows: int, n_programs: int, args: list, flags: dict):
-    """Launch kernel ``name`` over (row tiles, n_programs): fixed small tiles under the interpreter, autotuned tiles
-    on a GPU (or the default tiles when SELFATTN_TRITON_AUTOTUNE=0)."""
+    """Launch kernel ``name`` over (row tiles × n_programs) programs: fixed small tiles under the interpreter,
+    autotuned tiles on a GPU (or the default tiles when SELFATTN_TRITON_AUTOTUNE=0)."""
     from selfattn.backends import triton_kernels as tk
 
     tile = "BLOCK_N" if name == "attn_bwd_dkdv" else "BLOCK_M"
     if interpreting():
         bm, bn = INTERPRETER_BLOCKS[name.removeprefix("attn_").removeprefix("bwd_")]
         rows = bn if tile == "BLOCK_N" else bm
-        getattr(tk, name)[(triton_cdiv(grid_rows, rows), n_programs)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
+        getattr(tk, name)[(triton_cdiv(grid_rows, rows) * n_programs,)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
         return
     from selfattn.backends import triton_tuning
 
     if triton_tuning.autotuning():
-        triton_tuning.tuned(name)[lambda meta: (triton_cdiv(grid_rows, meta[tile]), n_programs)](*args, **flags)
+        triton_tuning.tuned(name)[lambda meta: (triton_cdiv(grid_rows, meta[tile]) * n_programs,)](*args, **flags)
     else:
         config = triton_tuning.default_config(name, max(flags["BLOCK_D"], flags["BLOCK_DV"]))
-        getattr(tk, name)[(triton_cdiv(grid_rows, config[tile]), n_programs)](*args, **flags, **config)
+        getattr(tk, name)[(triton_cdiv(grid_rows, config[tile]) * n_programs,)](*args, **flags, **config)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -202,12 +234,16 @@ def _forward(call: AttentionCall, m: KernelMask) -> tuple[Tensor, Tensor]:
 
 def _backward(call: AttentionCall, m: KernelMask, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Tensor | None):
     q, k, v = call.q, call.k, call.v
-    # delta_i = Σ_d dO·O (the softmax Jacobian's row term); a gradient flowing into lse adds p·d_lse to dS,
-    # which is the same as subtracting d_lse from delta.
-    delta = (d_out.float() * out.float()).sum(-1)  # (B, H_q, N_q)
-    if d_lse is not None:
-        delta = delta - torch.where(torch.isneginf(lse), 0.0, d_lse.float())
-    delta = delta.contiguous()
+    # delta_i = Σ_d dO·O (the softmax Jacobian's row term). A gradient flowing into lse adds P·d_lse to dS, which is
+    # the same as subtracting d_lse from delta.
+    delta = torch.empty_like(lse)
+    d_lse = d_lse.float().contiguous() if d_lse is not None else lse
+    rows = 16 if interpreting() else 64
+    from selfattn.backends import triton_kernels as tk
+
+    tk.attn_bwd_delta[(triton_cdiv(call.N_q, rows) * call.B * call.H_q,)](
+        out, d_out, d_lse, delta, *out.stride(), *d_out.stride(), call.H_q, call.N_q, HEAD_DV=call.D_v,
+        BLOCK_DV=_pow2(call.D_v), HAS_DLSE=d_lse is not lse, BLOCK_M=rows)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     klen, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc = _mask_args(m, call)
     common = [call.q_start, call.k_pos0, m.window, call.scale * _LOG2E, call.scale, *_tune_keys(call)]

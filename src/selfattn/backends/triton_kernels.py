@@ -95,6 +95,19 @@ def _key_span(b, q_first, q_last, q_pos, q_in, N_k, klen, k_pos0, window, RUN_LO
     return _span(lo, hi, full_lo_raw, full_hi_raw, BLOCK_N)
 
 
+@triton.jit
+def _program(n_rows, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
+    """(tile, batch·head) of this program in a 1-D grid (no 65535 limit on B·H). Tiles of one head run next to each
+    other (they share K/V in L2); with HEAVY_LAST (causal: the last query tiles see the most keys) they run heaviest
+    first, so the short ones fill the tail of the grid."""
+    n_tiles = tl.cdiv(n_rows, BLOCK)
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    if HEAVY_LAST:
+        tile = n_tiles - 1 - tile
+    return tile, pid // n_tiles
+
+
 # --------------------------------------------------------------------------------------------------------- forward
 
 
@@ -139,10 +152,9 @@ def attn_fwd(Q, K, V, OUT, LSE, KLEN, DOC, RUN_LO, RUN_HI,
              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_LEN: tl.constexpr, HAS_DOC: tl.constexpr,
              DOC_RUNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(N_q, BLOCK_M), B·H_q). OUT (B, H_q, N_q, D_v) in its dtype; LSE (B, H_q, N_q) float32."""
+    """Grid (cdiv(N_q, BLOCK_M)·B·H_q,). OUT (B, H_q, N_q, D_v) in its dtype; LSE (B, H_q, N_q) float32."""
     tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "tl.dot needs inner dimensions of at least 16")
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program(N_q, BLOCK_M, CAUSAL)
     b = (pid_bh // H_q).to(tl.int64)
     h = (pid_bh % H_q).to(tl.int64)
     hk = h // GROUP  # grouped-query attention: the key/value head read in place, never copied
@@ -196,6 +208,23 @@ def attn_fwd(Q, K, V, OUT, LSE, KLEN, DOC, RUN_LO, RUN_HI,
 
 
 # -------------------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def attn_bwd_delta(OUT, DO, DLSE, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H_q, N_q,
+                   HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = Σ_d dO·O per row (− d_lse when the lse output has a gradient). Grid (cdiv(N_q, BLOCK_M)·B·H_q,)."""
+    pid_m, pid_bh = _program(N_q, BLOCK_M, False)
+    b = (pid_bh // H_q).to(tl.int64)
+    h = (pid_bh % H_q).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = _tile(OUT + b * sob + h * soh, offs_m, son, sod, N_q, HEAD_DV, BLOCK_DV, True)
+    do = _tile(DO + b * sdob + h * sdoh, offs_m, sdon, sdod, N_q, HEAD_DV, BLOCK_DV, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    rows = pid_bh.to(tl.int64) * N_q + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rows, mask=offs_m < N_q, other=0.0)
+    tl.store(DELTA + rows, delta, mask=offs_m < N_q)
 
 
 @triton.jit
@@ -266,10 +295,9 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KLEN, DOC, RUN_LO, RUN_HI,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_LEN: tl.constexpr, HAS_DOC: tl.constexpr,
                   DOC_RUNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(N_k, BLOCK_N), B·H_kv). dK, dV of one key block, summed over all query heads of its group."""
+    """Grid (cdiv(N_k, BLOCK_N)·B·H_kv,). dK, dV of one key block, summed over all query heads of its group."""
     tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "tl.dot needs inner dimensions of at least 16")
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _program(N_k, BLOCK_N, False)  # causal: the first key tiles are the heavy ones already
     b = (pid_bh // H_kv).to(tl.int64)
     hk = (pid_bh % H_kv).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -378,10 +406,9 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KLEN, DOC, RUN_LO, RUN_HI,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_LEN: tl.constexpr, HAS_DOC: tl.constexpr,
                 DOC_RUNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(N_q, BLOCK_M), B·H_q). dQ of one query block: the same key ranges as the forward."""
+    """Grid (cdiv(N_q, BLOCK_M)·B·H_q,). dQ of one query block: the same key ranges as the forward."""
     tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "tl.dot needs inner dimensions of at least 16")
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program(N_q, BLOCK_M, CAUSAL)
     b = (pid_bh // H_q).to(tl.int64)
     h = (pid_bh % H_q).to(tl.int64)
     hk = h // GROUP

@@ -94,18 +94,19 @@ def compile_for(name: str, *, arch: int = 90, dtype: str = "bf16", head_dim: int
     from triton.backends.compiler import GPUTarget
 
     fn = getattr(tk, name)
-    block_m, block_n, warps, stages = config or _TILES[name][0]
+    block_m, block_n, warps, stages = config or _TILES.get(name, [(64, 64, 4, 1)])[0]
     consts = dict(HEAD_D=head_dim, HEAD_DV=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                   BLOCK_DV=max(16, triton.next_power_of_2(head_dim)), PRECISION="ieee" if dtype == "fp32" else "tf32",
-                  UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n)
+                  UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n, HAS_DLSE=True)
     consts |= dict(CAUSAL=False, WINDOW=False, HAS_LEN=False, HAS_DOC=False, DOC_RUNS=False) | (flags or {})
+    consts = {n: c for n, c in consts.items() if n in fn.arg_names}
     signature = {}
     for arg in fn.arg_names:
         if arg in consts:
             signature[arg] = "constexpr"
         elif arg in _POINTERS:
             signature[arg] = "*" + dtype
-        elif arg in ("LSE", "DELTA"):
+        elif arg in ("LSE", "DELTA", "DLSE"):
             signature[arg] = "*fp32"
         elif arg in ("KLEN", "RUN_LO", "RUN_HI"):
             signature[arg] = "*i32"
