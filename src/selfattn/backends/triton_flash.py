@@ -220,9 +220,9 @@ def _tune_keys(call: AttentionCall) -> tuple[int, int]:
     return 1 << max(call.N_q - 1, 0).bit_length(), 1 << max(call.N_k - 1, 0).bit_length()
 
 
-def _forward(call: AttentionCall, m: KernelMask) -> tuple[Tensor, Tensor]:
+def _forward(call: AttentionCall, m: KernelMask, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     q, k, v = call.q, call.k, call.v
-    out = torch.empty(call.B, call.H_q, call.N_q, call.D_v, dtype=call.dtype, device=call.device)
+    out = torch.empty(call.B, call.H_q, call.N_q, call.D_v, dtype=out_dtype or call.dtype, device=call.device)
     lse = torch.empty(call.B, call.H_q, call.N_q, dtype=torch.float32, device=call.device)
     klen, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc = _mask_args(m, call)
     args = [q, k, v, out, lse, klen, docs, run_lo, run_hi, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -232,7 +232,8 @@ def _forward(call: AttentionCall, m: KernelMask) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
-def _backward(call: AttentionCall, m: KernelMask, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Tensor | None):
+def _backward(call: AttentionCall, m: KernelMask, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Tensor | None,
+              grad_dtype: torch.dtype | None = None):
     q, k, v = call.q, call.k, call.v
     # delta_i = Σ_d dO·O (the softmax Jacobian's row term). A gradient flowing into lse adds P·d_lse to dS, which is
     # the same as subtracting d_lse from delta.
@@ -244,7 +245,7 @@ def _backward(call: AttentionCall, m: KernelMask, out: Tensor, lse: Tensor, d_ou
     tk.attn_bwd_delta[(triton_cdiv(call.N_q, rows) * call.B * call.H_q,)](
         out, d_out, d_lse, delta, *out.stride(), *d_out.stride(), call.H_q, call.N_q, HEAD_DV=call.D_v,
         BLOCK_DV=_pow2(call.D_v), HAS_DLSE=d_lse is not lse, BLOCK_M=rows)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty(t.shape, dtype=grad_dtype or t.dtype, device=t.device) for t in (q, k, v))
     klen, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc = _mask_args(m, call)
     common = [call.q_start, call.k_pos0, m.window, call.scale * _LOG2E, call.scale, *_tune_keys(call)]
     flags = _constexprs(call, m)
@@ -312,6 +313,23 @@ class TritonBackend(Backend):
             return _Attention.apply(call.q, call.k, call.v, call, m)
         return _forward(call, m)
 
+    def forward_block(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
+        """(out, lse) in float32 for one block of a larger attention (positions q_pos0 / k_pos0), no autograd."""
+        with torch.no_grad():
+            if call.q.numel() == 0 or call.k.numel() == 0:
+                out = call.q.new_zeros(call.B, call.H_q, call.N_q, call.D_v, dtype=torch.float32)
+                return out, torch.full(out.shape[:-1], -math.inf, device=call.device)
+            return _forward(call, kernel_mask(call), out_dtype=torch.float32)
+
+    def backward_block(self, call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor):
+        """This key block's share of (dq, dk, dv), float32, given the rows' *final* out and lse. d_out is rounded to
+        the input dtype for the tensor-core products (as in the fused backward)."""
+        with torch.no_grad():
+            if call.q.numel() == 0 or call.k.numel() == 0:
+                return tuple(torch.zeros(t.shape, device=t.device) for t in (call.q, call.k, call.v))
+            return _backward(call, kernel_mask(call), out, lse.float().contiguous(), d_out.to(call.dtype), None,
+                             grad_dtype=torch.float32)
+
 
 BACKEND = TritonBackend(
     name="triton",
@@ -322,4 +340,5 @@ BACKEND = TritonBackend(
     dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
     head_dims=(1, MAX_HEAD_DIM),
     supports_bias=False,
+    supports_blocks=True,
 )
