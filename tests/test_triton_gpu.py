@@ -1,17 +1,23 @@
 """The Triton kernels on a CUDA GPU against the float64 oracle (FlashAttention's rule), on FlashAttention's shapes.
 
 Skipped, with the reason, on a machine without a CUDA GPU; the same kernels are tested there under the interpreter
-(test_triton_interpreter.py). Kernels compile once per configuration, so the first run takes a few minutes; set
-SELFATTN_TRITON_AUTOTUNE=0 to run with the default tile sizes only (test_autotuned_path_matches keeps tuning on).
+(test_triton_interpreter.py). The matrix runs with the default tiles (SELFATTN_TRITON_AUTOTUNE=0, so that it does
+not tune every shape bucket) unless the variable is set; test_autotuned_path_matches runs the tuned path.
 """
 
 import itertools
+import os
 
 import pytest
 import torch
 from triton_cases import check_case
 
 import selfattn
+
+@pytest.fixture(autouse=True)
+def _default_tiles(monkeypatch):
+    monkeypatch.setenv("SELFATTN_TRITON_AUTOTUNE", os.environ.get("SELFATTN_TRITON_AUTOTUNE", "0"))
+
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter tests run "
                                 "the same kernels on the CPU)")

@@ -44,7 +44,10 @@ def _prune(kernel_name: str):
                 need = e * (n * (d + dv) + s * m * (d + dv))
             else:  # dQ: Q, dO resident; K, V pipelined
                 need = e * (m * (d + dv) + s * n * (d + dv))
-            if need <= _shared_memory_bytes() and (max(d, dv) < 256 or m * n <= 64 * 64):
+            # D = 256 and fp32 (IEEE products run on the FMA units, not the tensor cores) need small tiles: large
+            # ones spill registers and take minutes to compile
+            small = m * n <= (2048 if e == 4 else 4096)
+            if need <= _shared_memory_bytes() and (small or (max(d, dv) < 256 and e == 2)):
                 kept.append(c)
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
 
