@@ -238,3 +238,26 @@ def test_blocks_merged_by_lse_equal_the_whole(kind):
     grads_ref = torch.autograd.grad(out_ref, (q64, k64, v64), d_out.double())
     for name, a, r in zip("qkv", (dq, dk, dv), grads_ref, strict=True):
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+KINDS = ["none", "causal", "window", "padding", "causal+padding", "document", "document-scattered",
+         "window&document&padding"]
+
+
+@interpreted
+@pytest.mark.parametrize("seed", range(int(os.environ.get("SELFATTN_RANDOM_CASES", "8"))))
+def test_random_shapes_and_tiles(seed, monkeypatch):
+    """Random sizes, masks and tile shapes: the block ranges (skipped / boundary / fully visible) at every alignment."""
+    from selfattn.backends import triton_flash
+
+    g = torch.Generator().manual_seed(1000 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (), generator=g))]
+
+    tiles = pick([(16, 16), (16, 32), (32, 16), (32, 64), (64, 16)])
+    monkeypatch.setattr(triton_flash, "INTERPRETER_BLOCKS", {"fwd": tiles, "dkdv": tiles[::-1], "dq": tiles})
+    H_kv, group = pick([1, 2]), pick([1, 2, 3])
+    N_q, N_k = (int(torch.randint(1, 90, (), generator=g)) for _ in range(2))
+    shape = (pick([1, 2]), H_kv * group, H_kv, N_q, N_k, pick([16, 24, 40]), pick([16, 32]))
+    check_case(shape, pick(KINDS), pick([F32, F16]), seed=seed)
