@@ -16,6 +16,7 @@ On CPU tensors the same kernels run under Triton's interpreter, for tests on mac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -220,7 +221,17 @@ def _tune_keys(call: AttentionCall) -> tuple[int, int]:
     return 1 << max(call.N_q - 1, 0).bit_length(), 1 << max(call.N_k - 1, 0).bit_length()
 
 
+def _on(device: torch.device):
+    """Launch on the tensors' GPU, not on the current one (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _forward(call: AttentionCall, m: KernelMask, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    with _on(call.device):
+        return _forward_here(call, m, out_dtype)
+
+
+def _forward_here(call: AttentionCall, m: KernelMask, out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
     q, k, v = call.q, call.k, call.v
     out = torch.empty(call.B, call.H_q, call.N_q, call.D_v, dtype=out_dtype or call.dtype, device=call.device)
     lse = torch.empty(call.B, call.H_q, call.N_q, dtype=torch.float32, device=call.device)
@@ -234,6 +245,12 @@ def _forward(call: AttentionCall, m: KernelMask, out_dtype: torch.dtype | None =
 
 def _backward(call: AttentionCall, m: KernelMask, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Tensor | None,
               grad_dtype: torch.dtype | None = None):
+    with _on(call.device):
+        return _backward_here(call, m, out, lse, d_out, d_lse, grad_dtype)
+
+
+def _backward_here(call: AttentionCall, m: KernelMask, out: Tensor, lse: Tensor, d_out: Tensor,
+                   d_lse: Tensor | None, grad_dtype: torch.dtype | None):
     q, k, v = call.q, call.k, call.v
     # delta_i = Σ_d dO·O (the softmax Jacobian's row term). A gradient flowing into lse adds P·d_lse to dS, which is
     # the same as subtracting d_lse from delta.
