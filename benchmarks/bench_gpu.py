@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gpu.py                       # the standard grid, bf16, on the current CUDA GPU
     python benchmarks/bench_gpu.py --dtype float16 --n 2048 4096 --d 128
+    python benchmarks/bench_gpu.py --quick                 # D=128, N 2k and 8k: the targets, in a few minutes
 
 The standard grid (FlashAttention's benchmark): B·N = 16k tokens, hidden size 2048 (H = 2048 / D), N from 512 to
 16k, D 64 and 128, causal and not, forward and backward. Rates in TFLOP/s count the matrix products only:
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -138,8 +140,9 @@ def run(args) -> dict:
                 print(f"{impl:16} {mode} D={D:<3} N={N:<5} B={B:<3} H={H:<2} causal={causal!s:5} {shown}", flush=True)
                 if device == "cuda":
                     torch.cuda.empty_cache()
-    return dict(device=name, dtype=args.dtype, torch=torch.__version__, triton=_triton_version(),
-                selfattn=selfattn.__version__, tokens=args.tokens, hidden=args.hidden, rows=rows,
+    return dict(device=name, dtype=args.dtype, autotune=args.autotune, torch=torch.__version__,
+                triton=_triton_version(), selfattn=selfattn.__version__,
+                tokens=args.tokens, hidden=args.hidden, rows=rows,
                 when=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
 
 
@@ -155,7 +158,8 @@ def table(result: dict) -> str:
     """Markdown: one line per (D, causal, mode, N), TFLOP/s per implementation, and selfattn / fastest SDPA."""
     rows = result["rows"]
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    lines = [f"{result['device']}, {result['dtype']}, torch {result['torch']}, triton {result['triton']} "
+    lines = [f"{result['device']}, {result['dtype']}, torch {result['torch']}, triton {result['triton']}, "
+             f"selfattn autotune {result.get('autotune', 'on')} "
              f"({result['when']}); TFLOP/s, B·N = {result['tokens']}, hidden {result['hidden']}", "",
              "| mode | D | causal | N | " + " | ".join(impls) + " | selfattn / best SDPA |",
              "|---|---|---|---|" + "---|" * (len(impls) + 1)]
@@ -181,9 +185,15 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=2048, help="H·D (default 2048)")
     p.add_argument("--math-max-n", type=int, default=8192, help="skip SDPA's math backend above this N")
     p.add_argument("--only", nargs="*", help="regexes of implementation names to run")
+    p.add_argument("--quick", action="store_true", help="D=128, N in 2k and 8k only (fits a short GPU session)")
+    p.add_argument("--autotune", choices=["on", "off"], default="on",
+                   help="selfattn's Triton autotuning (off: the default tiles, no tuning time)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1 (plumbing only)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    os.environ["SELFATTN_TRITON_AUTOTUNE"] = "1" if args.autotune == "on" else "0"
+    if args.quick:
+        args.n, args.d = [2048, 8192], [128]
     if args.smoke:
         args.n, args.d, args.tokens, args.hidden, args.dtype = [32], [16], 64, 32, "float32"
         args.only = args.only or ["triton", "sdpa-math"]

@@ -217,8 +217,8 @@ def _constexprs(call: AttentionCall, m: KernelMask) -> dict:
 
 
 def _tune_keys(call: AttentionCall) -> tuple[int, int]:
-    """Autotuning is redone per power-of-two bucket of lengths, not for every length."""
-    return 1 << max(call.N_q - 1, 0).bit_length(), 1 << max(call.N_k - 1, 0).bit_length()
+    """Autotuning is redone per power-of-two bucket of lengths (all lengths above 4096 share one), not per length."""
+    return tuple(min(1 << max(n - 1, 0).bit_length(), 4096) for n in (call.N_q, call.N_k))
 
 
 def _on(device: torch.device):

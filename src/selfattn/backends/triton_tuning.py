@@ -3,8 +3,8 @@
 Only imported when a kernel is launched on a GPU (under the interpreter the kernels run with fixed small blocks).
 Configurations whose tiles cannot fit the GPU's shared memory are pruned before compiling; Triton's autotuner also
 drops any that fail to compile or run out of resources. Tuning is keyed on the head dims, the mask flags and the
-power-of-two buckets of N_q and N_k (``TUNE_N_Q``/``TUNE_N_K``), so a training run with varying lengths does not
-retune at every step.
+power-of-two buckets of N_q and N_k up to 4096 (``TUNE_N_Q``/``TUNE_N_K``), so a training run with varying lengths
+does not retune at every step; the choices are cached on disk with Triton's kernel cache.
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ def default_config(name: str, block_d: int) -> dict:
 @functools.cache
 def tuned(name: str):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _TILES[name]]
-    return triton.autotune(configs=configs, key=_KEY,
-                           prune_configs_by={"early_config_prune": _prune(name)})(getattr(tk, name))
+    # cache_results: the choice is kept in Triton's on-disk cache, so a new process does not tune again
+    return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _prune(name)},
+                           cache_results=True)(getattr(tk, name))
 
 
 _POINTERS = {"Q", "K", "V", "OUT", "DO", "DK", "DV", "DQ"}
