@@ -164,14 +164,15 @@ def attention_backward_op(
         with torch.no_grad():
             dq, dk, dv = chosen.backward_block(call, out, lse, d_out)
         dbias = q.new_empty(0)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dbias.contiguous()
 
 
 @attention_backward_op.register_fake
 def _attention_backward_fake(d_out, q, k, v, out, lse, scale, causal, window, key_lengths, doc_ids, dense_mask,
                              bias, backend, bias_grad):
-    dbias = torch.empty_like(bias) if bias_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+    # contiguous, like the real outputs (empty_like would copy the strides of a transposed q and mislead the graph)
+    dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _oracle_backward(call: AttentionCall, d_out: Tensor):
