@@ -72,9 +72,22 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         bias = attention_mask if bias is None else bias + attention_mask
     out = selfattn.attention(query, key, value, causal=causal, mask=mask, bias=bias, scale=scaling)
     weights = None
-    if kwargs.get("output_attentions", getattr(getattr(module, "config", None), "output_attentions", False)):
+    if _weights_requested(module, kwargs):
         weights = selfattn.attention_weights(query, key, causal=causal, mask=mask, bias=bias, scale=scaling)
     return out.transpose(1, 2).contiguous(), weights  # (B, N_q, H_q, D_v)
+
+
+def _weights_requested(module, kwargs) -> bool:
+    """output_attentions=True reaches the layer as a kwarg, the config's flag, or (GPT-2, which pops the kwarg) only as
+    transformers' active output collector asking for attentions."""
+    if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # an older layout of transformers: the kwarg and the config are all there is
+        return False
+    collecting = _active_collector.get()
+    return collecting is not None and ("attentions" in collecting or "cross_attentions" in collecting)
 
 
 # --------------------------------------------------------------------------------------------- transformers' masks
