@@ -63,6 +63,9 @@ def attention(
     Returns:
         out (B, H_q, N_q, D_v) in the input dtype, or (out, lse). Rows with every key masked are zeros.
 
+    Under ``torch.compile`` the call becomes one custom op, ``torch.ops.selfattn.attention`` (see ``selfattn.ops``),
+    so ``fullgraph=True`` compiles without graph breaks.
+
     Example:
         >>> import torch, selfattn
         >>> q = k = v = torch.randn(1, 2, 5, 8)

@@ -36,8 +36,12 @@ _UNSUPPORTED_KWARGS = {"softcap": "logit soft-capping", "s_aux": "attention sink
 
 def register(name: str = NAME) -> str:
     """Register selfattn with transformers under ``name`` (done on import with "selfattn"); returns the name."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
+    try:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+    except ImportError as e:
+        raise ImportError(f"selfattn.integrations.hf needs transformers with AttentionInterface and "
+                          f"AttentionMaskInterface (tested with 5.24): pip install 'selfattn[hf]' ({e})") from e
 
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, sdpa_mask)
