@@ -176,3 +176,33 @@ def test_lse_is_not_differentiable_through_the_op():
     q, k, v = _qkv(grad=True)
     out, lse = torch.ops.selfattn.attention(*_op_args(q, k, v, causal=True))
     assert out.requires_grad and not lse.requires_grad
+
+
+def test_opcheck_backward_op():
+    q, k, v = _qkv(B=1, H_q=2, H_kv=1, N_q=6, N_k=8)
+    args = _op_args(q, k, v, mask=masks.key_padding(torch.tensor([5])), causal=True)
+    out, lse = torch.ops.selfattn.attention(*args)
+    d_out = torch.randn_like(out)
+    q, k, v, scale, causal, window, lengths, docs, dense, bias, backend = args
+    torch.library.opcheck(torch.ops.selfattn.attention_backward.default,
+                          (d_out, q, k, v, out, lse, scale, causal, window, lengths, docs, dense, bias, backend, False))
+
+
+def test_backward_needs_a_backend_with_the_block_api():
+    from dataclasses import dataclass
+
+    from selfattn import backends
+    from selfattn.backends.reference import ReferenceBackend
+
+    @dataclass(frozen=True)
+    class NoBlocks(ReferenceBackend):
+        pass
+
+    backends.register(NoBlocks(name="test-no-blocks", description="reference without the block API"))
+    try:
+        q, k, v = _qkv(grad=True)
+        out, _ = torch.ops.selfattn.attention(*_op_args(q, k, v)[:-1], "test-no-blocks")
+        with pytest.raises(backends.BackendError, match="block API.*'test-no-blocks'.*backend="):
+            out.sum().backward()
+    finally:
+        backends.REGISTRY.pop("test-no-blocks")
