@@ -161,3 +161,24 @@ def test_unsupported_features_say_what_to_do():
         hf.attention_forward(attn, q, k, v, None, dropout=0.1)
     with pytest.raises(ValueError, match="soft-capping"):
         hf.attention_forward(attn, q, k, v, None, softcap=30.0)
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_llama_compiles_fullgraph_without_graph_breaks(padding):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager, ours = _pair("llama")
+    ids, am = _batch(padding)
+
+    def logits(ids, am):
+        return ours(ids, attention_mask=am, use_cache=False).logits
+
+    with torch.no_grad():
+        explained = torch._dynamo.explain(logits)(ids, am)
+        assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+        got = torch.compile(logits, fullgraph=True, backend="aot_eager")(ids, am)
+        want = eager(ids, attention_mask=am, use_cache=False).logits
+    rows = torch.ones(ids.shape, dtype=torch.bool) if am is None else am.bool()
+    rel = ((got - want)[rows].abs().max() / want[rows].abs().max()).item()
+    assert rel <= REL_TOL, f"compiled/{padding}: relative logits error {rel:.2e}"

@@ -102,6 +102,8 @@ _last: list = [None, None]  # (weakref to the last bool mask, its selfattn mask)
 def structured_mask(mask: Tensor) -> masks.Mask | Tensor:
     """A (B or 1, 1, N_q, N_k) bool mask (True = attend) as ``key_mask(valid)`` or ``causal() & key_mask(valid)``
     when it is exactly one of those (padding on either side), else the tensor itself (a dense mask)."""
+    if torch.compiler.is_compiling():
+        return mask  # reading the mask's values would break the graph; it travels dense through the custom op
     if _last[0] is not None and _last[0]() is mask:
         return _last[1]
     result = _recognise(mask)
