@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from selfattn.backends.base import AttentionCall, Backend, merge_by_lse
 from selfattn.backends.reference import BACKEND as _reference
+from selfattn.backends.tiled import BACKEND as _tiled
 
 __all__ = ["AttentionCall", "Backend", "BackendError", "merge_by_lse", "register", "get", "names", "choose", "REGISTRY"]
 
@@ -67,3 +68,4 @@ def choose(call: AttentionCall, name: str | None = None) -> Backend:
 
 
 register(_reference)
+register(_tiled, before="reference")
