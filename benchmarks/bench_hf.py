@@ -3,11 +3,13 @@
     python benchmarks/bench_hf.py                 # N = 4096 and 16384, writes benchmarks/results/hf_prefill.json
     python benchmarks/bench_hf.py --n 1024 2048   # a quick run
 
-Each (implementation, N) runs in a fresh subprocess (so peak memory, ru_maxrss, is its own) on the same random
-weights and tokens: one warm-up prefill, then the median of --repeats timed prefills. The prefill is the model's
-forward over N tokens with a KV cache and only the last position's logits (what ``generate`` does first). Eager
-attention materialises B·H·N² float32 scores several times; when that estimate exceeds --eager-max-gib the case is
-reported as not run instead of swapping the shared machine. Ratios are taken within one run.
+The prefill is the model's forward over N tokens with a KV cache and only the last position's logits (what
+``generate`` does first), batch 1, float32, the same random weights and tokens for every implementation. Timing: one
+process holds the three models and runs them in interleaved rounds (selfattn, sdpa, eager, selfattn, ...) after a
+warm-up, so a change of machine load hits all of them alike; the table gives the median and the best of --repeats
+rounds, and the ratio of medians to sdpa. Peak memory: a fresh subprocess per (implementation, N) runs one prefill
+and reports its ru_maxrss. Eager attention materialises B·H·N² float32 scores several times; when that estimate
+exceeds --eager-max-gib the case is reported as not run instead of swapping the shared machine.
 """
 
 from __future__ import annotations
@@ -27,37 +29,71 @@ MODEL = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_
 EAGER_SCORE_COPIES = 3  # scores, + mask, softmax: float32 (B, H, N, N) tensors alive at once in eager attention
 
 
-def run_one(impl: str, n: int, repeats: int) -> dict:
-    """Time the prefill in this process (called in a fresh subprocess by main)."""
-    import resource
-
+def _model(impl: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import selfattn.integrations.hf  # noqa: F401  registers "selfattn"
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(LlamaConfig(**MODEL), attn_implementation=impl).eval()
-    ids = torch.randint(0, MODEL["vocab_size"], (1, n))
-    times = []
+    return LlamaForCausalLM._from_config(LlamaConfig(**MODEL), attn_implementation=impl).eval()
+
+
+def _prefill(model, ids) -> tuple[float, list[float]]:
+    import torch
+
     with torch.no_grad():
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            out = model(ids, use_cache=True, logits_to_keep=1)
-            dt = time.perf_counter() - t0
-            if i:
-                times.append(dt)
-    times.sort()
-    result = {"impl": impl, "N": n, "seconds": times[len(times) // 2], "all_seconds": times,
-              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-              "last_logits": out.logits[0, -1, :4].tolist()}
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - t0, out.logits[0, -1, :4].tolist()
+
+
+def peak_memory(impl: str, n: int) -> dict:
+    """One prefill in this (fresh) process: its peak resident memory, and which backend selfattn chose."""
+    import resource
+
+    import torch
+
+    model = _model(impl)
+    _prefill(model, torch.randint(0, MODEL["vocab_size"], (1, n), generator=torch.Generator().manual_seed(1)))
+    result = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if impl == "selfattn":
+        import selfattn
         from selfattn import backends
 
-        q = torch.zeros(1, 4, n, 64)
-        call = selfattn.api.make_call(q, q[:, :2], q[:, :2], causal=True)
-        result["backend"] = backends.choose(call).name
+        q = torch.zeros(1, MODEL["num_attention_heads"], n, 64)
+        kv = torch.zeros(1, MODEL["num_key_value_heads"], n, 64)
+        result["backend"] = backends.choose(selfattn.api.make_call(q, kv, kv, causal=True)).name
     return result
+
+
+def interleaved_times(impls: list[str], n: int, repeats: int) -> dict[str, dict]:
+    """Median and best prefill time of each implementation over interleaved rounds, in this process."""
+    import torch
+
+    models = {impl: _model(impl) for impl in impls}
+    ids = torch.randint(0, MODEL["vocab_size"], (1, n), generator=torch.Generator().manual_seed(1))
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    logits = {}
+    for impl in impls:
+        _, logits[impl] = _prefill(models[impl], ids)  # warm-up
+    for _ in range(repeats):
+        for impl in impls:
+            times[impl].append(_prefill(models[impl], ids)[0])
+    return {impl: {"seconds": sorted(t)[len(t) // 2], "best_seconds": min(t), "all_seconds": t,
+                   "last_logits": logits[impl]} for impl, t in times.items()}
+
+
+def _subprocess(args: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, __file__, *args]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": f"failed (exit {done.returncode}): {last[:300]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -68,47 +104,50 @@ def main() -> None:
     p.add_argument("--eager-max-gib", type=float, default=6.0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "hf_prefill.json"))
-    p.add_argument("--one", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--memory", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--time", nargs="+", metavar="N_THEN_IMPLS", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.repeats)))
+    if args.memory:
+        print(json.dumps(peak_memory(args.memory[0], int(args.memory[1]))))
+        return
+    if args.time:
+        print(json.dumps(interleaved_times(args.time[1:], int(args.time[0]), args.repeats)))
         return
 
     load = os.getloadavg()
     rows = []
     for n in args.n:
+        need = EAGER_SCORE_COPIES * MODEL["num_attention_heads"] * n * n * 4 / 2**30
+        runnable = [i for i in args.impls if not (i == "eager" and need > args.eager_max_gib)]
+        timed = _subprocess(["--time", str(n), *runnable, "--repeats", str(args.repeats)], args.timeout)
         for impl in args.impls:
-            need = EAGER_SCORE_COPIES * MODEL["num_attention_heads"] * n * n * 4 / 2**30
-            if impl == "eager" and need > args.eager_max_gib:
-                rows.append({"impl": impl, "N": n, "error": f"not run: eager attention needs ~{need:.0f} GiB for its "
-                             f"N x N scores (limit --eager-max-gib {args.eager_max_gib:g})"})
-                print(rows[-1], flush=True)
-                continue
-            cmd = [sys.executable, __file__, "--one", impl, str(n), "--repeats", str(args.repeats)]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                if done.returncode == 0:
-                    rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-                else:
-                    last = (done.stderr.strip().splitlines() or ["?"])[-1]
-                    rows.append({"impl": impl, "N": n, "error": f"failed (exit {done.returncode}): {last[:300]}"})
-            except subprocess.TimeoutExpired:
-                rows.append({"impl": impl, "N": n, "error": f"timed out after {args.timeout:.0f} s"})
-            print(rows[-1], flush=True)
+            row = {"impl": impl, "N": n}
+            if impl not in runnable:
+                row["error"] = (f"not run: eager attention needs ~{need:.0f} GiB for its N x N scores "
+                                f"(limit --eager-max-gib {args.eager_max_gib:g})")
+            elif "error" in timed:
+                row["error"] = timed["error"]
+            else:
+                row.update(timed[impl])
+                row.update(_subprocess(["--memory", impl, str(n)], args.timeout))
+            rows.append(row)
+            print(row, flush=True)
 
     print(f"\nprefill of a tiny Llama-style model ({MODEL['num_hidden_layers']} layers, d={MODEL['hidden_size']}, "
           f"H_q={MODEL['num_attention_heads']}, H_kv={MODEL['num_key_value_heads']}), batch 1, float32, "
           f"{os.cpu_count()} CPUs, load {load[0]:.1f}")
-    print(f"{'N':>6} {'impl':>9} {'seconds':>9} {'vs sdpa':>8} {'peak RSS':>9}  note")
+    print(f"{'N':>6} {'impl':>9} {'median s':>9} {'best s':>8} {'vs sdpa':>8} {'peak RSS':>9}  note")
     for n in args.n:
         sdpa = next((r["seconds"] for r in rows if r["N"] == n and r["impl"] == "sdpa" and "seconds" in r), None)
         for r in (r for r in rows if r["N"] == n):
             if "seconds" in r:
                 ratio = f"{r['seconds'] / sdpa:.2f}x" if sdpa else "-"
                 note = f"backend {r['backend']}" if "backend" in r else ""
-                print(f"{n:>6} {r['impl']:>9} {r['seconds']:>9.3f} {ratio:>8} {r['peak_rss_gib']:>7.2f}G  {note}")
+                rss = f"{r['peak_rss_gib']:.2f}G" if "peak_rss_gib" in r else "-"
+                print(f"{n:>6} {r['impl']:>9} {r['seconds']:>9.3f} {r['best_seconds']:>8.3f} {ratio:>8} {rss:>9}  "
+                      f"{note}{r.get('error', '')}")
             else:
-                print(f"{n:>6} {r['impl']:>9} {'-':>9} {'-':>8} {'-':>9}  {r['error']}")
+                print(f"{n:>6} {r['impl']:>9} {'-':>9} {'-':>8} {'-':>8} {'-':>9}  {r['error']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": MODEL, "batch": 1, "dtype": "float32", "cpus": os.cpu_count(), "load_before": load,
             "load_after": os.getloadavg(), "python": platform.python_version(), "repeats": args.repeats}
