@@ -42,7 +42,7 @@ def page_data(traces: Sequence[Sequence[Trace]], *, title: str = "") -> dict:
             heads.append({
                 "where": t.where, "scale": t.scale, "causal": t.causal,
                 "d_k": t["Q"].shape[-1], "d_v": t["V"].shape[-1],
-                "q": _mat(t["Q_rot" if rot else "Q"]), "k": _mat(t["K_rot" if rot else "K"]), "v": _mat(t["V"]),
+                "q": _mat(t["Q_rot" if rot else "Q"]),
                 "scores": _mat(t["scores"]), "scaled": _mat(t["scaled"]), "masked": _mat(t["masked"]),
                 "weights": _mat(t["weights"]), "y": _mat(t["Y"]), "rotary": rot,
             })

@@ -51,20 +51,30 @@ def _check_weights(w: Tensor, dims: int, what: str) -> None:
 def heatmap(weights: Tensor, tokens: Sequence[str], path: str | os.PathLike, *, title: str = "") -> str:
     """Write one head's weights (N_q, N_k) as a PNG heatmap; returns the path."""
     _check_weights(weights, 2, "heatmap")
-    n_q, n_k = weights.shape
-    size = min(12.0, 2.5 + 0.22 * max(n_q, n_k))
-    fig = _figure(size + 1.0, size)
+    return _heatmaps([weights], tokens, [path], [title])[0]
+
+
+def _heatmaps(weights: Sequence[Tensor], tokens: Sequence[str], paths: Sequence, titles: Sequence[str]) -> list[str]:
+    """Draw several same-shaped heatmaps on one reused figure (laying out a figure costs more than drawing it)."""
+    n_q, n_k = weights[0].shape
+    size = min(9.0, 3.0 + 0.14 * max(n_q, n_k))
+    fig = _figure(size + 1.2, size)
     ax = fig.add_subplot()
-    im = ax.imshow(weights.detach().double().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0,
+    im = ax.imshow(weights[0].detach().double().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0,
                    interpolation="nearest")
-    _ticks(ax, tokens, n_q, n_k, fontsize=9)
+    _ticks(ax, tokens, n_q, n_k, fontsize=8 if max(n_q, n_k) <= 48 else 6)
     ax.set_ylabel("query (the token that looks)")
     ax.set_xlabel("key (the token looked at)")
-    ax.set_title(f"{title}\nattention weights — {ROWS_COLS}" if title else f"attention weights — {ROWS_COLS}",
-                 fontsize=10)
     fig.colorbar(im, ax=ax, shrink=0.8, label="softmax weight")
-    fig.savefig(path)
-    return os.fspath(path)
+    out = []
+    for w, path, title in zip(weights, paths, titles, strict=True):
+        im.set_data(w.detach().double().cpu().numpy())
+        ax.set_title(f"{title}\nattention weights — {ROWS_COLS}" if title else f"attention weights — {ROWS_COLS}",
+                     fontsize=10)
+        fig.savefig(path)
+        fig.set_layout_engine("none")  # the layout of the first picture holds for the rest: freeze it
+        out.append(os.fspath(path))
+    return out
 
 
 def grid(weights: Tensor, tokens: Sequence[str], path: str | os.PathLike, *, title: str = "") -> str:
@@ -96,12 +106,11 @@ def save_all(weights: Tensor, tokens: Sequence[str], out_dir: str | os.PathLike,
     """One PNG per head (``layer{l}_head{h}.png``) and the grid (``grid.png``) of weights (L, H, N, N) in out_dir."""
     _check_weights(weights, 4, "save_all")
     os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for layer in range(weights.shape[0]):
-        for h in range(weights.shape[1]):
-            name = f"layer {layer}, head {h}" + (f" — {title}" if title else "")
-            paths.append(heatmap(weights[layer, h], tokens, os.path.join(out_dir, f"layer{layer}_head{h}.png"),
-                                 title=name))
+    L, H = weights.shape[:2]
+    heads = [(layer, h) for layer in range(L) for h in range(H)]
+    paths = _heatmaps([weights[layer, h] for layer, h in heads], tokens,
+                      [os.path.join(out_dir, f"layer{layer}_head{h}.png") for layer, h in heads],
+                      [f"layer {layer}, head {h}" + (f" — {title}" if title else "") for layer, h in heads])
     paths.append(grid(weights, tokens, os.path.join(out_dir, "grid.png"), title=title))
     return paths
 
