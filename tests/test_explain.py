@@ -250,3 +250,16 @@ def test_lesson_orthogonal_numbers(capsys):
     assert abs(lrn["cos_qk"]) > 0.1, "the random projections should change the angle"
     assert cli.main(["explain", "--lesson", "orthogonal"]) == 0
     assert "e^0 = 1" in capsys.readouterr().out
+
+
+def test_rotary_positions_per_sequence_are_respected():
+    torch.manual_seed(4)
+    m = MultiHeadAttention(16, 2, causal=True, rotary=True).double()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    positions = torch.stack([torch.arange(6), torch.arange(6) * 3 + 5])  # (B, N): different per sequence
+    with explain.capture(m) as cap:
+        m(x, positions=positions)
+    _, w = m(x, positions=positions, return_weights=True)
+    for b in range(2):
+        torch.testing.assert_close(cap.trace(0, 1, batch=b)["weights"], w[b, 1])
+    assert not torch.allclose(w[0, 1], w[1, 1])

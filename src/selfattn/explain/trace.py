@@ -377,6 +377,7 @@ class Capture:
                      Step("V", f"v_j = x_j·W_V{b.replace('Q', 'V')}", V)]
             if m.rotary is not None:
                 pos = torch.arange(N, device=X.device) if call.positions is None else call.positions
+                pos = pos[batch] if pos.dim() == 2 else pos  # (N,): this sequence's positions
                 Q = m.rotary(Q[None, None], pos)[0, 0]
                 K = m.rotary(K[None, None], pos)[0, 0]
                 named += [Step("Q_rot", "q_i rotated by position i (rotary)", Q),
