@@ -209,6 +209,11 @@ def test_heatmaps_per_head_and_grid(tmp_path):
         [f"layer{layer}_head{h}.png" for layer in range(2) for h in range(4)] + ["grid.png"])
     for p in paths:
         _png_is_a_picture(p)
+    from PIL import Image
+
+    with Image.open(paths[0]) as im:  # causal: the hidden upper triangle is drawn grey, apart from weight 0
+        grey = sum(n for n, c in im.convert("RGB").getcolors(1 << 20) if c == (0xD9, 0xD9, 0xD9))
+        assert grey > 1000, f"only {grey} grey pixels for the masked cells"
 
 
 def test_cli_explain_json_and_bad_input(tmp_path, capsys):

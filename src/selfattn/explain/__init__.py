@@ -58,7 +58,8 @@ class Explanation:
         """``layer{l}_head{h}.png`` per head and ``grid.png`` in out_dir; needs matplotlib."""
         from selfattn.explain import plots
 
-        return plots.save_all(self.weights, self.tokens, out_dir, title=self.title)
+        hidden = torch.stack([torch.stack([torch.isinf(t["masked"]) for t in row]) for row in self.traces])
+        return plots.save_all(self.weights, self.tokens, out_dir, title=self.title, hidden=hidden)
 
     def write_html(self, path: str | os.PathLike) -> str:
         from selfattn.explain import html

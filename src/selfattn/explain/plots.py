@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 ROWS_COLS = "rows: queries, columns: keys"
+MASKED_GREY = "#d9d9d9"
 MAX_LABELS = 48  # more tokens than this and the tick labels would overlap: label every k-th token
 
 
@@ -48,36 +49,53 @@ def _check_weights(w: Tensor, dims: int, what: str) -> None:
                          f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
 
 
-def heatmap(weights: Tensor, tokens: Sequence[str], path: str | os.PathLike, *, title: str = "") -> str:
-    """Write one head's weights (N_q, N_k) as a PNG heatmap; returns the path."""
+def heatmap(weights: Tensor, tokens: Sequence[str], path: str | os.PathLike, *, title: str = "",
+            hidden: Tensor | None = None) -> str:
+    """Write one head's weights (N_q, N_k) as a PNG heatmap; ``hidden`` (bool, True = masked) draws grey cells."""
     _check_weights(weights, 2, "heatmap")
-    return _heatmaps([weights], tokens, [path], [title])[0]
+    return _heatmaps([weights], tokens, [path], [title], None if hidden is None else [hidden])[0]
 
 
-def _heatmaps(weights: Sequence[Tensor], tokens: Sequence[str], paths: Sequence, titles: Sequence[str]) -> list[str]:
+def _masked(w: Tensor, hidden: Tensor | None):
+    """The weights as a numpy masked array: masked cells (score −∞) are drawn grey, not as weight 0."""
+    import numpy as np
+
+    w = w.detach().double().cpu().numpy()
+    return np.ma.masked_array(w, mask=None if hidden is None else hidden.detach().cpu().numpy())
+
+
+def _cmap():
+    from matplotlib import colormaps
+
+    return colormaps["viridis"].with_extremes(bad=MASKED_GREY)
+
+
+def _heatmaps(weights: Sequence[Tensor], tokens: Sequence[str], paths: Sequence, titles: Sequence[str],
+              hidden: Sequence[Tensor] | None = None) -> list[str]:
     """Draw several same-shaped heatmaps on one reused figure (laying out a figure costs more than drawing it)."""
+    hidden = [None] * len(weights) if hidden is None else hidden
     n_q, n_k = weights[0].shape
     size = min(9.0, 3.0 + 0.14 * max(n_q, n_k))
     fig = _figure(size + 1.2, size)
     ax = fig.add_subplot()
-    im = ax.imshow(weights[0].detach().double().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0,
-                   interpolation="nearest")
+    im = ax.imshow(_masked(weights[0], hidden[0]), cmap=_cmap(), vmin=0.0, vmax=1.0, interpolation="nearest")
     _ticks(ax, tokens, n_q, n_k, fontsize=8 if max(n_q, n_k) <= 48 else 6)
     ax.set_ylabel("query (the token that looks)")
     ax.set_xlabel("key (the token looked at)")
     fig.colorbar(im, ax=ax, shrink=0.8, label="softmax weight")
     out = []
-    for w, path, title in zip(weights, paths, titles, strict=True):
-        im.set_data(w.detach().double().cpu().numpy())
-        ax.set_title(f"{title}\nattention weights — {ROWS_COLS}" if title else f"attention weights — {ROWS_COLS}",
-                     fontsize=10)
+    for w, hid, path, title in zip(weights, hidden, paths, titles, strict=True):
+        im.set_data(_masked(w, hid))
+        what = f"attention weights — {ROWS_COLS}" + ("" if hid is None else "; grey: masked")
+        ax.set_title(f"{title}\n{what}" if title else what, fontsize=10)
         fig.savefig(path)
         fig.set_layout_engine("none")  # the layout of the first picture holds for the rest: freeze it
         out.append(os.fspath(path))
     return out
 
 
-def grid(weights: Tensor, tokens: Sequence[str], path: str | os.PathLike, *, title: str = "") -> str:
+def grid(weights: Tensor, tokens: Sequence[str], path: str | os.PathLike, *, title: str = "",
+         hidden: Tensor | None = None) -> str:
     """Write the weights of every layer and head (L, H, N_q, N_k) as one PNG grid, layers down, heads across."""
     _check_weights(weights, 4, "grid")
     L, H, n_q, n_k = weights.shape
@@ -85,33 +103,37 @@ def grid(weights: Tensor, tokens: Sequence[str], path: str | os.PathLike, *, tit
     fig = _figure(0.8 + cell * H, 0.9 + cell * L)
     axes = fig.subplots(L, H, squeeze=False)
     small = max(n_q, n_k) <= 24
-    w = weights.detach().double().cpu().numpy()
     for layer in range(L):
         for h in range(H):
             ax = axes[layer][h]
-            ax.imshow(w[layer, h], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.imshow(_masked(weights[layer, h], None if hidden is None else hidden[layer, h]), cmap=_cmap(),
+                      vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_title(f"layer {layer}, head {h}", fontsize=8)
             if small:
                 _ticks(ax, tokens, n_q, n_k, fontsize=5)
             else:
                 ax.set_xticks([])
                 ax.set_yticks([])
-    fig.suptitle(f"{title + ': ' if title else ''}attention weights, layers × heads — in each map {ROWS_COLS}",
+    fig.suptitle(f"{title + ': ' if title else ''}attention weights, layers × heads — in each map {ROWS_COLS}"
+                 + ("" if hidden is None else "; grey: masked"),
                  fontsize=10)
     fig.savefig(path)
     return os.fspath(path)
 
 
-def save_all(weights: Tensor, tokens: Sequence[str], out_dir: str | os.PathLike, *, title: str = "") -> list[str]:
-    """One PNG per head (``layer{l}_head{h}.png``) and the grid (``grid.png``) of weights (L, H, N, N) in out_dir."""
+def save_all(weights: Tensor, tokens: Sequence[str], out_dir: str | os.PathLike, *, title: str = "",
+             hidden: Tensor | None = None) -> list[str]:
+    """One PNG per head (``layer{l}_head{h}.png``) and the grid (``grid.png``) of weights (L, H, N, N) in out_dir;
+    ``hidden`` (L, H, N, N) bool marks the masked cells, drawn grey."""
     _check_weights(weights, 4, "save_all")
     os.makedirs(out_dir, exist_ok=True)
     L, H = weights.shape[:2]
     heads = [(layer, h) for layer in range(L) for h in range(H)]
     paths = _heatmaps([weights[layer, h] for layer, h in heads], tokens,
                       [os.path.join(out_dir, f"layer{layer}_head{h}.png") for layer, h in heads],
-                      [f"layer {layer}, head {h}" + (f" — {title}" if title else "") for layer, h in heads])
-    paths.append(grid(weights, tokens, os.path.join(out_dir, "grid.png"), title=title))
+                      [f"layer {layer}, head {h}" + (f" — {title}" if title else "") for layer, h in heads],
+                      None if hidden is None else [hidden[layer, h] for layer, h in heads])
+    paths.append(grid(weights, tokens, os.path.join(out_dir, "grid.png"), title=title, hidden=hidden))
     return paths
 
 
