@@ -93,6 +93,8 @@ def test_url_fragment_selects_a_view(page):
     want = e.traces[1][1]["weights"][4].tolist()
     assert [float(x) for x in rows] == [round(w, 4) for w in want]
     assert '<tr class="sel">' in dom and dom.count('class="mini') == 4
+    steps = dom[dom.index('<table id="steps">'):]
+    assert steps.count("\u2212\u221e") == len(TEXT) - 5, "keys after query 4 must show a masked score of −∞"
 
 
 def test_screenshot_shows_a_rendered_page(page, tmp_path):

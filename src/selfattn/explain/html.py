@@ -14,6 +14,8 @@ import math
 import os
 from collections.abc import Sequence
 
+import torch
+
 from selfattn.explain.trace import Trace
 
 DIGITS = 4
@@ -43,7 +45,8 @@ def page_data(traces: Sequence[Sequence[Trace]], *, title: str = "") -> dict:
                 "where": t.where, "scale": t.scale, "causal": t.causal,
                 "d_k": t["Q"].shape[-1], "d_v": t["V"].shape[-1],
                 "q": _mat(t["Q_rot" if rot else "Q"]),
-                "scores": _mat(t["scores"]), "scaled": _mat(t["scaled"]), "masked": _mat(t["masked"]),
+                "scores": _mat(t["scores"]), "scaled": _mat(t["scaled"]),
+                "hidden": ["".join("1" if h else "0" for h in row) for row in torch.isinf(t["masked"]).tolist()],
                 "weights": _mat(t["weights"]), "y": _mat(t["Y"]), "rotary": rot,
             })
         layers.append(heads)
@@ -162,7 +165,7 @@ function fillHeads() {
 function renderTokens(w) {
   document.querySelectorAll(".tok").forEach((s) => {
     const j = +s.dataset.i, a = w[S.token][j];
-    const hidden = head().masked[S.token][j] === null;
+    const hidden = head().hidden[S.token][j] === "1";
     s.style.background = hidden ? "#f4f4f4" : colour(a);
     s.style.color = hidden ? "#aaa" : a > 0.55 ? "#fff" : "#222";
     s.title = `token ${j}: ` + (hidden ? "masked for the selected query" : `weight ${a.toFixed(4)}`);
@@ -184,7 +187,7 @@ function renderHeatmap(w) {
     if (i === S.token) tr.className = "sel";
     const th = document.createElement("th"); th.textContent = show(D.tokens[i]); tr.appendChild(th);
     row.forEach((a, j) => {
-      const td = tr.insertCell(), hidden = head().masked[i][j] === null;
+      const td = tr.insertCell(), hidden = head().hidden[i][j] === "1";
       td.style.backgroundColor = hidden ? "#eee" : colour(a);
       if (hidden) td.className = "masked";
       td.title = `query ${i} ${JSON.stringify(D.tokens[i])} -> key ${j} ${JSON.stringify(D.tokens[j])}: ` +
@@ -202,7 +205,8 @@ function renderTrace(h) {
     `<th>masked</th><th>softmax a_ij</th></tr>`;
   for (let j = 0; j < N; j++) {
     html += `<tr><td>${j}</td><td class="l">${show(D.tokens[j])}</td><td>${fmt(h.scores[i][j])}</td>` +
-      `<td>${fmt(h.scaled[i][j])}</td><td>${fmt(h.masked[i][j])}</td><td class="w">${fmt(h.weights[i][j])}</td></tr>`;
+      `<td>${fmt(h.scaled[i][j])}</td><td>${fmt(h.hidden[i][j] === "1" ? null : h.scaled[i][j])}</td>` +
+      `<td class="w">${fmt(h.weights[i][j])}</td></tr>`;
   }
   const total = h.weights[i].reduce((a, b) => a + b, 0);
   html += `<tr><td></td><td class="l">sum</td><td></td><td></td><td></td><td>${total.toFixed(4)}</td></tr></table>`;
@@ -220,7 +224,7 @@ function buildOverview() {
       c.title = `layer ${l}, head ${h}`;
       const ctx = c.getContext("2d");
       hd.weights.forEach((r, i) => r.forEach((a, j) => {
-        ctx.fillStyle = hd.masked[i][j] === null ? "#eee" : colour(a); ctx.fillRect(j * px, i * px, px, px);
+        ctx.fillStyle = hd.hidden[i][j] === "1" ? "#eee" : colour(a); ctx.fillRect(j * px, i * px, px, px);
       }));
       c.addEventListener("click", () => {
         S.layer = l; $("layer").value = String(l); fillHeads();

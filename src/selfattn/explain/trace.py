@@ -169,11 +169,9 @@ JSON_EXAMPLE = """{"tokens": ["the", "cat", "sat"],
 
 def trace_json(source, *, token: int | None = None) -> Trace:
     """Trace the matrices of a JSON file (a path) or an already parsed dict. Keys: X (N × d_model), W_Q, W_K
-    (d_model × d_k), W_V (d_model × d_v), and optionally tokens, causal, scale, token. For example::
-
-    """ + JSON_EXAMPLE.replace("\n", "\n    ") + """
-
-    A malformed file or wrong shapes raise ValueError saying what is wrong and where.
+    (d_model × d_k), W_V (d_model × d_v), and optionally tokens, causal, scale, token (the query row to show).
+    ``JSON_EXAMPLE`` is a small complete file. A malformed file or wrong shapes raise ValueError saying what is wrong
+    and where.
     """
     spec = load_json(source)
     return trace_vectors(spec["X"], spec["W_Q"], spec["W_K"], spec["W_V"], causal=spec.get("causal", False),
