@@ -115,7 +115,7 @@ def explain(args: argparse.Namespace) -> int:
             written += result.write_pngs(args.out)
         if not args.no_html:
             written.append(result.write_html(os.path.join(args.out, "explain.html")))
-    except (ValueError, TypeError, ImportError, KeyError) as e:
+    except (ValueError, TypeError, ImportError, KeyError, OSError) as e:
         print(f"selfattn explain: error: {e}", file=sys.stderr)
         return 2
     if written:

@@ -209,7 +209,7 @@ function renderTrace(h) {
       `<td class="w">${fmt(h.weights[i][j])}</td></tr>`;
   }
   const total = h.weights[i].reduce((a, b) => a + b, 0);
-  html += `<tr><td></td><td class="l">sum</td><td></td><td></td><td></td><td>${total.toFixed(4)}</td></tr></table>`;
+  html += `<tr><td></td><td class="l">sum</td><td></td><td></td><td></td><td>${total.toFixed(3)}</td></tr></table>`;
   html += `<p class="vec">y_i = \u03a3_j a_ij v_j = ${vec(h.y[i])}</p>`;
   $("trace").innerHTML = html;
 }
