@@ -184,6 +184,7 @@ def test_json_trace_equals_the_oracle(tmp_path):
     (json.dumps({k: v for k, v in JSON_OK.items() if k != "W_V"} | {"Wv": 1}), r"missing keys \['W_V'\]; unknown"),
     (json.dumps({**JSON_OK, "token": 3}), "token=3 is out of range"),
     (json.dumps({**JSON_OK, "causal": "yes"}), "causal must be true or false"),
+    (json.dumps({**JSON_OK, "scale": "big"}), "scale must be a finite number"),
 ])
 def test_bad_json_gets_a_clear_message(tmp_path, text, message):
     path = tmp_path / "bad.json"

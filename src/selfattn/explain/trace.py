@@ -132,7 +132,7 @@ def _finish(named: list[Step], Q: Tensor, K: Tensor, V: Tensor, *, token, causal
     """Add the oracle's steps from the scores to Y for one head's Q (N_q, d_k), K (N_k, d_k), V (N_k, d_v)."""
     tokens = _labels(tokens, N)
     token = _check_index("token", token, N, "a query row of the text")
-    if isinstance(causal, bool) is False:
+    if not isinstance(causal, bool):
         raise TypeError(f"causal must be True or False, got {causal!r}")
     d_k = Q.shape[-1]
     if scale is None:
