@@ -159,6 +159,16 @@ JSON_OK = {"tokens": ["the", "cat", "sat"], "X": [[1, 0, 0, 1], [0, 1, 0, 1], [0
            "W_V": [[1, 0], [0, 1], [1, 1], [0, 0]], "causal": True}
 
 
+def test_the_documented_example_file_is_the_documented_example():
+    from pathlib import Path
+
+    from selfattn.explain.trace import JSON_EXAMPLE
+
+    example = Path(__file__).parents[1] / "docs" / "explain_example.json"
+    assert json.loads(example.read_text()) == json.loads(JSON_EXAMPLE) == JSON_OK
+    assert explain.trace_json(example).tokens == ("the", "cat", "sat")
+
+
 def test_json_trace_equals_the_oracle(tmp_path):
     path = tmp_path / "small.json"
     path.write_text(json.dumps(JSON_OK))
