@@ -108,9 +108,10 @@ h1{font-size:20px;margin:0 0 4px}h2{font-size:15px;margin:14px 0 6px}small{color
 .tok.sel{outline:2px solid #d33;outline-offset:1px}
 #panes{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
 #heatmap{border-collapse:collapse;font:10px monospace}
-#heatmap td{width:18px;height:18px;padding:0;border:1px solid #fff}
+#heatmap{--cell:18px;--label:10px}
+#heatmap td{width:var(--cell);height:var(--cell);padding:0;border:1px solid #fff}
 #heatmap td.masked{background-image:repeating-linear-gradient(45deg,#ddd 0 2px,transparent 2px 5px)}
-#heatmap th{font-weight:normal;padding:0 2px;white-space:pre}
+#heatmap th{font-weight:normal;padding:0 2px;white-space:pre;font-size:var(--label);line-height:1}
 #heatmap th.col{writing-mode:vertical-rl;transform:rotate(180deg);height:auto}
 #heatmap tr.sel th{color:#d33;font-weight:bold}
 #heatmap tr.sel td{box-shadow:inset 0 2px #d33,inset 0 -2px #d33}
@@ -176,6 +177,9 @@ function renderTokens(w) {
 function renderHeatmap(w) {
   const t = $("heatmap");
   t.innerHTML = "";
+  const cell = Math.max(3, Math.min(18, Math.floor(640 / N)));  // long texts: smaller cells, smaller labels
+  t.style.setProperty("--cell", `${cell}px`);
+  t.style.setProperty("--label", `${Math.max(5, Math.min(10, cell - 2))}px`);
   const top = t.insertRow();
   top.appendChild(document.createElement("th"));
   D.tokens.forEach((tok) => {
