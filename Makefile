@@ -30,3 +30,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
+
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/bench_gpu.py
