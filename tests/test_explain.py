@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from selfattn import cli, explain, reference, testing
+from selfattn import backends, cli, explain, reference, testing
 from selfattn.explain import lessons
 from selfattn.nn import MultiHeadAttention
 
@@ -77,11 +77,15 @@ def test_fully_masked_row_traces_to_zeros_not_nan():
     assert t["weights"][2].sum().item() == pytest.approx(1.0)
 
 
+AVAILABLE = [name for name in backends.names() if not backends.get(name).unavailable_reasons()]
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_captured_model_traces_recompose_the_fast_output(dtype):
+def test_captured_model_traces_recompose_the_fast_output(dtype, backend):
     """The heads' traced y_i, concatenated and put through W_O, give what the layer computed on its own backend."""
     torch.manual_seed(2)
-    model = TwoLayers().to(dtype)
+    model = TwoLayers(backend=backend).to(dtype)
     ids = torch.randint(0, 256, (2, 11))
     outputs = {}
     hooks = [mod.register_forward_hook(lambda mod, a, out, n=n: outputs.__setitem__(n, out))
