@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+DEMO_GPT ?= .demo-gpt
 demo: $(STAMP)
 	$(PY) -m selfattn demo
+	@echo; echo "== a tiny GPT: trained for a minute on the Python docs that ship with CPython, then sampled =="
+	$(PY) -m selfattn train --steps 100 --eval-every 50 --out $(DEMO_GPT)
+	$(PY) -m selfattn generate --checkpoint $(DEMO_GPT) --prompt "The " --tokens 300 --seed 0
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

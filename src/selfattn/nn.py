@@ -133,7 +133,8 @@ class MultiHeadAttention(nn.Module):
 
         ``positions`` (N,) are the rotary positions (default 0..N-1, or continuing the cache). ``cache``, when
         given, is an object with ``length`` and ``update(k, v) -> (k_all, v_all)`` (see ``selfattn.decode``):
-        the new keys and values are appended and the queries attend to everything cached (bottom-right causal).
+        the new keys and values are appended and the queries attend to everything cached (bottom-right causal),
+        through ``cache.attend(q, k, v, causal=, mask=, backend=)`` when the cache has one.
         """
         _check_input(x, self.d_model, "MultiHeadAttention")
         B, N, _ = x.shape
@@ -142,7 +143,8 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.project(x, positions)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, H_kv, N_k, D)
-        out = attention(q, k, v, causal=self.causal, mask=mask, backend=self.backend)  # (B, H_q, N, D)
+        attend = getattr(cache, "attend", attention)  # a cache may bring its decoding attention (split-KV)
+        out = attend(q, k, v, causal=self.causal, mask=mask, backend=self.backend)  # (B, H_q, N, D)
         y = self.W_O(out.transpose(1, 2).reshape(B, N, self.n_heads * self.d_head))  # (B, N, d_model)
         if not return_weights:
             return y
