@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="list the backends and whether they can run here")
     sub.add_parser("demo", help="a short offline demonstration")
     _add_gpt_commands(sub)
+    add_explain_arguments(sub.add_parser("explain", help="trace attention step by step: tables, heatmaps, HTML page"))
     args = parser.parse_args(argv)
     if args.command in GPT_COMMANDS:
         return _run_gpt_command(args)
@@ -67,6 +69,76 @@ def main(argv: list[str] | None = None) -> int:
         print(info())
     elif args.command == "demo":
         print(demo())
+    elif args.command == "explain":
+        return explain(args)
+    return 0
+
+
+def add_explain_arguments(p: argparse.ArgumentParser) -> None:
+    from selfattn.explain import DEFAULT_TEXT
+
+    p.description = ("Show attention step by step. With TEXT (default: an embedded sentence) the tiny GPT runs on "
+                     "it and every head of every layer is traced; with --json your own X, W_Q, W_K, W_V; with "
+                     "--lesson a worked lesson. Prints the steps for one token and writes heatmap PNGs and one "
+                     "offline HTML page to --out.")
+    p.add_argument("text", nargs="?", default=None, help=f"the text to explain (default {DEFAULT_TEXT!r})")
+    p.add_argument("--checkpoint", help="a checkpoint from `selfattn train` (default: random weights)")
+    p.add_argument("--json", metavar="PATH", help="trace the matrices in this JSON file instead of a model")
+    p.add_argument("--lesson", choices=["scaling", "orthogonal"], help="a lesson with numbers (and a plot)")
+    p.add_argument("--layer", type=int, default=0, help="layer whose steps are printed (default 0)")
+    p.add_argument("--head", type=int, default=0, help="head whose steps are printed (default 0)")
+    p.add_argument("--token", type=int, default=None, help="query token whose steps are printed (default the last)")
+    p.add_argument("--out", default="explain_out", help="folder for the PNGs and the HTML page (default explain_out)")
+    p.add_argument("--no-png", action="store_true", help="do not write the heatmap PNGs (no matplotlib needed)")
+    p.add_argument("--no-html", action="store_true", help="do not write the HTML page")
+
+
+def explain(args: argparse.Namespace) -> int:
+    """``selfattn explain``: each branch calls public functions of ``selfattn.explain``; bad input exits with 2."""
+    from selfattn import explain as ex
+
+    try:
+        given = [name for name, v in (("TEXT", args.text), ("--json", args.json), ("--lesson", args.lesson)) if v]
+        if len(given) > 1:
+            raise ValueError(f"give one of TEXT, --json, --lesson, not {' and '.join(given)}")
+        if args.checkpoint and (args.json or args.lesson):
+            raise ValueError("--checkpoint goes with TEXT, not with --json or --lesson")
+        if args.lesson:
+            return _lesson(args)
+        if args.json:
+            trace = ex.trace_json(args.json, token=args.token)
+            result = ex.Explanation(trace.tokens, ((trace,),), title=f"your matrices ({args.json})")
+        else:
+            text = ex.DEFAULT_TEXT if args.text is None else args.text
+            result = ex.explain_text(text, checkpoint=args.checkpoint, layer=args.layer, head=args.head,
+                                     token=-1 if args.token is None else args.token)
+        print(result.table())
+        written = []
+        if not args.no_png:
+            written += result.write_pngs(args.out)
+        if not args.no_html:
+            written.append(result.write_html(os.path.join(args.out, "explain.html")))
+    except (ValueError, TypeError, ImportError, KeyError, OSError) as e:
+        print(f"selfattn explain: error: {e}", file=sys.stderr)
+        return 2
+    if written:
+        print(f"\nwrote {len(written)} files: " + ", ".join(written))
+    return 0
+
+
+def _lesson(args: argparse.Namespace) -> int:
+    from selfattn.explain import lessons
+
+    if args.lesson == "orthogonal":
+        print(lessons.orthogonal_text(lessons.orthogonal()))
+        return 0
+    rows = lessons.scaling()
+    print(lessons.scaling_text(rows))
+    if not args.no_png:
+        from selfattn.explain import plots
+
+        os.makedirs(args.out, exist_ok=True)
+        print("\nwrote " + plots.lesson_plot(rows, os.path.join(args.out, "lesson_scaling.png")))
     return 0
 
 

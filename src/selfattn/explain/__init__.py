@@ -1,0 +1,139 @@
+"""See the computation: trace the textbook steps of attention, draw the weights, write an offline HTML page.
+
+    trace.py    the steps of one head (X, W_Q/W_K/W_V, Q/K/V, scores, scaled, masked, weights, Y) from matrices you
+                give, a JSON file, or any model built on ``selfattn.nn.MultiHeadAttention`` (``capture``)
+    plots.py    heatmap PNGs per head and a layers × heads grid (matplotlib, imported only there)
+    html.py     one self-contained page: hover a token to see where it attends, pick layer and head, read the trace
+    lessons.py  why 1/√d_k; why an orthogonal x_j still gets weight
+
+From Python::
+
+    >>> from selfattn import explain
+    >>> e = explain.explain_text("The cat sat on the mat.")      # the tiny GPT, random weights
+    >>> print(e.table())                                          # the steps for one token
+    >>> e.write_pngs("out"); e.write_html("out/explain.html")
+
+or any model of yours: ``explain.explain_model(model, inputs, tokens)``. From the shell: ``selfattn explain``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from selfattn.explain.trace import Capture, Step, Trace, capture, load_json, trace_json, trace_vectors
+
+__all__ = ["Capture", "Step", "Trace", "Explanation", "capture", "load_json", "trace_json", "trace_vectors",
+           "explain_model", "explain_text", "token_labels", "DEFAULT_TEXT"]
+
+DEFAULT_TEXT = "The cat sat on the mat because it was warm."
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Every head of every layer traced over one text; ``layer``, ``head``, ``token`` pick what the table shows."""
+
+    tokens: tuple[str, ...]
+    traces: tuple[tuple[Trace, ...], ...]  # [layer][head]
+    layer: int = 0
+    head: int = 0
+    title: str = ""
+
+    @property
+    def trace(self) -> Trace:
+        return self.traces[self.layer][self.head]
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """(L, H, N, N) float64: the softmax weights of every layer and head (queries are rows)."""
+        return torch.stack([torch.stack([t["weights"] for t in row]) for row in self.traces])
+
+    def table(self, width: int = 8) -> str:
+        return self.trace.table(width)
+
+    def write_pngs(self, out_dir: str | os.PathLike) -> list[str]:
+        """``layer{l}_head{h}.png`` per head and ``grid.png`` in out_dir; needs matplotlib."""
+        from selfattn.explain import plots
+
+        hidden = torch.stack([torch.stack([torch.isinf(t["masked"]) for t in row]) for row in self.traces])
+        return plots.save_all(self.weights, self.tokens, out_dir, title=self.title, hidden=hidden)
+
+    def write_html(self, path: str | os.PathLike) -> str:
+        from selfattn.explain import html
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return html.write(self.traces, path, title=self.title or "selfattn explain")
+
+
+def explain_model(model: torch.nn.Module, inputs, tokens: Sequence[str], *, layer: int = 0, head: int = 0,
+                  token: int = -1, batch: int = 0, **kwargs) -> Explanation:
+    """Run ``model(inputs, **kwargs)`` once with its ``MultiHeadAttention`` layers hooked, then trace every head.
+
+    The model runs on whatever backend it uses; the weights are recomputed afterwards by the oracle from each layer's
+    recorded input. ``tokens`` labels the positions of sequence ``batch``.
+    """
+    tokens = tuple(tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        with capture(model) as cap, torch.no_grad():
+            model(inputs, **kwargs)
+    finally:
+        model.train(was_training)
+    if cap.n_layers == 0:
+        raise ValueError(f"{type(model).__name__} ran without calling any of its MultiHeadAttention layers")
+    cap.trace(layer, head, token, batch=batch, tokens=tokens)  # validates layer, head, token first
+    traces = tuple(tuple(cap.trace(li, h, token, batch=batch, tokens=tokens) for h in range(cap.n_heads(li)))
+                   for li in range(cap.n_layers))
+    return Explanation(tokens, traces, layer % cap.n_layers, head % cap.n_heads(layer), title=type(model).__name__)
+
+
+def token_labels(ids: Sequence[int]) -> list[str]:
+    """Byte-level tokens as text: printable ASCII as itself, other bytes as \\xNN."""
+    return [chr(b) if 32 <= b < 127 or b in (9, 10) else f"\\x{b:02x}" for b in ids]
+
+
+def explain_text(text: str = DEFAULT_TEXT, *, checkpoint: str | os.PathLike | None = None, layer: int = 0,
+                 head: int = 0, token: int = -1, seed: int = 0) -> Explanation:
+    """Explain the tiny byte-level GPT (``selfattn.model``) on ``text``: a checkpoint from ``selfattn train``, or
+    random weights of the default ``GPTConfig`` (seeded) when ``checkpoint`` is None."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not text:
+        raise ValueError("the text is empty: give at least one character to explain, e.g. "
+                         f"selfattn explain {DEFAULT_TEXT!r}")
+    model, config = load_model(checkpoint, seed=seed)
+    from selfattn.model.data import encode
+
+    ids = encode(text)  # (T,) bytes
+    if ids.numel() > config.context:
+        raise ValueError(f"the text is {ids.numel()} bytes long but the model's context is {config.context} tokens; "
+                         "give a shorter text")
+    ids = ids.to(next(model.parameters()).device)
+    what = f"checkpoint {os.fspath(checkpoint)}" if checkpoint is not None else "random weights (no checkpoint)"
+    e = explain_model(model, ids[None], token_labels(ids.tolist()), layer=layer, head=head, token=token)
+    return Explanation(e.tokens, e.traces, e.layer, e.head, title=f"GPT, {what}")
+
+
+def load_model(checkpoint=None, *, seed: int = 0):
+    """(model, config): from a ``selfattn train`` checkpoint, or the default GPTConfig with seeded random weights."""
+    try:
+        from selfattn.model.gpt import GPT, GPTConfig
+    except ImportError as e:
+        raise ImportError(f"explain_text needs selfattn.model (the tiny GPT): {e}") from None
+    if checkpoint is not None:
+        if not os.path.exists(checkpoint):
+            raise ValueError(f"checkpoint {os.fspath(checkpoint)!r} does not exist; train one with `selfattn train` "
+                             "or leave --checkpoint out for random weights")
+        from selfattn.model.train import load_checkpoint
+
+        model, config = load_checkpoint(checkpoint)
+    else:
+        config = GPTConfig()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = GPT(config)
+    return model.eval(), config
