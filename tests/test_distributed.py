@@ -1,0 +1,265 @@
+"""Ring attention over real process groups: 2 and 4 CPU processes with gloo on 127.0.0.1, compared with the
+single-process float64 oracle; the failure modes (disagreeing ranks, a dead peer, a stalled peer) raise in time.
+
+Starting processes is slow, so each spawned group runs many checks and reports them all back at once.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import queue
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+
+from selfattn import distributed as sd
+from selfattn import masks, reference, testing
+
+GROUP_TIMEOUT_S = 150  # a hang fails the test after this long instead of blocking the suite
+
+
+# ---------------------------------------------------------------------------------------------------- the harness
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, pg_timeout_s, worker, args, results):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # never leave the machine
+    torch.set_num_threads(1)
+    import datetime
+
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=pg_timeout_s))
+        results.put((rank, "ok", worker(rank, world_size, *args)))
+    except BaseException:  # noqa: B036 - the parent must hear about every failure
+        results.put((rank, "error", traceback.format_exc()))
+    results.close()
+    results.join_thread()  # flush the report before leaving
+    os._exit(0)  # skip destroy_process_group: a broken group (the failure tests) would hang in it
+
+
+def run_group(worker, world_size: int, *args, pg_timeout_s: float = 60, wait_for=None) -> dict:
+    """Run ``worker(rank, world_size, *args)`` on ``world_size`` spawned processes; {rank: its return value} for
+    the ranks in ``wait_for`` (default all; the others are killed once those have answered)."""
+    wait_for = set(range(world_size) if wait_for is None else wait_for)
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, pg_timeout_s, worker, args, results), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    got, deadline = {}, time.monotonic() + GROUP_TIMEOUT_S
+    try:
+        while not wait_for <= set(got):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"ranks {sorted(wait_for - set(got))} did not finish within "
+                                     f"{GROUP_TIMEOUT_S} s (a hang); finished: {sorted(got)}")
+            try:
+                rank, status, value = results.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    raise AssertionError(f"ranks {sorted(wait_for - set(got))} died without a report") from None
+                continue
+            got[rank] = (status, value)
+    finally:
+        for p in procs:
+            p.join(timeout=5 if wait_for == set(range(world_size)) else 0.1)
+            if p.is_alive():
+                p.kill()
+    for rank, (status, value) in sorted(got.items()):
+        if status == "error":
+            raise AssertionError(f"rank {rank} of {world_size} failed:\n{value}")
+    return {rank: value for rank, (_, value) in got.items()}
+
+
+# ---------------------------------------------------------------------------------------- equality with the oracle
+
+
+def _half_rows_blind(b, h, q, k):
+    """Causal, and every query at a position ≡ 3 (mod 5) sees nothing (fully masked rows; no block classifier)."""
+    return (k <= q) & (q % 5 != 3)
+
+
+CASES = [  # (name, dtype, layout, causal, mask, H_q, H_kv, D, D_v)
+    ("f64-zigzag-causal-gqa", torch.float64, "zigzag", True, None, 4, 2, 5, 7),
+    ("f64-contiguous-causal", torch.float64, "contiguous", True, None, 2, 2, 8, 8),
+    ("f64-zigzag-full", torch.float64, "zigzag", False, None, 3, 1, 6, 4),
+    ("f64-contiguous-full-gqa", torch.float64, "contiguous", False, None, 4, 2, 5, 5),
+    ("f64-zigzag-window5", torch.float64, "zigzag", False, "window", 2, 1, 4, 6),
+    ("f64-contiguous-window5-gqa", torch.float64, "contiguous", True, "window", 4, 2, 4, 4),
+    ("f64-zigzag-document-causal", torch.float64, "zigzag", True, "document", 2, 2, 4, 4),
+    ("f64-zigzag-blind-rows", torch.float64, "zigzag", False, "blind", 2, 1, 3, 5),
+    ("f32-zigzag-causal-gqa", torch.float32, "zigzag", True, None, 4, 2, 8, 8),
+    ("f32-contiguous-full", torch.float32, "contiguous", False, None, 2, 2, 7, 9),
+    ("f32-zigzag-window5-gqa", torch.float32, "zigzag", True, "window", 4, 1, 8, 8),
+    ("f32-contiguous-causal-gqa", torch.float32, "contiguous", True, None, 6, 3, 5, 5),
+]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}  # max |ring − oracle| / max |oracle|
+
+
+def _mask_for(kind, N, g):
+    if kind is None:
+        return None
+    if kind == "window":
+        return masks.sliding_window(5)
+    if kind == "document":
+        return masks.document(torch.sort(torch.randint(0, 4, (N,), generator=g)).values)
+    return masks.Mask(_half_rows_blind, "half_rows_blind")
+
+
+def _check_cases(rank, world_size, cases, seed):
+    """Every rank builds the same global problem, runs its shard through the ring, and compares its rows of the
+    output and of dq, dk, dv with the float64 oracle on the whole sequence."""
+    report = []
+    for i, (name, dtype, layout, causal, mask_kind, H_q, H_kv, D, D_v) in enumerate(cases):
+        g = torch.Generator().manual_seed(seed + i)
+        B, N = 2, 2 * world_size * 5 + (0 if layout == "zigzag" else world_size)  # odd chunks, odd N/P
+        q, k, v = (torch.randn(B, h, N, d, generator=g, dtype=torch.float64).to(dtype)
+                   for h, d in ((H_q, D), (H_kv, D), (H_kv, D_v)))
+        d_out = torch.randn(B, H_q, N, D_v, generator=g, dtype=torch.float64).to(dtype)
+        mask = _mask_for(mask_kind, N, g)
+
+        def mine(t, layout=layout):
+            return sd.shard(t, rank, world_size, layout=layout)
+
+        q_l, k_l, v_l = (mine(t).clone().requires_grad_() for t in (q, k, v))
+        testing.poison_allocator()
+        out, lse = sd.ring_attention(q_l, k_l, v_l, causal=causal, mask=mask, layout=layout, return_lse=True)
+        out.backward(mine(d_out))
+
+        leaves = [t.double().requires_grad_() for t in (q, k, v)]
+        ref, lse_ref = reference.attention(*leaves, causal=causal, mask=mask, return_lse=True)
+        grads_ref = torch.autograd.grad(ref, leaves, d_out.double())
+        got = {"out": out, "dq": q_l.grad, "dk": k_l.grad, "dv": v_l.grad}
+        want = {"out": ref, "dq": grads_ref[0], "dk": grads_ref[1], "dv": grads_ref[2]}
+        errors = {}
+        for what in got:
+            a, b = got[what], mine(want[what])
+            assert a.dtype == dtype and torch.isfinite(a).all(), f"{name} {what}: dtype {a.dtype} or non-finite"
+            errors[what] = testing.max_error(a, b) / max(b.abs().max().item(), 1e-300)
+        lse_want = mine(lse_ref[..., None], layout)[..., 0]
+        same_inf = torch.equal(torch.isneginf(lse), torch.isneginf(lse_want))
+        finite = ~torch.isneginf(lse_want)
+        errors["lse"] = testing.max_error(lse[finite], lse_want[finite]) if same_inf else math.inf
+        if dtype == torch.float32:  # FlashAttention's rule too: at most 2x (3x for grads) the naive float32 error
+            naive_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            naive = testing.naive(*naive_leaves, causal=causal, mask=mask)
+            naive_grads = torch.autograd.grad(naive, naive_leaves, d_out)
+            for what, nv, factor in zip(got, (naive, *naive_grads), (2, 3, 3, 3), strict=True):
+                testing.check_against_oracle(got[what], mine(nv.detach()), mine(want[what]), factor=factor,
+                                             what=f"{name} {what}")
+        report.append((name, dtype, errors))
+    return report
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ring_equals_the_oracle(world_size):
+    cases = CASES if world_size == 2 else [c for c in CASES if c[0].startswith(("f64-zigzag", "f32"))]
+    results = run_group(_check_cases, world_size, cases, 100 * world_size)
+    for rank, report in results.items():
+        for name, dtype, errors in report:
+            bad = {w: e for w, e in errors.items() if not e <= (TOLERANCE[dtype] if w != "lse" else 1e-5)}
+            assert not bad, f"P={world_size} rank {rank} {name}: relative errors {bad} > {TOLERANCE[dtype]}"
+
+
+# ------------------------------------------------------------------------------- sharding helpers and agreement
+
+
+def _agreement_and_gather(rank, world_size):
+    seen = {}
+    x = torch.arange(2 * 3 * 8 * world_size, dtype=torch.float64).view(2, 3, 8 * world_size, 1)
+    for layout in sd.LAYOUTS:
+        seen[f"gather-{layout}"] = torch.equal(sd.gather(sd.shard(x, rank, world_size, layout=layout),
+                                                         layout=layout), x)
+    good = torch.randn(1, 2, 6, 4, dtype=torch.float64)
+    attempts = {
+        # rank 1 holds more rows than rank 0
+        "shapes differ": dict(q=torch.randn(1, 2, 6 + 2 * rank, 4, dtype=torch.float64)),
+        # every rank holds 5 rows: zigzag needs an even number
+        "odd rows": dict(q=torch.randn(1, 2, 5, 4, dtype=torch.float64)),
+        # only the last rank passes integers
+        "bad dtype on one rank": dict(q=good.long() if rank == world_size - 1 else good),
+        # causal on rank 0 only
+        "options differ": dict(q=good, causal=rank == 0),
+    }
+    for what, kw in attempts.items():
+        q = kw.pop("q")
+        try:
+            sd.ring_attention(q, q, q, **kw)
+            seen[what] = "no error"
+        except (ValueError, TypeError) as e:
+            seen[what] = (type(e).__name__, str(e))
+    return seen
+
+
+def test_ranks_that_disagree_all_raise_and_gather_inverts_shard():
+    results = run_group(_agreement_and_gather, 2)
+    for rank, seen in results.items():
+        assert seen["gather-zigzag"] and seen["gather-contiguous"], f"rank {rank}: gather(shard(x)) != x"
+        for what, expect in (("shapes differ", "q shape: rank 0: (1, 2, 6, 4), rank 1: (1, 2, 8, 4)"),
+                             ("odd rows", "the rows per rank must be even"),
+                             ("bad dtype on one rank", "rank 1: TypeError: q must be a floating-point tensor"),
+                             ("options differ", "causal: rank 0: True, rank 1: False")):
+            assert seen[what] != "no error", f"rank {rank}: {what}: no error raised"
+            assert expect in seen[what][1], f"rank {rank}: {what}: message {seen[what][1]!r} lacks {expect!r}"
+        assert seen["bad dtype on one rank"][0] == ("TypeError" if rank == 1 else "ValueError")
+
+
+# ---------------------------------------------------------------------------------------------- peers that fail
+
+STALL_S = 20.0  # the stalled peer sleeps this long; the others must give up after RING_TIMEOUT_S
+RING_TIMEOUT_S = 2.0
+
+
+def _dies_after_forward(rank, world_size):
+    x = torch.randn(1, 2, 8, 4, dtype=torch.float64, requires_grad=True)
+    out = sd.ring_attention(x, x, x, causal=True)
+    if rank == 1:
+        os._exit(0)
+    try:
+        out.sum().backward()
+    except sd.RingError as e:
+        return "RingError", str(e)
+    return "no error", ""
+
+
+def _stalled(rank, world_size):
+    x = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    if rank == 1:
+        time.sleep(STALL_S)
+        os._exit(0)
+    t0 = time.monotonic()
+    try:
+        sd.ring_attention(x, x, x, timeout=RING_TIMEOUT_S)
+    except sd.RingError as e:
+        return "RingError", str(e), time.monotonic() - t0
+    return "no error", "", time.monotonic() - t0
+
+
+def test_a_dead_peer_makes_the_others_fail():
+    """Rank 1 dies after its forward; rank 0's backward must raise RingError (not hang)."""
+    results = run_group(_dies_after_forward, 2, pg_timeout_s=10, wait_for=[0])
+    kind, message = results[0]
+    assert kind == "RingError" and "rank 0: waiting for" in message, (kind, message)
+
+
+def test_a_stalled_peer_times_out_after_the_given_timeout():
+    """Rank 1 never calls; rank 0 gives up after timeout=2 s, long before the peer wakes up (20 s)."""
+    results = run_group(_stalled, 2, pg_timeout_s=60, wait_for=[0])
+    kind, message, elapsed = results[0]
+    assert kind == "RingError" and "other ranks' shapes" in message, (kind, message)
+    assert elapsed < STALL_S / 2, f"rank 0 waited {elapsed:.1f} s although timeout={RING_TIMEOUT_S} s"
