@@ -263,3 +263,37 @@ def test_a_stalled_peer_times_out_after_the_given_timeout():
     kind, message, elapsed = results[0]
     assert kind == "RingError" and "other ranks' shapes" in message, (kind, message)
     assert elapsed < STALL_S / 2, f"rank 0 waited {elapsed:.1f} s although timeout={RING_TIMEOUT_S} s"
+
+
+# ------------------------------------------------------------------------------------------- the training example
+
+
+def _load_example():
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "ring_train.py"
+    spec = importlib.util.spec_from_file_location("ring_train", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _train_on_ranks(rank, world_size, cfg_kwargs):
+    example = _load_example()
+    return {layout: example.train(example.Config(**cfg_kwargs, layout=layout), distributed=True)
+            for layout in sd.LAYOUTS}
+
+
+def test_training_over_two_processes_matches_one_process():
+    """examples/ring_train.py: the same seed gives the same losses with the sequence split over 2 ranks."""
+    example = _load_example()
+    cfg_kwargs = dict(n_layers=1, d_model=16, seq_len=32, batch=2, steps=4)
+    single = example.train(example.Config(**cfg_kwargs))
+    ring = run_group(_train_on_ranks, 2, cfg_kwargs)
+    assert ring[0] == ring[1], f"the ranks report different losses: {ring}"
+    for layout, losses in ring[0].items():
+        for step, (a, b) in enumerate(zip(single, losses, strict=True)):
+            assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: one process {a:.7f}, two ranks ({layout}) {b:.7f}"
