@@ -154,6 +154,7 @@ def ring_attention(
     layout: str = "zigzag",
     group=None,
     backend: str | None = None,
+    key_block: int | None = None,
     timeout: float | None = None,
     return_lse: bool = False,
 ):
@@ -169,6 +170,9 @@ def ring_attention(
         layout: "zigzag" (balanced causal work; n must be even) or "contiguous".
         group: the process group (default: the world).
         backend: a registered backend with ``supports_blocks`` or None to choose the first that can serve.
+        key_block: hand the backend at most this many keys per call (None: a whole shard, or half a shard for
+            zigzag). Bounds the memory of backends that materialise the scores, such as "reference", to
+            O(n · key_block); smaller blocks also skip more of what a causal or window mask hides.
         timeout: seconds to wait for a peer before raising ``RingError`` (default: the group's timeout).
         return_lse: also return the per-row log-sum-exp (B, H_q, n) in float32 (−inf for fully masked rows).
 
@@ -176,7 +180,7 @@ def ring_attention(
         out (B, H_q, n, D_v) in the input dtype (this rank's rows), or (out, lse).
     """
     ring = _prepare(q, k, v, causal=causal, mask=mask, scale=scale, layout=layout, group=group, backend=backend,
-                    timeout=timeout)
+                    key_block=key_block, timeout=timeout)
     out, lse = _RingAttention.apply(q, k, v, ring)
     return (out, lse) if return_lse else out
 
@@ -273,7 +277,7 @@ def _wait(ring: _Ring, work, what: str) -> None:
 # ------------------------------------------------------------------------------------------------ preparation
 
 
-def _prepare(q, k, v, *, causal, mask, scale, layout, group, backend, timeout) -> _Ring:
+def _prepare(q, k, v, *, causal, mask, scale, layout, group, backend, key_block, timeout) -> _Ring:
     """Validate locally, then agree with every rank (one small all-gather) before any point-to-point message, so
     a mistake on one rank raises on all of them instead of hanging the others."""
     dist = _dist()
@@ -284,9 +288,10 @@ def _prepare(q, k, v, *, causal, mask, scale, layout, group, backend, timeout) -
     local_error, signature, template, chosen, wait = None, None, None, None, timedelta(0)
     try:
         wait = _check_timeout(timeout)
+        _check_key_block(key_block)
         template, chosen = _check_local(q, k, v, causal, mask, scale, layout, backend, world_size)
         signature = (tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), causal, layout, template.scale,
-                     template.mask.name if template.mask is not None else None, chosen.name)
+                     template.mask.name if template.mask is not None else None, chosen.name, key_block)
     except (TypeError, ValueError) as e:
         local_error = e
     device = q.device if isinstance(q, Tensor) and _backend_name(group) == "nccl" else torch.device("cpu")
@@ -302,7 +307,8 @@ def _prepare(q, k, v, *, causal, mask, scale, layout, group, backend, timeout) -
     mine = segments(rank, world_size, n, layout)
     steps = []
     for step in range(world_size):
-        theirs = segments((rank - step) % world_size, world_size, n, layout)
+        theirs = [piece for seg in segments((rank - step) % world_size, world_size, n, layout)
+                  for piece in _split(seg, key_block)]
         steps.append(tuple((qs, ks, m) for qs in mine for ks in theirs
                            for visible, m in [_block_mask(template, qs, ks)] if visible))
     return _Ring(group, rank, world_size, template, chosen, tuple(steps), wait)
@@ -320,10 +326,10 @@ def _check_local(q, k, v, causal, mask, scale, layout, backend, world_size):
     if call.N_q == 0:
         raise ValueError("every rank needs at least one row (got n=0); make N at least P")
     segments(0, world_size, call.N_q, layout)  # zigzag needs an even n
-    return call, _choose(call, backend)
+    return call, choose_block_backend(call, backend)
 
 
-def _choose(call: AttentionCall, name: str | None) -> Backend:
+def choose_block_backend(call: AttentionCall, name: str | None = None) -> Backend:
     """The first backend of the registry (or the named one) that computes blocks and can serve this call."""
     if name is not None:
         chosen = backends.choose(call, name)
@@ -343,7 +349,7 @@ def _choose(call: AttentionCall, name: str | None) -> Backend:
 
 
 def _check_agreement(signatures: list[tuple]) -> None:
-    fields = ("q shape", "k shape", "v shape", "dtype", "causal", "layout", "scale", "mask", "backend")
+    fields = ("q shape", "k shape", "v shape", "dtype", "causal", "layout", "scale", "mask", "backend", "key_block")
     diffs = [f"{name}: " + ", ".join(f"rank {r}: {sig[i]}" for r, sig in enumerate(signatures))
              for i, name in enumerate(fields) if len({sig[i] for sig in signatures}) > 1]
     if diffs:
@@ -363,6 +369,12 @@ def _block_mask(template: AttentionCall, q_seg: Segment, k_seg: Segment):
     if bool((states == masks.EMPTY).all()):
         return False, None
     return True, (None if bool((states == masks.FULL).all()) else mask)
+
+
+def _split(seg: Segment, most: int | None) -> list[Segment]:
+    if most is None or seg.length <= most:
+        return [seg]
+    return [Segment(seg.local_start + a, min(most, seg.length - a), seg.pos0 + a) for a in range(0, seg.length, most)]
 
 
 def _all_gather_objects(obj, group, device, wait: timedelta, rank: int) -> list:
@@ -427,6 +439,11 @@ def _rows_per_rank(n_total: int, world_size: int, layout: str) -> int:
     return n_total // world_size
 
 
+def _check_key_block(key_block) -> None:
+    if key_block is not None and (isinstance(key_block, bool) or not isinstance(key_block, int) or key_block < 1):
+        raise ValueError(f"key_block must be a positive int (keys per backend call) or None, got {key_block!r}")
+
+
 def _check_timeout(timeout) -> timedelta:
     if timeout is None:
         return timedelta(0)  # Work.wait's "use the process group's timeout"
@@ -436,4 +453,4 @@ def _check_timeout(timeout) -> timedelta:
 
 
 __all__ = ["LAYOUTS", "RingError", "Segment", "segments", "positions", "shard", "unshard", "gather",
-           "ring_attention"]
+           "choose_block_backend", "ring_attention"]
