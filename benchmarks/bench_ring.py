@@ -3,10 +3,11 @@
     PYTHONPATH=src python benchmarks/bench_ring.py                         # N=4096, B=1, H=4, D=64, causal
     PYTHONPATH=src python benchmarks/bench_ring.py --n 8192 --ranks 1 2 4 --json bench_ring.json
 
-Each rank holds N/P rows. Memory is the rise of the rank's resident set above what it held before the call (its
-own q, k, v, d_out shards), measured from the kernel's high-water mark (/proc/self/status VmHWM, reset through
-/proc/self/clear_refs), for one forward and one forward+backward. Time is the median of --repeat runs. On a
-machine with fewer cores than ranks the time does not scale (the ranks share the cores); memory is the point.
+Each rank holds N/P rows and runs one thread. Memory is the rise of the rank's resident set above what it held
+before the call (its own q, k, v, d_out shards), from the kernel's high-water mark (/proc/self/status VmHWM, reset
+through /proc/self/clear_refs after glibc's malloc_trim), for one forward and one forward+backward. Time is the
+median of --repeat runs. With fewer cores than ranks the time does not scale (the ranks share the cores); memory is
+the point.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def _rss_kib(field: str) -> int:
 
 
 def _reset_peak() -> int:
+    try:  # hand memory freed earlier back to the kernel, or the next call reuses it unseen
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current resident set
     return _rss_kib("VmRSS")
@@ -43,7 +50,7 @@ def _rank_main(rank, world_size, port, args, results):
 
     from selfattn import distributed as sd
 
-    torch.set_num_threads(max(1, args.threads // world_size))
+    torch.set_num_threads(args.threads_per_rank)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     g = torch.Generator().manual_seed(0)
     B, H, N, D = args.batch, args.heads, args.n, args.head_dim
@@ -123,13 +130,10 @@ def main(argv=None) -> None:
                         help="keys per backend call (0: whole shards); bounds what the reference backend holds")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the ranks")
+    parser.add_argument("--threads-per-rank", type=int, default=1)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     args.key_block = args.key_block or None
-    # Every allocation above 64 KiB gets its own mapping, returned to the kernel when freed, so the resident set
-    # follows the live tensors (glibc would otherwise keep freed blocks and hide the next call's peak).
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
 
     from selfattn import backends
     from selfattn.distributed import choose_block_backend  # the backend the ring will use, for the record
