@@ -23,6 +23,59 @@ from selfattn import masks, reference, testing
 GROUP_TIMEOUT_S = 150  # a hang fails the test after this long instead of blocking the suite
 
 
+# ------------------------------------------------------------------------------------ sharding, in one process
+
+
+def test_zigzag_and_contiguous_positions_match_the_docstring():
+    assert sd.positions(8, 0, 2).tolist() == [0, 1, 6, 7]
+    assert sd.positions(8, 1, 2).tolist() == [2, 3, 4, 5]
+    assert sd.positions(8, 1, 2, "contiguous").tolist() == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("layout", sd.LAYOUTS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_unshard_inverts_shard_and_positions_say_where_rows_went(layout, world_size):
+    N = 2 * world_size * 3
+    x = torch.randn(2, 3, N, 5)
+    pieces = [sd.shard(x, r, world_size, layout=layout) for r in range(world_size)]
+    assert torch.equal(sd.unshard(pieces, layout=layout), x)
+    for r, piece in enumerate(pieces):
+        assert torch.equal(piece, x[:, :, sd.positions(N, r, world_size, layout)])
+    tokens = torch.arange(N).repeat(2, 1)  # (B, N): shard along dim 1 as the training example does
+    assert torch.equal(sd.shard(tokens, 1 % world_size, world_size, layout=layout, dim=1)[0],
+                       sd.positions(N, 1 % world_size, world_size, layout))
+
+
+def test_zigzag_gives_every_rank_the_same_causal_work():
+    """Visible (query, key) pairs per rank under a causal mask: equal for zigzag, 1:3:5:7 for contiguous."""
+    N, P = 64, 4
+    visible = masks.causal().dense(1, 1, N, N)[0, 0]  # (N, N)
+    work = {layout: [int(visible[sd.positions(N, r, P, layout)].sum()) for r in range(P)] for layout in sd.LAYOUTS}
+    assert len(set(work["zigzag"])) == 1, work
+    assert work["contiguous"] == sorted(work["contiguous"]) and work["contiguous"][-1] > 3 * work["contiguous"][0]
+
+
+def test_bad_sharding_arguments_say_the_fix():
+    with pytest.raises(ValueError, match=r"N=10 is not a multiple of 4; pad the sequence to 12"):
+        sd.shard(torch.zeros(1, 1, 10, 2), 0, 2)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        sd.shard(torch.zeros(1, 1, 8, 2), 0, 2, layout="striped")
+    with pytest.raises(ValueError, match="need 0 <= rank < world_size"):
+        sd.shard(torch.zeros(1, 1, 8, 2), 2, 2)
+    with pytest.raises(ValueError, match="shard 1 has 3 rows"):
+        sd.unshard([torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 3, 2)])
+
+
+def test_ring_attention_without_a_process_group_says_how_to_start_one():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.fail("a process group is initialised in the test process; the spawned groups must stay in children")
+    q = torch.randn(1, 1, 4, 2)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        sd.ring_attention(q, q, q)
+
+
 # ---------------------------------------------------------------------------------------------------- the harness
 
 
@@ -198,6 +251,8 @@ def _agreement_and_gather(rank, world_size):
         "bad dtype on one rank": dict(q=good.long() if rank == world_size - 1 else good),
         # causal on rank 0 only
         "options differ": dict(q=good, causal=rank == 0),
+        # only rank 0 would run a backward: the others would never answer it
+        "grad on one rank": dict(q=good.clone().requires_grad_(rank == 0)),
     }
     for what, kw in attempts.items():
         q = kw.pop("q")
@@ -216,7 +271,9 @@ def test_ranks_that_disagree_all_raise_and_gather_inverts_shard():
         for what, expect in (("shapes differ", "q shape: rank 0: (1, 2, 6, 4), rank 1: (1, 2, 8, 4)"),
                              ("odd rows", "the rows per rank must be even"),
                              ("bad dtype on one rank", "rank 1: TypeError: q must be a floating-point tensor"),
-                             ("options differ", "causal: rank 0: True, rank 1: False")):
+                             ("options differ", "causal: rank 0: True, rank 1: False"),
+                             ("grad on one rank", "inputs require grad (so every rank must run the backward): "
+                                                  "rank 0: True, rank 1: False")):
             assert seen[what] != "no error", f"rank {rank}: {what}: no error raised"
             assert expect in seen[what][1], f"rank {rank}: {what}: message {seen[what][1]!r} lacks {expect!r}"
         assert seen["bad dtype on one rank"][0] == ("TypeError" if rank == 1 else "ValueError")

@@ -291,7 +291,8 @@ def _prepare(q, k, v, *, causal, mask, scale, layout, group, backend, key_block,
         _check_key_block(key_block)
         template, chosen = _check_local(q, k, v, causal, mask, scale, layout, backend, world_size)
         signature = (tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), causal, layout, template.scale,
-                     template.mask.name if template.mask is not None else None, chosen.name, key_block)
+                     template.mask.name if template.mask is not None else None, chosen.name, key_block,
+                     template.needs_grad)
     except (TypeError, ValueError) as e:
         local_error = e
     device = q.device if isinstance(q, Tensor) and _backend_name(group) == "nccl" else torch.device("cpu")
@@ -349,7 +350,8 @@ def choose_block_backend(call: AttentionCall, name: str | None = None) -> Backen
 
 
 def _check_agreement(signatures: list[tuple]) -> None:
-    fields = ("q shape", "k shape", "v shape", "dtype", "causal", "layout", "scale", "mask", "backend", "key_block")
+    fields = ("q shape", "k shape", "v shape", "dtype", "causal", "layout", "scale", "mask", "backend", "key_block",
+              "inputs require grad (so every rank must run the backward)")
     diffs = [f"{name}: " + ", ".join(f"rank {r}: {sig[i]}" for r, sig in enumerate(signatures))
              for i, name in enumerate(fields) if len({sig[i] for sig in signatures}) > 1]
     if diffs:
