@@ -17,7 +17,7 @@ Sharding layouts (``layout=``), shown for N = 8 positions on P = 2 ranks::
 Masks are evaluated at global positions (``AttentionCall.q_pos0/k_pos0``), so causal, sliding-window and document
 masks (with the *global* ``doc_ids`` on every rank) mean what they mean on one device; blocks a mask hides entirely
 are skipped. Each block runs on a local backend of the registry that computes blocks (``supports_blocks``); partial
-outputs and gradients are accumulated in float32 (float64 for float64 inputs).
+outputs are merged in float64 and gradients accumulated in float32 (float64 for float64 inputs).
 
 No launcher of its own: start the processes with ``torchrun`` and call ``torch.distributed.init_process_group``
 ("gloo" on CPUs, "nccl" on GPUs — with NCCL, set the CUDA device of each rank first). Every rank must call
@@ -190,7 +190,8 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, ring: _Ring):
         out, lse = _forward(ring, q, k, v)
         ctx.ring = ring
-        ctx.save_for_backward(q, k, v, out, lse)
+        acc = _acc(q.dtype)
+        ctx.save_for_backward(q, k, v, out.to(acc), lse.to(acc))
         ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse.to(torch.float32)
 
@@ -202,8 +203,10 @@ class _RingAttention(torch.autograd.Function):
 
 
 def _forward(ring: _Ring, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """out (B, H_q, n, D_v) and lse (B, H_q, n), merged over every visible block in float64: a rounding error of
+    the merged lse scales every probability of the backward, and one merge per block would add them up."""
     B, H_q, n, _ = q.shape
-    D, acc = k.shape[-1], _acc(q.dtype)
+    D, acc = k.shape[-1], torch.float64
     out = torch.zeros(B, H_q, n, v.shape[-1], dtype=acc, device=q.device)  # (B, H_q, n, D_v)
     lse = torch.full((B, H_q, n), -math.inf, dtype=acc, device=q.device)
     kv = torch.cat((k, v), dim=-1)  # (B, H_kv, n, D + D_v): one message per step
