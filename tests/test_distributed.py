@@ -204,6 +204,7 @@ def _check_cases(rank, world_size, cases, seed):
         name = f"{name}-key_block{key_block}" if key_block else name
         out, lse = sd.ring_attention(q_l, k_l, v_l, causal=causal, mask=mask, layout=layout, key_block=key_block,
                                      return_lse=True)
+        assert out.requires_grad and not lse.requires_grad, f"{name}: lse must be returned non-differentiable"
         out.backward(mine(d_out))
 
         leaves = [t.double().requires_grad_() for t in (q, k, v)]

@@ -192,8 +192,9 @@ class _RingAttention(torch.autograd.Function):
         ctx.ring = ring
         acc = _acc(q.dtype)
         ctx.save_for_backward(q, k, v, out.to(acc), lse.to(acc))
-        ctx.mark_non_differentiable(lse)
-        return out.to(q.dtype), lse.to(torch.float32)
+        lse = lse.to(torch.float32)
+        ctx.mark_non_differentiable(lse)  # returned for inspection and merging; gradients flow through out only
+        return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, d_out, _d_lse):
