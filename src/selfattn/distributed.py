@@ -25,13 +25,14 @@ No launcher of its own: start the processes with ``torchrun`` and call ``torch.d
 that dies or stops calling makes the others raise ``RingError`` within ``timeout`` seconds (default: the process
 group's timeout, set by ``init_process_group(timeout=...)``).
 
-    >>> # torchrun --nproc-per-node 2 script.py
-    >>> import torch, torch.distributed as dist, selfattn.distributed as sd
-    >>> dist.init_process_group("gloo")
-    >>> x = torch.randn(1, 4, 4096, 64)                                    # (B, H, N, D), the same on every rank
-    >>> q = k = v = sd.shard(x, dist.get_rank(), dist.get_world_size())   # (B, H, N/P, D)
-    >>> out = sd.ring_attention(q, k, v, causal=True)                      # (B, H, N/P, D), this rank's rows
-    >>> full = sd.gather(out)                                              # (B, H, N, D), in sequence order
+Example (run with ``torchrun --nproc-per-node 2 script.py``)::
+
+    import torch, torch.distributed as dist, selfattn.distributed as sd
+    dist.init_process_group("gloo")
+    x = torch.randn(1, 4, 4096, 64)                                     # (B, H, N, D), the same on every rank
+    q = k = v = sd.shard(x, dist.get_rank(), dist.get_world_size())    # (B, H, N/P, D)
+    out = sd.ring_attention(q, k, v, causal=True)                       # (B, H, N/P, D), this rank's rows
+    full = sd.gather(out)                                               # (B, H, N, D), in sequence order
 """
 
 from __future__ import annotations
