@@ -213,7 +213,7 @@ def _forward(ring: _Ring, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tens
     lse = torch.full((B, H_q, n), -math.inf, dtype=acc, device=q.device)
     kv = torch.cat((k, v), dim=-1)  # (B, H_kv, n, D + D_v): one message per step
     for step, blocks in enumerate(ring.steps):
-        pending = _pass_on(ring, kv, _TAG_KV) if step < ring.world_size - 1 else None
+        pending = _pass_on(ring, kv, _TAG_KV) if step < len(ring.steps) - 1 else None
         for q_seg, k_seg, mask in blocks:
             rows, keys = q_seg.rows, k_seg.rows
             call = ring.call(q_seg, k_seg, mask, q[:, :, rows], kv[:, :, keys, :D], kv[:, :, keys, D:])
@@ -229,8 +229,10 @@ def _backward(ring: _Ring, q, k, v, out, lse, d_out):
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H_q, n, D)
     kv = torch.cat((k, v), dim=-1)  # (B, H_kv, n, D + D_v)
     incoming = None  # dK|dV of the shard held now, accumulated by the ranks that held it before
+    last = len(ring.steps) - 1
+    home = ring.world_size - last  # hops forward from the rank holding a shard after the last step to its owner
     for step, blocks in enumerate(ring.steps):
-        pending = _pass_on(ring, kv, _TAG_KV) if step < ring.world_size - 1 else None
+        pending = _pass_on(ring, kv, _TAG_KV) if step < last else None
         dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # this rank's share of the held shard's gradient
         for q_seg, k_seg, mask in blocks:
             rows, keys = q_seg.rows, k_seg.rows
@@ -242,21 +244,21 @@ def _backward(ring: _Ring, q, k, v, out, lse, d_out):
             dkv[:, :, keys, D:] += dv_b
         if incoming is not None:
             dkv += _arrived(ring, incoming, "dK/dV accumulator")
-        if ring.world_size > 1:
-            incoming = _pass_on(ring, dkv, _TAG_DKV)  # at the last step this sends the shard home
+        if step < last or home < ring.world_size:  # after the last step, straight home (nothing to do at home)
+            incoming = _pass_on(ring, dkv, _TAG_DKV, hops=1 if step < last else home)
         if pending is not None:
             kv = _arrived(ring, pending, "key/value shard")
-    if ring.world_size > 1:
+    if home < ring.world_size:
         dkv = _arrived(ring, incoming, "dK/dV of this rank's keys")
     return dq, dkv[..., :D], dkv[..., D:]
 
 
-def _pass_on(ring: _Ring, t: Tensor, tag: int):
-    """Start sending ``t`` to the next rank and receiving its counterpart from the previous one."""
+def _pass_on(ring: _Ring, t: Tensor, tag: int, hops: int = 1):
+    """Start sending ``t`` to the rank ``hops`` ahead and receiving its counterpart from the one ``hops`` behind."""
     dist = _dist()
     t = t.contiguous()
     buf = torch.empty_like(t)
-    nxt, prv = (ring.rank + 1) % ring.world_size, (ring.rank - 1) % ring.world_size
+    nxt, prv = (ring.rank + hops) % ring.world_size, (ring.rank - hops) % ring.world_size
     ops = [dist.P2POp(dist.isend, t, group=ring.group, tag=tag, group_peer=nxt),
            dist.P2POp(dist.irecv, buf, group=ring.group, tag=tag, group_peer=prv)]
     return t, buf, dist.batch_isend_irecv(ops)
@@ -265,7 +267,7 @@ def _pass_on(ring: _Ring, t: Tensor, tag: int):
 def _arrived(ring: _Ring, pending, what: str) -> Tensor:
     _sent, buf, works = pending
     for work in works:
-        _wait(ring, work, f"the {what} from rank {(ring.rank - 1) % ring.world_size}")
+        _wait(ring, work, f"the {what} (sending and receiving)")
     return buf
 
 
@@ -298,18 +300,27 @@ def _prepare(q, k, v, *, causal, mask, scale, layout, group, backend, key_block,
         signature = (tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), causal, layout, template.scale,
                      template.mask.name if template.mask is not None else None, chosen.name, key_block,
                      template.needs_grad)
-    except (TypeError, ValueError) as e:
-        local_error = e
+        steps = _plan(template, rank, world_size, layout, key_block)
+    except Exception as e:  # noqa: BLE001 - tell the other ranks before raising, or they would wait for us
+        local_error, steps = e, ()
+    last_needed = max((s for s, blocks in enumerate(steps) if blocks), default=0)
     device = q.device if isinstance(q, Tensor) and _backend_name(group) == "nccl" else torch.device("cpu")
     everyone = _all_gather_objects((None if local_error is None else f"{type(local_error).__name__}: {local_error}",
-                                    signature), group, device, wait, rank)
-    errors = [f"rank {r}: {err}" for r, (err, _) in enumerate(everyone) if err is not None]
+                                    signature, last_needed), group, device, wait, rank)
+    errors = [f"rank {r}: {err}" for r, (err, _, _) in enumerate(everyone) if err is not None]
     if errors:
         message = "ring_attention failed its checks on some ranks:\n  " + "\n  ".join(errors)
+        if local_error is not None and not isinstance(local_error, (TypeError, ValueError)):
+            raise local_error
         raise (type(local_error) if local_error is not None else ValueError)(message) from local_error
-    _check_agreement([sig for _, sig in everyone])
+    _check_agreement([sig for _, sig, _ in everyone])
+    n_steps = 1 + max(last for _, _, last in everyone)  # e.g. a sliding window reaches only the next shards
+    return _Ring(group, rank, world_size, template, chosen, tuple(steps[:n_steps]), wait)
 
-    n = q.shape[2]
+
+def _plan(template: AttentionCall, rank: int, world_size: int, layout: str, key_block: int | None) -> list:
+    """For each ring step s (holding the shard of rank − s), the visible (query segment, key segment, mask) blocks."""
+    n = template.N_q
     mine = segments(rank, world_size, n, layout)
     steps = []
     for step in range(world_size):
@@ -317,7 +328,7 @@ def _prepare(q, k, v, *, causal, mask, scale, layout, group, backend, key_block,
                   for piece in _split(seg, key_block)]
         steps.append(tuple((qs, ks, m) for qs in mine for ks in theirs
                            for visible, m in [_block_mask(template, qs, ks)] if visible))
-    return _Ring(group, rank, world_size, template, chosen, tuple(steps), wait)
+    return steps
 
 
 def _check_local(q, k, v, causal, mask, scale, layout, backend, world_size):
