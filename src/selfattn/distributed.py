@@ -16,8 +16,10 @@ Sharding layouts (``layout=``), shown for N = 8 positions on P = 2 ranks::
 
 Masks are evaluated at global positions (``AttentionCall.q_pos0/k_pos0``), so causal, sliding-window and document
 masks (with the *global* ``doc_ids`` on every rank) mean what they mean on one device; blocks a mask hides entirely
-are skipped. Each block runs on a local backend of the registry that computes blocks (``supports_blocks``); partial
-outputs are merged in float64 and gradients accumulated in float32 (float64 for float64 inputs).
+are skipped, and the ring stops after the last shard any rank needs (a sliding window of w ≤ N/P over contiguous
+shards: one hop instead of P − 1), the dK/dV accumulators then going straight home. Each block runs on a local
+backend of the registry that computes blocks (``supports_blocks``); partial outputs are merged in float64 and
+gradients accumulated in float32 (float64 for float64 inputs).
 
 No launcher of its own: start the processes with ``torchrun`` and call ``torch.distributed.init_process_group``
 ("gloo" on CPUs, "nccl" on GPUs — with NCCL, set the CUDA device of each rank first). Every rank must call
