@@ -5,7 +5,8 @@
 
 Each rank holds N/P rows and runs one thread. Memory is the rise of the rank's resident set above what it held
 before the call (its own q, k, v, d_out shards), from the kernel's high-water mark (/proc/self/status VmHWM, reset
-through /proc/self/clear_refs after glibc's malloc_trim), for one forward and one forward+backward. Time is the
+through /proc/self/clear_refs after glibc's malloc_trim; tensors of 1 MiB and more get their own mappings), for
+one forward and one forward+backward. Time is the
 median of --repeat runs. With fewer cores than ranks the time does not scale (the ranks share the cores); memory is
 the point.
 """
@@ -134,6 +135,9 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     args.key_block = args.key_block or None
+    # glibc serves allocations below a threshold that it raises as it goes from a heap it keeps; a fixed 1 MiB one
+    # maps every large tensor on its own and returns it when freed, so the resident set follows the live tensors.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
 
     from selfattn import backends
     from selfattn.distributed import choose_block_backend  # the backend the ring will use, for the record
