@@ -6,9 +6,8 @@
 Each rank holds N/P rows and runs one thread. Memory is the rise of the rank's resident set above what it held
 before the call (its own q, k, v, d_out shards), from the kernel's high-water mark (/proc/self/status VmHWM, reset
 through /proc/self/clear_refs after glibc's malloc_trim; tensors of 1 MiB and more get their own mappings), for
-one forward and one forward+backward. Time is the
-median of --repeat runs. With fewer cores than ranks the time does not scale (the ranks share the cores); memory is
-the point.
+one forward and one forward+backward. Time is the median of --repeat runs. With fewer cores than ranks the time
+does not scale (the ranks share the cores); memory is the point.
 """
 
 from __future__ import annotations
@@ -173,7 +172,9 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "backend": backend, "machine": platform.platform(),
-                       "cpu_count": os.cpu_count(), "load_end": load, "results": summary}, f, indent=1)
+                       "cpu_count": os.cpu_count(), "load_end": load,
+                       "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "results": summary},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
