@@ -22,11 +22,19 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+DEMO_GPT ?= .demo-gpt
 demo: $(STAMP)
 	$(PY) -m selfattn demo
+	@echo; echo "== a tiny GPT: trained for a minute on the Python docs that ship with CPython, then sampled =="
+	@echo "   (one thread: on a shared machine two threads wait on each other)"
+	$(PY) -m selfattn train --steps 150 --eval-every 75 --threads 1 --out $(DEMO_GPT)
+	$(PY) -m selfattn generate --checkpoint $(DEMO_GPT) --prompt "The " --tokens 300 --seed 0 --threads 1
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
+
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/bench_gpu.py

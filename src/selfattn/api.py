@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from selfattn import backends, masks
+from selfattn import masks, ops
 from selfattn.backends import AttentionCall
 from selfattn.masks import Mask
 
@@ -63,6 +63,9 @@ def attention(
     Returns:
         out (B, H_q, N_q, D_v) in the input dtype, or (out, lse). Rows with every key masked are zeros.
 
+    Under ``torch.compile`` the call becomes one custom op, ``torch.ops.selfattn.attention`` (see ``selfattn.ops``),
+    so ``fullgraph=True`` compiles without graph breaks.
+
     Example:
         >>> import torch, selfattn
         >>> q = k = v = torch.randn(1, 2, 5, 8)
@@ -74,7 +77,7 @@ def attention(
         out = q.new_zeros(call.B, call.H_q, call.N_q, call.D_v)
         lse = torch.full((call.B, call.H_q, call.N_q), -math.inf, device=q.device)
     else:
-        out, lse = backends.choose(call, backend).forward(call)
+        out, lse = ops.forward(call, backend)  # the custom op while torch.compile traces (see selfattn.ops)
     return (out, lse) if return_lse else out
 
 

@@ -59,11 +59,115 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="list the backends and whether they can run here")
     sub.add_parser("demo", help="a short offline demonstration")
+    _add_gpt_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in GPT_COMMANDS:
+        return _run_gpt_command(args)
     if args.command == "info":
         print(info())
     elif args.command == "demo":
         print(demo())
+    return 0
+
+
+# ------------------------------------------------------------------------------------ the tiny GPT: train, generate
+
+GPT_COMMANDS = ("train", "generate")
+
+
+def _add_gpt_commands(sub) -> None:
+    from selfattn.model.gpt import GPTConfig
+    from selfattn.model.train import TrainConfig
+
+    m, t = GPTConfig(), TrainConfig()
+    p = sub.add_parser("train", help="train the tiny GPT (default: the embedded Python docs, a few minutes on a CPU)")
+    p.add_argument("--data", default=None, help="a UTF-8 text file (default: CPython's pydoc_data.topics)")
+    p.add_argument("--out", default=t.out_dir, help=f"checkpoint directory (default {t.out_dir})")
+    p.add_argument("--steps", type=int, default=t.steps)
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--context", type=int, default=m.context, help="training sequence length in bytes")
+    p.add_argument("--layers", type=int, default=m.n_layer)
+    p.add_argument("--heads", type=int, default=m.n_head)
+    p.add_argument("--kv-heads", type=int, default=None, help="fewer than --heads: grouped-query attention")
+    p.add_argument("--d-model", type=int, default=m.d_model)
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--min-lr", type=float, default=t.min_lr)
+    p.add_argument("--warmup", type=int, default=t.warmup)
+    p.add_argument("--eval-every", type=int, default=t.eval_every)
+    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--dtype", default=t.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=t.device)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plot", action="store_true", help="no loss-curve PNG")
+    g = sub.add_parser("generate", help="sample text from a trained GPT, streamed as it comes")
+    g.add_argument("--checkpoint", default=t.out_dir, help=f"checkpoint directory (default {t.out_dir})")
+    g.add_argument("--prompt", default="\n")
+    g.add_argument("--tokens", type=int, default=500, help="bytes to generate")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--cache", default="window", choices=["window", "full", "none"],
+                   help="window: sliding window + attention sinks, fixed memory (default); full: a KV cache of every "
+                        "token; none: recompute everything for each token")
+    g.add_argument("--window", type=int, default=None,
+                   help="recent tokens kept by --cache window (default: the training context minus --sinks)")
+    g.add_argument("--sinks", type=int, default=4, help="first tokens kept by --cache window")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+
+
+def _run_gpt_command(args) -> int:
+    try:
+        if args.command == "train":
+            return _train(args)
+        return _generate(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"selfattn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
+    from selfattn.model.gpt import GPTConfig
+    from selfattn.model.train import TrainConfig, train
+
+    model = GPTConfig(context=args.context, n_layer=args.layers, n_head=args.heads, n_kv_head=args.kv_heads,
+                      d_model=args.d_model)
+    cfg = TrainConfig(model=model, data=args.data, out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr, min_lr=min(args.min_lr, args.lr), warmup=args.warmup, eval_every=args.eval_every,
+                      seed=args.seed, dtype=args.dtype, device=args.device, threads=args.threads,
+                      progress=not args.no_progress, plot=not args.no_plot)
+    r = train(cfg, resume=args.resume)
+    print(f"{'stopped' if r['interrupted'] else 'done'} at step {r['step']} in {r['seconds']:.0f} s, "
+          f"{r['tokens_per_s']:,.0f} tokens/s; held-out loss {r['val_loss']} nats/byte; checkpoint in {r['out_dir']}"
+          + (f"; loss curve {r['plot']}" if r.get("plot") else ""))
+    return 130 if r["interrupted"] else 0
+
+
+def _generate(args) -> int:
+    from selfattn.model.generate import generate
+    from selfattn.model.train import load_checkpoint
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    model, _ = load_checkpoint(args.checkpoint, device=args.device)
+    print(args.prompt, end="", flush=True)
+    t0, text = time.perf_counter(), ""
+    try:
+        text = generate(model, args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, cache=args.cache, window=args.window, sinks=args.sinks,
+                        stream=lambda s: print(s, end="", flush=True))
+    except KeyboardInterrupt:
+        pass
+    seconds = time.perf_counter() - t0
+    print()
+    if text:
+        n = len(text.encode("utf-8", errors="replace"))
+        print(f"[~{n} bytes in {seconds:.2f} s: {n / seconds:,.0f} tokens/s, cache={args.cache}]", file=sys.stderr)
     return 0
 
 

@@ -133,7 +133,8 @@ class MultiHeadAttention(nn.Module):
 
         ``positions`` (N,) are the rotary positions (default 0..N-1, or continuing the cache). ``cache``, when
         given, is an object with ``length`` and ``update(k, v) -> (k_all, v_all)`` (see ``selfattn.decode``):
-        the new keys and values are appended and the queries attend to everything cached (bottom-right causal).
+        the new keys and values are appended and the queries attend to everything cached (bottom-right causal),
+        through ``cache.attend(q, k, v, causal=, mask=, backend=)`` when the cache has one.
         """
         _check_input(x, self.d_model, "MultiHeadAttention")
         B, N, _ = x.shape
@@ -142,7 +143,8 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.project(x, positions)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, H_kv, N_k, D)
-        out = attention(q, k, v, causal=self.causal, mask=mask, backend=self.backend)  # (B, H_q, N, D)
+        attend = getattr(cache, "attend", attention)  # a cache may bring its decoding attention (split-KV)
+        out = attend(q, k, v, causal=self.causal, mask=mask, backend=self.backend)  # (B, H_q, N, D)
         y = self.W_O(out.transpose(1, 2).reshape(B, N, self.n_heads * self.d_head))  # (B, N, d_model)
         if not return_weights:
             return y
@@ -163,3 +165,190 @@ def _check_input(x, d: int, layer: str) -> None:
         raise TypeError(f"{layer} takes a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != d:
         raise ValueError(f"{layer} expects x of shape (B, N, {d}), got {tuple(x.shape)}; for one sequence use x[None]")
+
+
+class MultiheadAttention(nn.Module):
+    """A drop-in for ``torch.nn.MultiheadAttention`` computed by ``selfattn.attention``: the same constructor, the same
+    ``forward`` arguments and returns, the same parameter names (a torch state_dict loads as is).
+
+    torch's mask conventions are kept at this boundary: in ``attn_mask`` and ``key_padding_mask`` a bool True means
+    "may NOT attend" (the opposite of selfattn's masks) and a float is added to the scores. ``is_causal=True`` is
+    torch's hint that ``attn_mask`` is the causal mask (top-left, N_q = N_k); here it selects selfattn's causal mask
+    and the dense ``attn_mask`` may be left out. Differences: the weights of a query with every key masked are zeros
+    (torch returns NaN), and attention dropout is not supported (``dropout`` > 0 raises in training mode).
+
+    >>> mha = MultiheadAttention(embed_dim=16, num_heads=4, batch_first=True)
+    >>> x = torch.randn(2, 5, 16)
+    >>> y, w = mha(x, x, x)
+    >>> y.shape, w.shape
+    (torch.Size([2, 5, 16]), torch.Size([2, 5, 5]))
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
+                 vdim: int | None = None, batch_first: bool = False, device=None, dtype=None, *,
+                 backend: str | None = None):
+        super().__init__()
+        _check_positive_int("embed_dim", embed_dim)
+        _check_positive_int("num_heads", num_heads)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = embed_dim if vdim is None else vdim
+        _check_positive_int("kdim", self.kdim)
+        _check_positive_int("vdim", self.vdim)
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.dropout, self.batch_first, self.add_zero_attn, self.backend = dropout, batch_first, add_zero_attn, backend
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                self.register_parameter(name, None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:  # torch's initialisation
+        for w in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            if w is not None:
+                nn.init.xavier_uniform_(w)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+        for b in (self.bias_k, self.bias_v):
+            if b is not None:
+                nn.init.xavier_normal_(b)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        """query (L, N, E_q) (or (N, L, E_q) with batch_first, or unbatched (L, E_q)); key (S, N, kdim); value
+        (S, N, vdim). key_padding_mask (N, S); attn_mask (L, S) or (N·num_heads, L, S).
+
+        Returns (out (L, N, E), weights (N, L, S) averaged over heads, or (N, num_heads, L, S), or None)."""
+        if self.training and self.dropout > 0:
+            raise ValueError(f"selfattn's MultiheadAttention has no attention dropout (dropout={self.dropout}); "
+                             "construct it with dropout=0.0, or call .eval()")
+        batched = query.dim() == 3
+        _check_mha_inputs(query, key, value, batched, self.embed_dim, self.kdim, self.vdim)
+        if not batched:
+            query, key, value = query[None], key[None], value[None]
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask[None]
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        B, L, _ = query.shape  # now (N, L, E): batch first
+        H, D = self.num_heads, self.head_dim
+        q, k, v = self._project(query, key, value)  # (B, L, E), (B, S, E), (B, S, E)
+        n_extra = 0
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(B, 1, -1)], 1)  # (B, S + 1, E)
+            v = torch.cat([v, self.bias_v.expand(B, 1, -1)], 1)
+            n_extra += 1
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(B, 1, k.shape[2])], 1)  # (B, S + 1, E)
+            v = torch.cat([v, v.new_zeros(B, 1, v.shape[2])], 1)
+            n_extra += 1
+        S = k.shape[1]
+        q = q.view(B, L, H, D).transpose(1, 2)  # (B, H, L, D)
+        k = k.view(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
+        v = v.view(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
+        causal = bool(is_causal)
+        if causal and L != S:
+            raise ValueError(f"is_causal=True needs as many queries as keys, got L={L} and S={S}; pass the mask as "
+                             "attn_mask instead")
+        if causal:
+            attn_mask = None  # torch's hint: attn_mask is the causal mask, which selfattn knows without reading it
+        mask, bias = _torch_masks(attn_mask, key_padding_mask, B, H, L, S - n_extra, n_extra, batched, q.dtype)
+        out = attention(q, k, v, causal=causal, mask=mask, bias=bias, backend=self.backend)  # (B, H, L, D)
+        y = self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim))  # (B, L, E)
+        weights = None
+        if need_weights:
+            weights = attention_weights(q, k, causal=causal, mask=mask, bias=bias)  # (B, H, L, S)
+            if average_attn_weights:
+                weights = weights.mean(1)  # (B, L, S)
+        if not batched:
+            return y[0], None if weights is None else weights[0]
+        return (y if self.batch_first else y.transpose(0, 1)), weights
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        E = self.embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:2 * E], b[2 * E:])
+        if self._qkv_same_embed_dim:
+            wq, wk, wv = self.in_proj_weight[:E], self.in_proj_weight[E:2 * E], self.in_proj_weight[2 * E:]
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        F = torch.nn.functional
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, vdim={self.vdim}, "
+                f"batch_first={self.batch_first}")
+
+
+def _check_mha_inputs(query, key, value, batched: bool, E: int, kdim: int, vdim: int) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"MultiheadAttention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    want = 3 if batched else 2
+    if query.dim() not in (2, 3) or key.dim() != want or value.dim() != want:
+        raise ValueError(f"MultiheadAttention: query, key, value must all be 3-D (batched) or all 2-D (unbatched), "
+                         f"got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    for name, t, d in (("query", query, E), ("key", key, kdim), ("value", value, vdim)):
+        if t.shape[-1] != d:
+            raise ValueError(f"MultiheadAttention: {name} has {t.shape[-1]} features, expected {d}")
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(f"MultiheadAttention: key {tuple(key.shape)} and value {tuple(value.shape)} must have the "
+                         "same batch and sequence sizes")
+
+
+def _torch_masks(attn_mask, key_padding_mask, B, H, L, S, n_extra, batched, dtype):
+    """torch's masks (bool True = hidden, float = added) -> selfattn's (bool mask True = visible, additive bias),
+    broadcastable to (B, H, L, S + n_extra); the n_extra appended keys (bias_k, zero_attn) are always visible."""
+    visible, bias = None, None
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            if tuple(attn_mask.shape) != (L, S):
+                raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} should be (L, S) = {(L, S)}")
+            m = attn_mask[None, None]  # (1, 1, L, S)
+        elif attn_mask.dim() == 3 and tuple(attn_mask.shape) == ((B * H) if batched else H, L, S):
+            m = attn_mask.view(B, H, L, S)
+        else:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} should be (L, S) = {(L, S)} or "
+                             f"(N·num_heads, L, S) = {(B * H, L, S)}")
+        visible, bias = _split_torch_mask(m, "attn_mask", dtype)
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (B, S):
+            raise ValueError(f"key_padding_mask of shape {tuple(key_padding_mask.shape)} should be (N, S) = {(B, S)}")
+        v2, b2 = _split_torch_mask(key_padding_mask[:, None, None, :], "key_padding_mask", dtype)  # (B, 1, 1, S)
+        visible = v2 if visible is None else (visible if v2 is None else visible & v2)
+        bias = b2 if bias is None else (bias if b2 is None else bias + b2)
+    if n_extra:
+        pad = torch.nn.functional.pad
+        visible = None if visible is None else pad(visible, (0, n_extra), value=True)
+        bias = None if bias is None else pad(bias, (0, n_extra), value=0.0)
+    return visible, bias
+
+
+def _split_torch_mask(m: Tensor, name: str, dtype) -> tuple[Tensor | None, Tensor | None]:
+    if m.dtype == torch.bool:
+        return ~m, None
+    if m.dtype.is_floating_point:
+        return None, m.to(dtype)
+    raise TypeError(f"{name} must be bool (True = may not attend) or float (added to the scores), got {m.dtype}")

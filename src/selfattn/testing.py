@@ -33,6 +33,33 @@ def naive(q, k, v, *, scale=None, mask=None, bias=None, causal=False) -> Tensor:
     return p @ v
 
 
+def naive_grads_from_out(q, k, v, d_out, *, scale=None, mask=None, bias=None, causal=False):
+    """(dq, dk, dv) of the naive computation in the inputs' dtype, in the other textbook form of the softmax
+    backward: δ = rowsum(dO∘O) from the output (as FlashAttention computes it), dS = P∘(dP − δ). Where the true
+    gradient cancels to exactly zero (a row that sees a single key) the autograd form of ``naive`` is exact by
+    accident of rounding while this form, like every tiled backward, is off by a few ulps: a yardstick must allow
+    both forms."""
+    B, H_q, N_q, D = q.shape
+    H_kv, N_k = k.shape[1], k.shape[2]
+    group = H_q // H_kv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    k_r, v_r = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = (q @ k_r.transpose(-2, -1)) * scale
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    visible = reference.dense_visible(mask, causal, B, H_q, N_q, N_k, q.device)
+    if visible is not None:
+        s = s.masked_fill(~visible, -math.inf)
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    d_out = d_out.to(q.dtype)
+    out = p @ v_r
+    ds = p * (d_out @ v_r.transpose(-2, -1) - (d_out * out).sum(-1, keepdim=True))
+    dq = ds @ k_r * scale
+    dk = (ds.transpose(-2, -1) @ q * scale).unflatten(1, (H_kv, group)).sum(2)
+    dv = (p.transpose(-2, -1) @ d_out).unflatten(1, (H_kv, group)).sum(2)
+    return dq, dk, dv
+
+
 def max_error(a: Tensor, b: Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
@@ -66,4 +93,4 @@ def poison_allocator(nbytes: int = 64 << 20) -> None:
     del t
 
 
-__all__ = ["naive", "check_against_oracle", "max_error", "poison_allocator"]
+__all__ = ["naive", "naive_grads_from_out", "check_against_oracle", "max_error", "poison_allocator"]

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from selfattn.backends.base import AttentionCall, Backend, merge_by_lse
 from selfattn.backends.reference import BACKEND as _reference
+from selfattn.backends.tiled import BACKEND as _tiled
+from selfattn.backends.triton_flash import BACKEND as _triton  # imports no Triton (that happens when a call runs)
 
 __all__ = ["AttentionCall", "Backend", "BackendError", "merge_by_lse", "register", "get", "names", "choose", "REGISTRY"]
 
-# Priority order: the first that can serve a call is chosen. Later issues insert the fast backends in front.
+# Priority order: the first that can serve a call is chosen (triton for CUDA, tiled for CPU, then the oracle).
 REGISTRY: dict[str, Backend] = {}
 
 
@@ -56,7 +58,7 @@ def choose(call: AttentionCall, name: str | None = None) -> Backend:
         return backend
     why = {}
     for n, backend in REGISTRY.items():
-        reasons = backend.not_supported_reasons(call)
+        reasons = backend.not_supported_reasons(call) or backend.auto_reasons(call)
         if not reasons:
             return backend
         why[n] = reasons
@@ -67,3 +69,5 @@ def choose(call: AttentionCall, name: str | None = None) -> Backend:
 
 
 register(_reference)
+register(_tiled, before="reference")
+register(_triton, before=names()[0])  # first in priority: it declines, with its reasons, what it cannot serve

@@ -110,16 +110,27 @@ class Backend:
     supports_gqa: bool = True
     supports_dv_differs: bool = True
     supports_blocks: bool = False
+    auto_devices: frozenset[str] | None = None  # where the chooser may pick it unnamed (None: all it runs on)
     extra: dict = field(default_factory=dict, compare=False)
 
     def unavailable_reasons(self) -> list[str]:
         """Why this backend cannot run on this machine at all (a missing package, no GPU); [] if it can."""
         return []
 
+    def device_types(self) -> frozenset[str]:
+        """Device types it runs on now (``devices``, unless a mode such as an interpreter adds one)."""
+        return self.devices
+
+    def auto_reasons(self, call: AttentionCall) -> list[str]:
+        """Why the chooser must not pick it *unnamed* for this call (on top of ``not_supported_reasons``)."""
+        if self.auto_devices is not None and call.device.type not in self.auto_devices:
+            return [f"chosen automatically only on {sorted(self.auto_devices)}; name it to run on {call.device.type}"]
+        return []
+
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         reasons = list(self.unavailable_reasons())
-        if call.device.type not in self.devices:
-            reasons.append(f"runs on {sorted(self.devices)}, not {call.device.type}")
+        if call.device.type not in self.device_types():
+            reasons.append(f"runs on {sorted(self.device_types())}, not {call.device.type}")
         if call.dtype not in self.dtypes:
             reasons.append(f"supports {sorted(str(d) for d in self.dtypes)}, not {call.dtype}")
         lo, hi = self.head_dims

@@ -1,0 +1,419 @@
+"""The tiled backend: exact attention in O(N) memory, forward and backward, default for CPU tensors.
+
+How it differs from the oracle (``selfattn.reference``), which materialises the N_q x N_k matrices in float64:
+
+* The score matrix is cut into tiles of ``block_q`` query rows x ``block_k`` keys. The mask's block classifier
+  (``Mask.block_states``, FlexAttention's block mask) labels each tile EMPTY, PARTIAL or FULL; EMPTY tiles are never
+  computed, PARTIAL tiles apply the mask element by element, FULL tiles need no mask at all.
+* Forward: for each block of query rows, every maximal run of FULL tiles (and every run of PARTIAL tiles, with its
+  mask and bias as an additive float mask) is handed to PyTorch's fused CPU flash kernel, which keeps a running
+  maximum and sum in float32 (float64 for float64 inputs) and returns the log-sum-exp; runs are merged exactly by
+  log-sum-exp. Only O and the per-row log-sum-exp (lse) are kept for the backward.
+* Backward (plain torch operations, float32 accumulation): for each block of keys, the probabilities of every
+  non-empty tile are recomputed from the saved lse, P = exp(S·scale − lse), and dV += Pᵀ·dO, dS = P∘(dP − δ) with
+  δ = rowsum(dO∘O), dQ += dS·K·scale, dK += dSᵀ·Q·scale. Key blocks are spread over a small thread pool (torch ops
+  release the GIL), each worker with its own dQ accumulator, so B = H = 1 uses every core.
+* Grouped-query attention never copies K or V: the ``group = H_q / H_kv`` query heads that share a key/value head
+  are stacked along the row axis of that head ("folded"), so one matrix product serves the whole group and dK, dV
+  come out summed over it.
+
+Shapes follow the legend of ``selfattn.api``; Z = B·H_kv is the batch of matrix products, R = group·rows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from selfattn import masks
+from selfattn.backends.base import AttentionCall, Backend
+
+BLOCK_Q = 256  # query rows per tile: big enough that one tile's matrix products dwarf the Python overhead
+BLOCK_K = 256  # keys per tile: the granularity at which masked regions are skipped
+
+# Tiles computed since the last reset, by phase ("forward", "backward"): lets tests check that skipping skips.
+TILE_COUNTS: Counter = Counter()
+_COUNT_LOCK = threading.Lock()
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which tiles of one call are computed, and how. ``states`` (n_qb, n_kb) int8 is EMPTY/PARTIAL/FULL for every
+    batch element and head at once (a tile is FULL only if it is FULL for all of them, EMPTY only if EMPTY for all)."""
+
+    call: AttentionCall
+    block_q: int
+    block_k: int
+    states: Tensor
+
+    @property
+    def group(self) -> int:
+        return self.call.H_q // self.call.H_kv
+
+    def q_range(self, i: int) -> tuple[int, int]:
+        return i * self.block_q, min((i + 1) * self.block_q, self.call.N_q)
+
+    def k_range(self, j: int) -> tuple[int, int]:
+        return j * self.block_k, min((j + 1) * self.block_k, self.call.N_k)
+
+    def runs(self, i: int) -> list[tuple[int, int, bool]]:
+        """Maximal runs (j0, j1, masked) of non-empty tiles in query block i; FULL and PARTIAL tiles apart."""
+        out: list[tuple[int, int, bool]] = []
+        for j, s in enumerate(self.states[i].tolist()):
+            if s == masks.EMPTY:
+                continue
+            masked = s == masks.PARTIAL
+            if out and out[-1][1] == j and out[-1][2] == masked:
+                out[-1] = (out[-1][0], j + 1, masked)
+            else:
+                out.append((j, j + 1, masked))
+        return out
+
+    def visible(self, q0: int, q1: int, k0: int, k1: int) -> Tensor:
+        """The mask on rows q0:q1 and keys k0:k1, folded: bool (B or 1, H_kv or 1, R, k1 − k0)."""
+        c = self.call
+        b, h, qi, ki = masks.grid(c.B, c.H_q, q1 - q0, k1 - k0, c.device, q_pos0=c.q_start + q0, k_pos0=c.k_pos0 + k0)
+        m = c.mask.mask_mod(b, h, qi, ki)
+        m = m.expand(*m.shape[:2], q1 - q0, k1 - k0)
+        return _fold(m, self.group)
+
+
+def _plan(call: AttentionCall, block_q: int, block_k: int) -> _Plan:
+    n_qb, n_kb = -(-call.N_q // block_q), -(-call.N_k // block_k)
+    if call.mask is None:
+        states = torch.full((n_qb, n_kb), masks.FULL, dtype=torch.int8)
+    else:
+        s = call.mask.block_states(call.B, call.H_q, call.N_q, call.N_k, block_q, block_k, call.device,
+                                   q_pos0=call.q_start, k_pos0=call.k_pos0).cpu()
+        s = s.expand(call.B, call.H_q, n_qb, n_kb).reshape(-1, n_qb, n_kb)
+        lo, hi = s.amin(0), s.amax(0)
+        states = torch.where(hi == masks.EMPTY, masks.EMPTY, torch.where(lo == masks.FULL, masks.FULL, masks.PARTIAL))
+        states = states.to(torch.int8)
+    return _Plan(call, block_q, block_k, states)
+
+
+def _fold(t: Tensor, group: int) -> Tensor:
+    """(B', H_q or 1, rows, cols) -> (B', H_kv or 1, group·rows, cols): the query heads sharing a key/value head
+    stacked along the rows. A view when group == 1 or the input is contiguous; otherwise a copy of this block."""
+    Bp, Hp, rows, cols = t.shape
+    if group == 1:
+        return t
+    if Hp == 1:
+        return t.unsqueeze(2).expand(Bp, 1, group, rows, cols).reshape(Bp, 1, group * rows, cols)
+    return t.reshape(Bp, Hp // group, group * rows, cols)  # (B', H_kv, group, rows, cols) -> rows stacked
+
+
+def _unfold(t: Tensor, group: int) -> Tensor:
+    """Inverse of ``_fold`` for (B, H_kv, group·rows, cols) -> (B, H_q, rows, cols)."""
+    if group == 1:
+        return t
+    Bp, H_kv, R, cols = t.shape
+    return t.reshape(Bp, H_kv * group, R // group, cols)
+
+
+def _count(phase: str, n: int) -> None:
+    with _COUNT_LOCK:
+        TILE_COUNTS[phase] += n
+
+
+# ------------------------------------------------------------------------------------------------------- forward
+
+
+def _additive_mask(plan: _Plan, q0: int, q1: int, k0: int, k1: int, masked: bool, dtype: torch.dtype):
+    """The mask and bias of one run as the float additive mask the fused kernel takes (−inf = hidden), folded,
+    and the rows that see no key at all in this run (the kernel reports lse 0 for them, not −inf)."""
+    c = plan.call
+    add = None
+    if c.bias is not None:
+        add = _fold(_bias4(c.bias)[:, :, q0:q1, k0:k1], plan.group).to(dtype)
+    vis = plan.visible(q0, q1, k0, k1) if masked else None
+    if vis is not None:
+        add = torch.zeros(vis.shape, dtype=dtype, device=c.device) if add is None else add
+        add = add.masked_fill(~vis, -math.inf)
+    if add is None:
+        return None, None
+    dead = torch.isneginf(add).all(-1)  # (B', H', R): rows with no visible key in this run
+    return add, (dead if bool(dead.any()) else None)
+
+
+def _bias4(bias: Tensor) -> Tensor:
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    return bias
+
+
+def _fused_run(q: Tensor, k: Tensor, v: Tensor, scale: float, add: Tensor | None):
+    """PyTorch's fused CPU flash kernel on one run of keys: (out (B, H_kv, R, D_v), lse (B, H_kv, R))."""
+    D, D_v = q.shape[-1], v.shape[-1]
+    if D_v < D:  # the kernel wants one head size: zero columns of V add zero columns to the output
+        v = torch.nn.functional.pad(v, (0, D - D_v))
+    elif D < D_v:  # zero columns of q and k add nothing to the scores
+        q, k = (torch.nn.functional.pad(t, (0, D_v - D)) for t in (q, k))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=add, scale=scale)
+    return out[..., :D_v], lse
+
+
+def _forward(call: AttentionCall, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, out_dtype=None):
+    """(out (B, H_q, N_q, D_v) in ``out_dtype`` (default: the accumulation dtype), lse (B, H_q, N_q) accumulation
+    dtype, −inf for rows that see no key)."""
+    acc = _acc_dtype(call.dtype)
+    out_dtype = acc if out_dtype is None else out_dtype
+    plan = _plan(call, block_q, block_k)
+    g = plan.group
+    mask_dtype = call.dtype if call.dtype in (torch.float32, torch.float64) else torch.float32
+    out = torch.empty(call.B, call.H_q, call.N_q, call.D_v, dtype=out_dtype, device=call.device)
+    lse = torch.empty(call.B, call.H_q, call.N_q, dtype=acc, device=call.device)
+    out5 = out.view(call.B, call.H_kv, g, call.N_q, call.D_v)  # query heads grouped by their key/value head
+    lse5 = lse.view(call.B, call.H_kv, g, call.N_q)
+    n_tiles = 0
+    for i in range(plan.states.shape[0]):
+        q0, q1 = plan.q_range(i)
+        qb = _fold(call.q[:, :, q0:q1], g)  # (B, H_kv, R, D)
+        parts = []
+        if call.dtype == torch.float64:
+            Z, R = call.B * call.H_kv, g * (q1 - q0)
+            k3, v3 = call.k.reshape(Z, call.N_k, call.D), call.v.reshape(Z, call.N_k, call.D_v)
+            parts.append(_online_softmax_rows(plan, i, qb.reshape(Z, R, call.D), k3, v3))
+            n_tiles += int((plan.states[i] != masks.EMPTY).sum())
+        for j0, j1, masked in ([] if call.dtype == torch.float64 else plan.runs(i)):
+            k0, k1 = j0 * block_k, plan.k_range(j1 - 1)[1]
+            add, dead = _additive_mask(plan, q0, q1, k0, k1, masked, mask_dtype)
+            o, l_ = _fused_run(qb, call.k[:, :, k0:k1], call.v[:, :, k0:k1], call.scale, add)
+            l_ = l_.to(acc)
+            if dead is not None:
+                l_ = l_.masked_fill(dead.expand_as(l_), -math.inf)
+            parts.append((o, l_))
+            n_tiles += j1 - j0
+        rows_o, rows_l = out5[:, :, :, q0:q1], lse5[:, :, :, q0:q1]  # (B, H_kv, g, rows, D_v), (B, H_kv, g, rows)
+        if not parts:
+            rows_o.zero_()
+            rows_l.fill_(-math.inf)
+            continue
+        o, l_ = parts[0] if len(parts) == 1 else _merge(parts, acc)
+        rows_o.copy_(o.reshape(rows_o.shape))
+        rows_l.copy_(l_.reshape(rows_l.shape))
+    _count("forward", n_tiles)
+    return out, lse
+
+
+def _merge(parts, acc):
+    """Exact merge of partial attentions over disjoint key runs by their log-sum-exp (rows dead in every part stay
+    zero with lse −inf)."""
+    lses = torch.stack([p[1] for p in parts])  # (P, B, H_kv, R)
+    lse = torch.logsumexp(lses, dim=0)
+    safe = torch.where(torch.isneginf(lse), 0.0, lse)
+    w = torch.exp(lses - safe)  # (P, B, H_kv, R)
+    out = parts[0][0].to(acc) * w[0][..., None]
+    for (o, _), w_j in zip(parts[1:], w[1:], strict=True):
+        out.add_(o.to(acc) * w_j[..., None])
+    return out, lse
+
+
+def _tile_scores(plan: _Plan, i: int, j: int, qi: Tensor, kj: Tensor, neg_lse: Tensor | None,
+                 partial: bool) -> Tensor:
+    """S·scale + bias (− lse) of tile (i, j), −inf where masked: (Z, R, bk) in the accumulation dtype.
+
+    −lse enters as the matrix product's addend, which saves a pass over the tile. Without it (float64), the scores
+    are bit-identical to those of the float64 forward, so that exp(S − lse) reproduces its probabilities to the ulp.
+    """
+    if neg_lse is None:
+        s = torch.bmm(qi, kj.transpose(1, 2)).mul_(plan.call.scale)
+    else:
+        s = torch.baddbmm(neg_lse, qi, kj.transpose(1, 2), alpha=plan.call.scale)
+    c = plan.call
+    if c.bias is not None or partial:
+        (q0, q1), (k0, k1) = plan.q_range(i), plan.k_range(j)
+        s4 = s.view(c.B, c.H_kv, -1, k1 - k0)
+        if c.bias is not None:
+            s4.add_(_fold(_bias4(c.bias)[:, :, q0:q1, k0:k1], plan.group))
+        if partial:
+            s4.masked_fill_(~plan.visible(q0, q1, k0, k1), -math.inf)
+    return s
+
+
+def _online_softmax_rows(plan: _Plan, i: int, qi: Tensor, k3: Tensor, v3: Tensor):
+    """Query block i in plain torch operations (the float64 path, whose backward must see the very same scores):
+    FlashAttention-2's running maximum m, sum l and output o over the row's non-empty tiles.
+    Returns (out (Z, R, D_v), lse (Z, R))."""
+    Z, R = qi.shape[:2]
+    m = torch.full((Z, R, 1), -math.inf, dtype=qi.dtype)
+    l_ = torch.zeros(Z, R, 1, dtype=qi.dtype)
+    o = torch.zeros(Z, R, v3.shape[-1], dtype=qi.dtype)
+    tiles = [(j, st) for j, st in enumerate(plan.states[i].tolist()) if st != masks.EMPTY]
+    for j, state in tiles:
+        k0, k1 = plan.k_range(j)
+        s = _tile_scores(plan, i, j, qi, k3[:, k0:k1], None, state == masks.PARTIAL)
+        if len(tiles) == 1:  # the whole row in one tile: the textbook order (normalise P, then multiply by V)
+            m = s.amax(-1, keepdim=True)
+            e = s.sub_(torch.where(torch.isneginf(m), 0.0, m)).exp_()
+            l_ = e.sum(-1, keepdim=True)
+            p = torch.where(l_ > 0, e / torch.where(l_ > 0, l_, 1.0), 0.0)
+            lse = (torch.where(torch.isneginf(m), 0.0, m) + torch.log(l_))[..., 0]
+            return torch.bmm(p, v3[:, k0:k1]), lse
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        m_safe = torch.where(torch.isneginf(m_new), 0.0, m_new)  # rows that have seen no key yet
+        alpha = torch.exp(m - m_safe)
+        p = s.sub_(m_safe).exp_()
+        l_ = l_ * alpha + p.sum(-1, keepdim=True)
+        o = o * alpha + torch.bmm(p, v3[:, k0:k1])
+        m = m_new
+    lse = (torch.where(torch.isneginf(m), 0.0, m) + torch.log(l_))[..., 0]  # log 0 = −inf: rows that see nothing
+    out = torch.where(l_ > 0, o / torch.where(l_ > 0, l_, 1.0), 0.0)
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------------------------ backward
+
+
+def _workers() -> int:
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, block_q: int = BLOCK_Q,
+              block_k: int = BLOCK_K):
+    """(dq, dk, dv) in the accumulation dtype, given the final ``out`` and ``lse`` of every query row."""
+    acc = _acc_dtype(call.dtype)
+    plan = _plan(call, block_q, block_k)
+    g, scale = plan.group, call.scale
+    B, H_kv, N_q, D, D_v = call.B, call.H_kv, call.N_q, call.D, call.D_v
+    Z = B * H_kv
+    q, k, v = (t.to(acc) for t in (call.q, call.k, call.v))
+    d_out, out = d_out.to(acc), out.to(acc)
+    delta = (d_out * out).sum(-1, keepdim=True)  # (B, H_q, N_q, 1): rowsum(dO∘O)
+    # Rows that see no key have lse −inf; +inf there makes exp(S − lse) = 0 instead of NaN.
+    lse_b = torch.where(torch.isneginf(lse), math.inf, lse.to(acc))[..., None]  # (B, H_q, N_q, 1)
+
+    n_qb, n_kb = plan.states.shape
+    rows = []  # per query block: q, dO, −lse, δ folded to (Z, R, ·)
+    for i in range(n_qb):
+        q0, q1 = plan.q_range(i)
+        rows.append(tuple(_fold(t[:, :, q0:q1], g).reshape(Z, g * (q1 - q0), -1)
+                          for t in (q, d_out, lse_b.neg(), delta)))
+    k3, v3 = k.reshape(Z, call.N_k, D), v.reshape(Z, call.N_k, D_v)  # (Z, N_k, ·)
+    dk = torch.zeros(B, H_kv, call.N_k, D, dtype=acc, device=call.device)
+    dv = torch.zeros(B, H_kv, call.N_k, D_v, dtype=acc, device=call.device)
+    dk3, dv3 = dk.view(Z, call.N_k, D), dv.view(Z, call.N_k, D_v)
+    states = plan.states.tolist()
+    exact = acc == torch.float64
+    columns = [[i for i in range(n_qb) if states[i][j] != masks.EMPTY] for j in range(n_kb)]
+
+    def key_block(j: int, dq_rows: list) -> int:
+        k0, k1 = plan.k_range(j)
+        kj, vj = k3[:, k0:k1], v3[:, k0:k1]
+        dkj, dvj = dk3[:, k0:k1], dv3[:, k0:k1]
+        for i in columns[j]:
+            qi, doi, neg_lse, di = rows[i]
+            if exact:  # float64: the forward's scores bit for bit, then − lse
+                s = _tile_scores(plan, i, j, qi, kj, None, states[i][j] == masks.PARTIAL).add_(neg_lse)
+            else:
+                s = _tile_scores(plan, i, j, qi, kj, neg_lse, states[i][j] == masks.PARTIAL)  # (Z, R, bk)
+            p = s.exp_()  # P = exp(S − lse), the forward's probabilities
+            dvj.baddbmm_(p.transpose(1, 2), doi)
+            ds = torch.bmm(doi, vj.transpose(1, 2)).sub_(di).mul_(p)  # dS = P∘(dP − δ)
+            dkj.baddbmm_(ds.transpose(1, 2), qi, alpha=scale)
+            if dq_rows[i] is None:
+                dq_rows[i] = torch.zeros_like(qi)
+            dq_rows[i].baddbmm_(ds, kj, alpha=scale)
+        return len(columns[j])
+
+    n_workers = min(_workers(), n_kb)
+    shares = _balance([len(c) for c in columns], n_workers)
+    dq_parts = [[None] * n_qb for _ in shares]
+    if n_workers == 1:
+        n_tiles = sum(key_block(j, dq_parts[0]) for j in shares[0])
+    else:
+        def work(w):
+            with torch.no_grad():  # grad mode is per thread; the workers must not record autograd history
+                return sum(key_block(j, dq_parts[w]) for j in shares[w])
+
+        with ThreadPoolExecutor(n_workers) as pool:
+            n_tiles = sum(pool.map(work, range(len(shares))))
+    _count("backward", n_tiles)
+
+    dq = torch.zeros(B, H_kv, g, N_q, D, dtype=acc, device=call.device)  # (B, H_kv, g, N_q, D) = (B, H_q, N_q, D)
+    for i in range(n_qb):
+        q0, q1 = plan.q_range(i)
+        for part in dq_parts:
+            if part[i] is not None:
+                dq[:, :, :, q0:q1] += part[i].view(B, H_kv, g, q1 - q0, D)
+    return dq.view(B, call.H_q, N_q, D), dk, dv
+
+
+def _balance(costs: list[int], n: int) -> list[list[int]]:
+    """Split key blocks 0..len(costs)-1 into n contiguous shares of about equal cost (tiles to compute)."""
+    total = max(1, sum(costs))
+    shares: list[list[int]] = [[] for _ in range(n)]
+    run = 0
+    for j, c in enumerate(costs):
+        shares[min(n - 1, int((run + c / 2) * n / total))].append(j)  # by where the block's middle falls
+        run += c
+    return [s for s in shares if s]
+
+
+# ------------------------------------------------------------------------------------------ autograd and backend
+
+
+class _TiledAttention(torch.autograd.Function):
+    """One autograd Function for every variant: the call (mask, bias, positions, scale) is an argument."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, call: AttentionCall):
+        out, lse = _forward(call, out_dtype=q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call = call
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, _d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        call = ctx.call
+        call = AttentionCall(q, k, v, call.scale, call.mask, call.bias, call.causal, call.q_pos0, call.k_pos0)
+        dq, dk, dv = _backward(call, out, lse, d_out)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+@dataclass(frozen=True)
+class TiledBackend(Backend):
+    def call_reasons(self, call: AttentionCall) -> list[str]:
+        if call.bias is not None and call.bias.requires_grad and torch.is_grad_enabled():
+            return ["computes no gradient for the bias (pass bias.detach(), or backend='reference')"]
+        return []
+
+    def forward(self, call: AttentionCall):
+        if call.needs_grad:
+            out, lse = _TiledAttention.apply(call.q, call.k, call.v, call)
+        else:
+            out, lse = _forward(call, out_dtype=call.dtype)
+        return out, lse.to(torch.float32)
+
+    def forward_block(self, call: AttentionCall):
+        with torch.no_grad():
+            return _forward(call)
+
+    def backward_block(self, call: AttentionCall, out, lse, d_out):
+        with torch.no_grad():
+            return _backward(call, out, lse, d_out)
+
+
+BACKEND = TiledBackend(
+    name="tiled",
+    description="blocks of queries x keys with an online softmax (FlashAttention-2's algorithm) on PyTorch's fused "
+                "CPU kernel, masked blocks skipped, threaded backward; O(N) memory",
+    devices=frozenset({"cpu"}),
+    supports_blocks=True,
+)

@@ -1,0 +1,361 @@
+"""The Triton backend: FlashAttention-2-style kernels (``triton_kernels``) for CUDA tensors, forward and backward.
+
+What it serves: fp16 / bf16 / fp32, head dims up to 256 (any size: padded to a power of two inside the kernel),
+grouped-query attention without copying K/V, and the ready-made masks of ``selfattn.masks`` joined by ``&``:
+``causal()``, ``sliding_window(w)``, ``key_padding(lengths)``, ``document(doc_ids)`` (packed sequences). A mask is
+recognised by its ``Mask.spec`` and turned into kernel arguments (``KernelMask``); a custom ``mask_mod``, an ``|`` of
+masks, a dense bool tensor or an additive bias are refused with the reason, and the chooser goes on to the next
+backend (nothing silently changes meaning).
+
+Triton is imported when a call runs, never when selfattn is imported, and the GPU is not probed at import.
+
+On CPU tensors the same kernels run under Triton's interpreter, for tests on machines without a GPU: set
+``TRITON_INTERPRET=1`` in the environment *before* Triton is first imported and name the backend
+(``attention(..., backend="triton")``). It is never chosen automatically for CPU tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import math
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from selfattn.backends.base import AttentionCall, Backend
+
+MAX_HEAD_DIM = 256
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class _NoKernelForm(Exception):
+    """A mask the kernels cannot express; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class KernelMask:
+    """A recognised mask as kernel arguments. Positions: query row i at q_pos0 + i, key j at k_pos0 + j.
+
+    causal: k_pos <= q_pos.  window: also k_pos > q_pos − window (0 = no window).
+    key_lengths (B,) int32: key j of batch b exists when j < key_lengths[b].
+    doc_ids (B or 1, N_doc): q sees k when doc_ids[q_pos] == doc_ids[k_pos] (queries outside 0..N_doc see nothing).
+    runs: (run_lo, run_hi), each (B or 1, N_doc) int32, when every document is one contiguous run of positions:
+    the half-open range of positions of the run holding each position — lets the kernels skip whole blocks.
+    """
+
+    causal: bool = False
+    window: int = 0
+    key_lengths: Tensor | None = None
+    doc_ids: Tensor | None = None
+    runs: tuple[Tensor, Tensor] | None = None
+
+
+_TRANSLATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Mask -> {(B, N_k, k_pos0, device): ...}
+
+
+def kernel_mask(call: AttentionCall) -> KernelMask:
+    """Translate ``call.mask`` (via its spec) into kernel arguments; raises _NoKernelForm with the reason.
+
+    Remembered per Mask object and shape, so a mask reused by every layer (and asked twice per call, by the chooser
+    and by the forward) is translated, and its tensors moved to the GPU, once."""
+    if call.mask is None:
+        return KernelMask()
+    # the spec's tensors' version counters: a lengths or ids tensor changed in place is translated again
+    tensors = tuple((t.data_ptr(), t._version) for t in _spec_tensors(call.mask.spec))
+    key = (call.B, call.N_k, call.k_pos0, str(call.device), tensors)
+    per_mask = _TRANSLATED.setdefault(call.mask, {})
+    if key not in per_mask:
+        if len(per_mask) > 8:
+            per_mask.clear()
+        try:
+            per_mask[key] = _translate(call)
+        except _NoKernelForm as e:
+            per_mask[key] = str(e)
+    if isinstance(per_mask[key], str):
+        raise _NoKernelForm(per_mask[key])
+    return per_mask[key]
+
+
+def _spec_tensors(spec) -> list[Tensor]:
+    if spec is None:
+        return []
+    return [t for part in spec for t in ([part] if isinstance(part, Tensor) else
+                                         _spec_tensors(part) if isinstance(part, tuple) else [])]
+
+
+def _translate(call: AttentionCall) -> KernelMask:
+    if call.mask.spec is None:
+        raise _NoKernelForm(
+            f"mask {call.mask.name!r} is a custom mask_mod, which the kernels cannot evaluate; they take the "
+            "ready-made masks (causal, sliding_window, key_padding, document) joined by &"
+        )
+    causal, window, lengths, docs = False, 0, [], []
+    for kind, *args in _conjuncts(call.mask.spec):
+        if kind == "causal":
+            causal = True
+        elif kind == "sliding_window":
+            causal, window = True, args[0] if window == 0 else min(window, args[0])
+        elif kind == "key_padding":
+            lengths.append(_key_lengths(args[0], call))
+        elif kind == "document":
+            docs.append(args[0])
+        else:
+            raise _NoKernelForm(f"mask part {kind!r} has no kernel form")
+    if len(docs) > 1:
+        raise _NoKernelForm("more than one document mask; join the ids into one document(doc_ids)")
+    key_lengths = None
+    if lengths:
+        key_lengths = torch.stack(lengths).amin(0).clamp(0, call.N_k).to(torch.int32).contiguous()
+    doc_ids, runs = (_document(docs[0], call) if docs else (None, None))
+    return KernelMask(causal, window, key_lengths, doc_ids, runs)
+
+
+def _conjuncts(spec: tuple) -> list[tuple]:
+    kind = spec[0]
+    if kind == "and":
+        return _conjuncts(spec[1]) + _conjuncts(spec[2])
+    if kind == "or":
+        raise _NoKernelForm("an | of masks has no kernel form (the kernels take masks joined by & only)")
+    if kind == "tensor":
+        raise _NoKernelForm("a dense bool mask tensor has no kernel form; express it with causal / sliding_window / "
+                            "key_padding / document masks where it is one of those")
+    return [spec]
+
+
+def _key_lengths(lengths: Tensor, call: AttentionCall) -> Tensor:
+    if lengths.shape != (call.B,):
+        raise _NoKernelForm(f"key_padding lengths have shape {tuple(lengths.shape)}, expected (B,) = ({call.B},)")
+    return (lengths.to(call.device) - call.k_pos0).clamp(min=0)  # lengths count positions; the kernel counts rows
+
+
+def _document(doc_ids: Tensor, call: AttentionCall):
+    ids = doc_ids if doc_ids.dim() == 2 else doc_ids[None]  # (B or 1, N_doc)
+    n = ids.shape[-1]
+    if ids.shape[0] not in (1, call.B):
+        raise _NoKernelForm(f"document ids have batch size {ids.shape[0]}, expected 1 or B={call.B}")
+    if call.k_pos0 < 0 or call.k_pos0 + call.N_k > n:
+        raise _NoKernelForm(f"document ids cover positions 0..{n - 1} but the keys sit at "
+                            f"{call.k_pos0}..{call.k_pos0 + call.N_k - 1}")
+    ids = ids.to(call.device).contiguous()
+    pos = torch.arange(n, device=ids.device).expand_as(ids)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    n_runs = starts.sum(1)
+    by_id = ids.sort(1).values
+    n_docs = (by_id[:, 1:] != by_id[:, :-1]).sum(1) + 1
+    if not torch.equal(n_runs, n_docs):  # a document split into several runs: compare ids everywhere, skip nothing
+        return ids, None
+    run_lo = torch.where(starts, pos, torch.zeros_like(pos)).cummax(1).values
+    run_hi = (torch.where(ends, pos + 1, torch.full_like(pos, n)).flip(1).cummin(1).values).flip(1)
+    return ids, (run_lo.to(torch.int32).contiguous(), run_hi.to(torch.int32).contiguous())
+
+
+# -------------------------------------------------------------------------------------------------------- launches
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+# Block sizes under the interpreter: small, and different for rows and keys so that both tilings are exercised.
+INTERPRETER_BLOCKS = {"fwd": (16, 32), "dkdv": (16, 32), "dq": (32, 16)}
+
+
+def _launch(name: str, grid_rows: int, n_programs: int, args: list, flags: dict):
+    """Launch kernel ``name`` over (row tiles × n_programs) programs: fixed small tiles under the interpreter,
+    autotuned tiles on a GPU (or the default tiles when SELFATTN_TRITON_AUTOTUNE=0)."""
+    from selfattn.backends import triton_kernels as tk
+
+    tile = "BLOCK_N" if name == "attn_bwd_dkdv" else "BLOCK_M"
+    if interpreting():
+        bm, bn = INTERPRETER_BLOCKS[name.removeprefix("attn_").removeprefix("bwd_")]
+        rows = bn if tile == "BLOCK_N" else bm
+        getattr(tk, name)[(triton_cdiv(grid_rows, rows) * n_programs,)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
+        return
+    from selfattn.backends import triton_tuning
+
+    if triton_tuning.autotuning():
+        triton_tuning.tuned(name)[lambda meta: (triton_cdiv(grid_rows, meta[tile]) * n_programs,)](*args, **flags)
+    else:
+        config = triton_tuning.default_config(name, max(flags["BLOCK_D"], flags["BLOCK_DV"]))
+        getattr(tk, name)[(triton_cdiv(grid_rows, config[tile]) * n_programs,)](*args, **flags, **config)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _mask_args(m: KernelMask, call: AttentionCall):
+    dummy = call.q  # never read: the constexpr flags switch the loads off
+    docs = m.doc_ids if m.doc_ids is not None else dummy
+    run_lo, run_hi = m.runs if m.runs is not None else (dummy, dummy)
+    s_doc_b = docs.stride(0) if m.doc_ids is not None and docs.shape[0] > 1 else 0
+    s_doc_n = docs.stride(1) if m.doc_ids is not None else 0
+    n_doc = docs.shape[1] if m.doc_ids is not None else 0
+    klen = m.key_lengths if m.key_lengths is not None else dummy
+    return klen, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc
+
+
+def _constexprs(call: AttentionCall, m: KernelMask) -> dict:
+    return dict(
+        HEAD_D=call.D, HEAD_DV=call.D_v, BLOCK_D=_pow2(call.D), BLOCK_DV=_pow2(call.D_v),
+        CAUSAL=m.causal, WINDOW=m.window > 0, HAS_LEN=m.key_lengths is not None, HAS_DOC=m.doc_ids is not None,
+        DOC_RUNS=m.runs is not None, PRECISION="ieee" if call.dtype == torch.float32 else "tf32",
+        UPCAST=interpreting() and call.dtype == torch.bfloat16,
+    )
+
+
+def _tune_keys(call: AttentionCall) -> tuple[int, int]:
+    """Autotuning is redone per power-of-two bucket of lengths (all lengths above 4096 share one), not per length."""
+    return tuple(min(1 << max(n - 1, 0).bit_length(), 4096) for n in (call.N_q, call.N_k))
+
+
+def _on(device: torch.device):
+    """Launch on the tensors' GPU, not on the current one (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _forward(call: AttentionCall, m: KernelMask, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    with _on(call.device):
+        return _forward_here(call, m, out_dtype)
+
+
+def _forward_here(call: AttentionCall, m: KernelMask, out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    q, k, v = call.q, call.k, call.v
+    out = torch.empty(call.B, call.H_q, call.N_q, call.D_v, dtype=out_dtype or call.dtype, device=call.device)
+    lse = torch.empty(call.B, call.H_q, call.N_q, dtype=torch.float32, device=call.device)
+    klen, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc = _mask_args(m, call)
+    args = [q, k, v, out, lse, klen, docs, run_lo, run_hi, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            s_doc_b, s_doc_n, call.H_q, call.N_q, call.N_k, n_doc, call.H_q // call.H_kv, call.q_start, call.k_pos0,
+            m.window, call.scale * _LOG2E, *_tune_keys(call)]
+    _launch("attn_fwd", call.N_q, call.B * call.H_q, args, _constexprs(call, m))
+    return out, lse
+
+
+def _backward(call: AttentionCall, m: KernelMask, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Tensor | None,
+              grad_dtype: torch.dtype | None = None):
+    with _on(call.device):
+        return _backward_here(call, m, out, lse, d_out, d_lse, grad_dtype)
+
+
+def _backward_here(call: AttentionCall, m: KernelMask, out: Tensor, lse: Tensor, d_out: Tensor,
+                   d_lse: Tensor | None, grad_dtype: torch.dtype | None):
+    q, k, v = call.q, call.k, call.v
+    # delta_i = Σ_d dO·O (the softmax Jacobian's row term). A gradient flowing into lse adds P·d_lse to dS, which is
+    # the same as subtracting d_lse from delta.
+    delta = torch.empty_like(lse)
+    d_lse = d_lse.float().contiguous() if d_lse is not None else lse
+    rows = 16 if interpreting() else 64
+    from selfattn.backends import triton_kernels as tk
+
+    tk.attn_bwd_delta[(triton_cdiv(call.N_q, rows) * call.B * call.H_q,)](
+        out, d_out, d_lse, delta, *out.stride(), *d_out.stride(), call.H_q, call.N_q, HEAD_DV=call.D_v,
+        BLOCK_DV=_pow2(call.D_v), HAS_DLSE=d_lse is not lse, BLOCK_M=rows)
+    dq, dk, dv = (torch.empty(t.shape, dtype=grad_dtype or t.dtype, device=t.device) for t in (q, k, v))
+    klen, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc = _mask_args(m, call)
+    common = [call.q_start, call.k_pos0, m.window, call.scale * _LOG2E, call.scale, *_tune_keys(call)]
+    flags = _constexprs(call, m)
+    args = [q, k, v, d_out, lse, delta, dk, dv, klen, docs, run_lo, run_hi, *q.stride(), *k.stride(), *v.stride(),
+            *d_out.stride(), *dk.stride(), *dv.stride(), s_doc_b, s_doc_n, call.H_q, call.H_kv, call.N_q, call.N_k,
+            n_doc, call.H_q // call.H_kv, *common]
+    _launch("attn_bwd_dkdv", call.N_k, call.B * call.H_kv, args, flags)
+    args = [q, k, v, d_out, lse, delta, dq, klen, docs, run_lo, run_hi, *q.stride(), *k.stride(), *v.stride(),
+            *d_out.stride(), *dq.stride(), s_doc_b, s_doc_n, call.H_q, call.N_q, call.N_k, n_doc,
+            call.H_q // call.H_kv, *common]
+    _launch("attn_bwd_dq", call.N_q, call.B * call.H_q, args, flags)
+    return dq, dk, dv
+
+
+_LOG2E = 1.4426950408889634  # 1/ln 2: the scale is multiplied by it once so the kernels use exp2
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, call: AttentionCall, m: KernelMask):
+        out, lse = _forward(call, m)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call, ctx.kmask = call, m
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if d_out is None:
+            d_out = torch.zeros_like(out)
+        call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
+        dq, dk, dv = _backward(call, ctx.kmask, out, lse, d_out, d_lse)
+        return dq, dk, dv, None, None
+
+
+# --------------------------------------------------------------------------------------------------------- backend
+
+
+@dataclass(frozen=True)
+class TritonBackend(Backend):
+    def unavailable_reasons(self) -> list[str]:
+        if importlib.util.find_spec("triton") is None:
+            return ["triton not installed (pip install 'selfattn[gpu]')"]
+        if not interpreting() and not torch.cuda.is_available():
+            return ["no CUDA GPU"]
+        return []
+
+    def device_types(self) -> frozenset[str]:
+        return self.devices | {"cpu"} if interpreting() else self.devices
+
+    def call_reasons(self, call: AttentionCall) -> list[str]:
+        try:
+            kernel_mask(call)
+        except _NoKernelForm as e:
+            return [str(e)]
+        return []
+
+    def forward(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
+        m = kernel_mask(call)
+        if call.q.numel() == 0 or call.k.numel() == 0:
+            out = call.q.new_zeros(call.B, call.H_q, call.N_q, call.D_v)
+            return out, torch.full(out.shape[:-1], -math.inf, device=call.device)
+        if call.needs_grad:
+            return _Attention.apply(call.q, call.k, call.v, call, m)
+        return _forward(call, m)
+
+    def forward_block(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
+        """(out, lse) in float32 for one block of a larger attention (positions q_pos0 / k_pos0), no autograd."""
+        with torch.no_grad():
+            if call.q.numel() == 0 or call.k.numel() == 0:
+                out = call.q.new_zeros(call.B, call.H_q, call.N_q, call.D_v, dtype=torch.float32)
+                return out, torch.full(out.shape[:-1], -math.inf, device=call.device)
+            return _forward(call, kernel_mask(call), out_dtype=torch.float32)
+
+    def backward_block(self, call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor):
+        """This key block's share of (dq, dk, dv), float32, given the rows' *final* out and lse. d_out is rounded to
+        the input dtype for the tensor-core products (as in the fused backward)."""
+        with torch.no_grad():
+            if call.q.numel() == 0 or call.k.numel() == 0:
+                return tuple(torch.zeros(t.shape, device=t.device) for t in (call.q, call.k, call.v))
+            return _backward(call, kernel_mask(call), out, lse.float().contiguous(), d_out.to(call.dtype), None,
+                             grad_dtype=torch.float32)
+
+
+BACKEND = TritonBackend(
+    name="triton",
+    description="FlashAttention-2-style Triton kernels (fwd + deterministic bwd); CUDA, or the CPU interpreter "
+                "when TRITON_INTERPRET=1 and named",
+    devices=frozenset({"cuda"}),
+    auto_devices=frozenset({"cuda"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    head_dims=(1, MAX_HEAD_DIM),
+    supports_bias=False,
+    supports_blocks=True,
+)

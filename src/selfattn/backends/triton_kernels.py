@@ -1,0 +1,454 @@
+"""Triton kernels for exact attention, forward and backward (FlashAttention-2's algorithm, written for selfattn).
+
+Imported only by ``triton_flash`` when a call runs: importing selfattn never imports Triton.
+
+How these kernels differ from the oracle (``selfattn.reference``)
+-------------------------------------------------------------------
+* Tiles: a program owns BLOCK_M query rows (forward, dQ) or BLOCK_N keys (dK/dV) and streams over the other side;
+  the N_q x N_k matrices never exist in memory.
+* Online softmax in base 2: scores are multiplied by ``scale / ln 2`` once, so ``exp2`` (one instruction) replaces
+  ``exp``; the running maximum and sum are rescaled by ``exp2(m_old − m_new)`` as new key blocks arrive.
+* Matrix products take the input dtype (fp16/bf16 tensor cores) and accumulate in float32; the softmax weights are
+  rounded to the input dtype before P·V and dS·K, as in FlashAttention. fp32 inputs use IEEE products (no TF32).
+* The log-sum-exp of each row is saved (natural log, −inf for a row that sees no key) and the backward recomputes
+  P = exp(S − lse) instead of storing it.
+* Backward without atomics: one program per key block accumulates dK and dV over every query block *and over the
+  query heads that share the key/value head* (grouped-query attention without copying K or V); a second kernel per
+  query block computes dQ. Every sum runs in a fixed order, so results are bitwise repeatable.
+* Masks are arguments, not code: causal / sliding window (positions, bottom-right by default), key lengths per batch
+  element, and per-position document ids. Key (or query) blocks that the mask hides entirely are never visited;
+  blocks it shows entirely run without evaluating the mask; only the blocks on a boundary evaluate it.
+
+Positions: query row i is at ``q_pos0 + i``, key j at ``k_pos0 + j`` (``AttentionCall.q_start`` / ``k_pos0``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln 2: exp(x) = exp2(x·LOG2E), so the scale carries it and exp2 is used
+LN2 = tl.constexpr(0.6931471805599453)  # converts the base-2 log-sum-exp back to the natural log the API returns
+FAR = tl.constexpr(1 << 30)  # a position beyond any sequence (int32), for empty ranges
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: Triton's CPU interpreter multiplies bf16 as raw uint16; products of bf16 values are exact in fp32, so
+    # an fp32 product of the same (already rounded) operands is what the tensor cores compute.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _visible(q_pos, k_pos, q_doc, k_doc, q_ok, k_ok, window,
+             CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOC: tl.constexpr):
+    """May the query see the key? Arguments broadcast to the tile (queries x keys or keys x queries).
+    q_ok: the row exists (and has a document); k_ok: the key exists and is within the key length."""
+    keep = q_ok & k_ok
+    if CAUSAL:
+        keep = keep & (k_pos <= q_pos)
+    if WINDOW:
+        keep = keep & (k_pos > q_pos - window)
+    if HAS_DOC:
+        keep = keep & (q_doc == k_doc)
+    return keep
+
+
+@triton.jit
+def _span(lo, hi, full_lo_raw, full_hi_raw, BLOCK: tl.constexpr):
+    """Align [lo, hi) to blocks and carve out the block-aligned middle [full_lo, full_hi) that needs no mask."""
+    lo = tl.maximum(lo, 0)
+    lo = (lo // BLOCK) * BLOCK
+    hi = tl.maximum(hi, lo)
+    full_lo = lo + tl.cdiv(tl.maximum(full_lo_raw - lo, 0), BLOCK) * BLOCK
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = full_lo + (tl.maximum(tl.minimum(full_hi_raw, hi) - full_lo, 0) // BLOCK) * BLOCK
+    return lo, hi, full_lo, full_hi
+
+
+@triton.jit
+def _key_span(b, q_first, q_last, q_pos, q_in, N_k, klen, k_pos0, window, RUN_LO, RUN_HI, s_doc_b, s_doc_n,
+              N_DOC, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
+              DOC_RUNS: tl.constexpr):
+    """Key indices a block of queries (positions q_first..q_last) may see, and the middle part it sees entirely."""
+    lo = 0
+    hi = tl.minimum(N_k, klen)
+    full_lo_raw = 0
+    full_hi_raw = hi
+    if CAUSAL:  # k_pos <= q_pos
+        hi = tl.minimum(hi, q_last - k_pos0 + 1)
+        full_hi_raw = tl.minimum(full_hi_raw, q_first - k_pos0 + 1)
+    if WINDOW:  # k_pos > q_pos - window
+        lo = tl.maximum(lo, q_first - window + 1 - k_pos0)
+        full_lo_raw = tl.maximum(full_lo_raw, q_last - window + 1 - k_pos0)
+    if DOC_RUNS:  # each document is one contiguous run of positions: keys outside the rows' runs are hidden
+        ok = q_in & (q_pos >= 0) & (q_pos < N_DOC)
+        run_lo = tl.load(RUN_LO + b * s_doc_b + q_pos * s_doc_n, mask=ok, other=FAR)
+        run_hi = tl.load(RUN_HI + b * s_doc_b + q_pos * s_doc_n, mask=ok, other=-FAR)
+        lo = tl.maximum(lo, tl.min(run_lo, 0) - k_pos0)
+        hi = tl.minimum(hi, tl.max(run_hi, 0) - k_pos0)
+    if HAS_DOC:
+        full_lo_raw = hi
+    return _span(lo, hi, full_lo_raw, full_hi_raw, BLOCK_N)
+
+
+@triton.jit
+def _program(n_rows, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
+    """(tile, batch·head) of this program in a 1-D grid (no 65535 limit on B·H). Tiles of one head run next to each
+    other (they share K/V in L2); with HEAVY_LAST (causal: the last query tiles see the most keys) they run heaviest
+    first, so the short ones fill the tail of the grid."""
+    n_tiles = tl.cdiv(n_rows, BLOCK)
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    if HEAVY_LAST:
+        tile = n_tiles - 1 - tile
+    return tile, pid // n_tiles
+
+
+# --------------------------------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd, svn, svd, s_doc_n,
+               start, end, N_k, klen, k_pos0, window, qk_scale,
+               HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _tile(k_base, offs_n, skn, skd, N_k, HEAD_D, BLOCK_D, MASKED)  # unmasked blocks lie inside [0, N_k)
+        v = _tile(v_base, offs_n, svn, svd, N_k, HEAD_DV, BLOCK_DV, MASKED)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            in_k = offs_n < N_k
+            k_doc = offs_n
+            if HAS_DOC:
+                k_doc = tl.load(doc_base + (k_pos0 + offs_n) * s_doc_n, mask=in_k, other=0)
+            k_ok = in_k & (offs_n < klen)
+            keep = _visible(q_pos[:, None], (k_pos0 + offs_n)[None, :], q_doc[:, None], k_doc[None, :],
+                            q_ok[:, None], k_ok[None, :], window, CAUSAL, WINDOW, HAS_DOC)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:  # a row that has seen nothing yet keeps m = −inf; subtract 0 instead so exp2 gives 0, not NaN
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attn_fwd(Q, K, V, OUT, LSE, KLEN, DOC, RUN_LO, RUN_HI,
+             sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, s_doc_b, s_doc_n,
+             H_q, N_q, N_k, N_DOC, GROUP, q_pos0, k_pos0, window, qk_scale, TUNE_N_Q, TUNE_N_K,
+             HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+             CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_LEN: tl.constexpr, HAS_DOC: tl.constexpr,
+             DOC_RUNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(N_q, BLOCK_M)·B·H_q,). OUT (B, H_q, N_q, D_v) in its dtype; LSE (B, H_q, N_q) float32."""
+    tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "tl.dot needs inner dimensions of at least 16")
+    pid_m, pid_bh = _program(N_q, BLOCK_M, CAUSAL)
+    b = (pid_bh // H_q).to(tl.int64)
+    h = (pid_bh % H_q).to(tl.int64)
+    hk = h // GROUP  # grouped-query attention: the key/value head read in place, never copied
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_in = offs_m < N_q
+    q = _tile(Q + b * sqb + h * sqh, offs_m, sqn, sqd, N_q, HEAD_D, BLOCK_D, True)
+    q_pos = q_pos0 + offs_m
+    q_first = q_pos0 + start_m
+    q_last = q_pos0 + tl.minimum(start_m + BLOCK_M, N_q) - 1
+    klen = N_k
+    if HAS_LEN:
+        klen = tl.load(KLEN + b)
+    q_doc = offs_m
+    q_ok = q_in
+    doc_base = DOC
+    if HAS_DOC:
+        doc_base = DOC + b * s_doc_b
+        q_ok = q_in & (q_pos >= 0) & (q_pos < N_DOC)  # a query outside the ids belongs to no document
+        q_doc = tl.load(doc_base + q_pos * s_doc_n, mask=q_ok, other=0)
+    lo, hi, full_lo, full_hi = _key_span(b, q_first, q_last, q_pos, q_in, N_k, klen, k_pos0, window, RUN_LO,
+                                         RUN_HI, s_doc_b, s_doc_n, N_DOC, BLOCK_N, CAUSAL, WINDOW, HAS_DOC,
+                                         DOC_RUNS)
+
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    for part in tl.static_range(3):  # boundary blocks, fully visible blocks, boundary blocks
+        if part == 1:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd,
+                                       svn, svd, s_doc_n, full_lo, full_hi, N_k, klen, k_pos0, window, qk_scale,
+                                       HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOW,
+                                       HAS_DOC, PRECISION, UPCAST)
+        else:
+            start = lo if part == 0 else full_hi
+            end = full_lo if part == 0 else hi
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd,
+                                       svn, svd, s_doc_n, start, end, N_k, klen, k_pos0, window, qk_scale,
+                                       HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW,
+                                       HAS_DOC, PRECISION, UPCAST)
+
+    seen = l_i > 0.0  # False for rows that see no key: their output is 0 and their lse −inf
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_dv[None, :] * sod, out.to(OUT.dtype.element_ty),
+             mask=q_in[:, None] & (offs_dv[None, :] < HEAD_DV))
+    tl.store(LSE + pid_bh.to(tl.int64) * N_q + offs_m, lse, mask=q_in)
+
+
+# -------------------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def attn_bwd_delta(OUT, DO, DLSE, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H_q, N_q,
+                   HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = Σ_d dO·O per row (− d_lse when the lse output has a gradient). Grid (cdiv(N_q, BLOCK_M)·B·H_q,)."""
+    pid_m, pid_bh = _program(N_q, BLOCK_M, False)
+    b = (pid_bh // H_q).to(tl.int64)
+    h = (pid_bh % H_q).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = _tile(OUT + b * sob + h * soh, offs_m, son, sod, N_q, HEAD_DV, BLOCK_DV, True)
+    do = _tile(DO + b * sdob + h * sdoh, offs_m, sdon, sdod, N_q, HEAD_DV, BLOCK_DV, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    rows = pid_bh.to(tl.int64) * N_q + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rows, mask=offs_m < N_q, other=0.0)
+    tl.store(DELTA + rows, delta, mask=offs_m < N_q)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, row0, offs_m, N_q):
+    """lse in log2 units, +inf for rows that saw nothing (so exp2(s − lse) = 0 there, never inf·0), and delta."""
+    in_q = offs_m < N_q
+    lse = tl.load(LSE + row0 + offs_m, mask=in_q, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(DELTA + row0 + offs_m, mask=in_q, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _tile(base, rows, stride_r, stride_c, n_rows, N_COLS: tl.constexpr, BLOCK_C: tl.constexpr,
+          CHECK_ROWS: tl.constexpr):
+    """A (rows x BLOCK_C) tile, zero outside; no bounds test that is known to pass (so the loads vectorise)."""
+    cols = tl.arange(0, BLOCK_C)
+    ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if CHECK_ROWS:
+        if N_COLS == BLOCK_C:
+            return tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        else:
+            return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < N_COLS)[None, :], other=0.0)
+    else:
+        if N_COLS == BLOCK_C:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=(cols < N_COLS)[None, :], other=0.0)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, offs_n, k_ok, k_doc, q_base, do_base, doc_base, LSE, DELTA, row0,
+                sqn, sqd, sdon, sdod, s_doc_n, start, end, N_q, N_DOC, q_pos0, k_pos0, window, qk_scale,
+                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        in_q = offs_m < N_q
+        q = _tile(q_base, offs_m, sqn, sqd, N_q, HEAD_D, BLOCK_D, MASKED)
+        do = _tile(do_base, offs_m, sdon, sdod, N_q, HEAD_DV, BLOCK_DV, MASKED)
+        lse, delta = _row_stats(LSE, DELTA, row0, offs_m, N_q)
+        s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M): keys are the rows here
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if MASKED:
+            q_pos = q_pos0 + offs_m
+            q_ok = in_q
+            q_doc = offs_m
+            if HAS_DOC:
+                q_ok = in_q & (q_pos >= 0) & (q_pos < N_DOC)
+                q_doc = tl.load(doc_base + q_pos * s_doc_n, mask=q_ok, other=0)
+            keep = _visible(q_pos[None, :], (k_pos0 + offs_n)[:, None], q_doc[None, :], k_doc[:, None],
+                            q_ok[None, :], k_ok[:, None], window, CAUSAL, WINDOW, HAS_DOC)
+            p_t = tl.where(keep, p_t, 0.0)
+        dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)
+        dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KLEN, DOC, RUN_LO, RUN_HI,
+                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+                  sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, s_doc_b, s_doc_n,
+                  H_q, H_kv, N_q, N_k, N_DOC, GROUP, q_pos0, k_pos0, window, qk_scale, sm_scale, TUNE_N_Q, TUNE_N_K,
+                  HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_LEN: tl.constexpr, HAS_DOC: tl.constexpr,
+                  DOC_RUNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(N_k, BLOCK_N)·B·H_kv,). dK, dV of one key block, summed over all query heads of its group."""
+    tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "tl.dot needs inner dimensions of at least 16")
+    pid_n, pid_bh = _program(N_k, BLOCK_N, False)  # causal: the first key tiles are the heavy ones already
+    b = (pid_bh // H_kv).to(tl.int64)
+    hk = (pid_bh % H_kv).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_k = offs_n < N_k
+    k = _tile(K + b * skb + hk * skh, offs_n, skn, skd, N_k, HEAD_D, BLOCK_D, True)
+    v = _tile(V + b * svb + hk * svh, offs_n, svn, svd, N_k, HEAD_DV, BLOCK_DV, True)
+    k_first = k_pos0 + start_n
+    k_last = k_pos0 + tl.minimum(start_n + BLOCK_N, N_k) - 1
+    k_pos = k_pos0 + offs_n
+
+    # Query rows that may see some key of this block, and the block-aligned middle that sees all of it.
+    lo = 0
+    hi = N_q
+    full_lo_raw = 0
+    full_hi_raw = N_q
+    k_ok = in_k
+    if HAS_LEN:
+        klen = tl.load(KLEN + b)
+        k_ok = in_k & (offs_n < klen)
+        if start_n >= klen:
+            hi = 0
+        if start_n + BLOCK_N > klen:  # padding keys in this block: every query block needs the mask
+            full_lo_raw = N_q
+    if CAUSAL:  # q_pos >= k_pos
+        lo = tl.maximum(lo, k_first - q_pos0)
+        full_lo_raw = tl.maximum(full_lo_raw, k_last - q_pos0)
+    if WINDOW:  # q_pos < k_pos + window
+        hi = tl.minimum(hi, k_last + window - q_pos0)
+        full_hi_raw = tl.minimum(full_hi_raw, k_first + window - q_pos0)
+    doc_base = DOC
+    k_doc = offs_n
+    if HAS_DOC:
+        doc_base = DOC + b * s_doc_b
+        k_doc = tl.load(doc_base + k_pos * s_doc_n, mask=in_k, other=0)
+        full_lo_raw = N_q
+    if DOC_RUNS:  # only the queries in the keys' runs (contiguous documents) can see them
+        run_lo = tl.load(RUN_LO + b * s_doc_b + k_pos * s_doc_n, mask=in_k, other=FAR)
+        run_hi = tl.load(RUN_HI + b * s_doc_b + k_pos * s_doc_n, mask=in_k, other=-FAR)
+        lo = tl.maximum(lo, tl.min(run_lo, 0) - q_pos0)
+        hi = tl.minimum(hi, tl.max(run_hi, 0) - q_pos0)
+    lo, hi, full_lo, full_hi = _span(lo, hi, full_lo_raw, full_hi_raw, BLOCK_M)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+    for g in range(GROUP):  # the query heads sharing this key/value head, in a fixed order (no atomics)
+        h = hk * GROUP + g
+        row0 = (b * H_q + h) * N_q
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        for part in tl.static_range(3):
+            if part == 1:
+                dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, k_ok, k_doc, q_base, do_base, doc_base, LSE, DELTA,
+                                     row0, sqn, sqd, sdon, sdod, s_doc_n, full_lo, full_hi, N_q, N_DOC, q_pos0,
+                                     k_pos0, window, qk_scale, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, False,
+                                     CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST)
+            else:
+                start = lo if part == 0 else full_hi
+                end = full_lo if part == 0 else hi
+                dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, k_ok, k_doc, q_base, do_base, doc_base, LSE, DELTA,
+                                     row0, sqn, sqd, sdon, sdod, s_doc_n, start, end, N_q, N_DOC, q_pos0,
+                                     k_pos0, window, qk_scale, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, True,
+                                     CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST)
+    dk = dk * sm_scale
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=in_k[:, None] & (offs_d[None, :] < HEAD_D))
+    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=in_k[:, None] & (offs_dv[None, :] < HEAD_DV))
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd, svn, svd, s_doc_n,
+              start, end, N_k, klen, k_pos0, window, qk_scale,
+              HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+              HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _tile(k_base, offs_n, skn, skd, N_k, HEAD_D, BLOCK_D, MASKED)  # unmasked blocks lie inside [0, N_k)
+        v = _tile(v_base, offs_n, svn, svd, N_k, HEAD_DV, BLOCK_DV, MASKED)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            in_k = offs_n < N_k
+            k_doc = offs_n
+            if HAS_DOC:
+                k_doc = tl.load(doc_base + (k_pos0 + offs_n) * s_doc_n, mask=in_k, other=0)
+            k_ok = in_k & (offs_n < klen)
+            keep = _visible(q_pos[:, None], (k_pos0 + offs_n)[None, :], q_doc[:, None], k_doc[None, :],
+                            q_ok[:, None], k_ok[None, :], window, CAUSAL, WINDOW, HAS_DOC)
+            p = tl.where(keep, p, 0.0)
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KLEN, DOC, RUN_LO, RUN_HI,
+                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+                sdqb, sdqh, sdqn, sdqd, s_doc_b, s_doc_n,
+                H_q, N_q, N_k, N_DOC, GROUP, q_pos0, k_pos0, window, qk_scale, sm_scale, TUNE_N_Q, TUNE_N_K,
+                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_LEN: tl.constexpr, HAS_DOC: tl.constexpr,
+                DOC_RUNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(N_q, BLOCK_M)·B·H_q,). dQ of one query block: the same key ranges as the forward."""
+    tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "tl.dot needs inner dimensions of at least 16")
+    pid_m, pid_bh = _program(N_q, BLOCK_M, CAUSAL)
+    b = (pid_bh // H_q).to(tl.int64)
+    h = (pid_bh % H_q).to(tl.int64)
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_in = offs_m < N_q
+    q = _tile(Q + b * sqb + h * sqh, offs_m, sqn, sqd, N_q, HEAD_D, BLOCK_D, True)
+    do = _tile(DO + b * sdob + h * sdoh, offs_m, sdon, sdod, N_q, HEAD_DV, BLOCK_DV, True)
+    lse, delta = _row_stats(LSE, DELTA, pid_bh.to(tl.int64) * N_q, offs_m, N_q)
+    q_pos = q_pos0 + offs_m
+    q_first = q_pos0 + start_m
+    q_last = q_pos0 + tl.minimum(start_m + BLOCK_M, N_q) - 1
+    klen = N_k
+    if HAS_LEN:
+        klen = tl.load(KLEN + b)
+    q_doc = offs_m
+    q_ok = q_in
+    doc_base = DOC
+    if HAS_DOC:
+        doc_base = DOC + b * s_doc_b
+        q_ok = q_in & (q_pos >= 0) & (q_pos < N_DOC)
+        q_doc = tl.load(doc_base + q_pos * s_doc_n, mask=q_ok, other=0)
+    lo, hi, full_lo, full_hi = _key_span(b, q_first, q_last, q_pos, q_in, N_k, klen, k_pos0, window, RUN_LO,
+                                         RUN_HI, s_doc_b, s_doc_n, N_DOC, BLOCK_N, CAUSAL, WINDOW, HAS_DOC,
+                                         DOC_RUNS)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for part in tl.static_range(3):
+        if part == 1:
+            dq = _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd, svn, svd,
+                           s_doc_n, full_lo, full_hi, N_k, klen, k_pos0, window, qk_scale, HEAD_D, HEAD_DV,
+                           BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST)
+        else:
+            start = lo if part == 0 else full_hi
+            end = full_lo if part == 0 else hi
+            dq = _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd, svn, svd,
+                           s_doc_n, start, end, N_k, klen, k_pos0, window, qk_scale, HEAD_D, HEAD_DV,
+                           BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST)
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=q_in[:, None] & (offs_d[None, :] < HEAD_D))

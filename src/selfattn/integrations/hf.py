@@ -1,0 +1,151 @@
+"""selfattn inside Hugging Face transformers: ``attn_implementation="selfattn"``.
+
+    >>> import selfattn.integrations.hf  # registers "selfattn" with transformers  # doctest: +SKIP
+    >>> model = AutoModelForCausalLM.from_config(config, attn_implementation="selfattn")  # doctest: +SKIP
+
+Importing this module registers ``attention_forward`` with transformers' ``AttentionInterface`` and the mask builder
+of transformers' "sdpa" (``sdpa_mask``) with its ``AttentionMaskInterface``, so every model family that supports the
+interface (Llama-style with GQA and RoPE, GPT-2, BERT-style encoders, ...) runs its attention on selfattn, with
+transformers' own caches for generation. ``output_attentions=True`` returns the weights
+(``selfattn.attention_weights``).
+
+Masks: transformers hands the layer either None plus ``is_causal`` (no padding) or a 4-D bool mask (True = attend)
+of shape (B, 1, N_q, N_k). None becomes ``causal=True`` — bottom-right aligned, which is what a KV cache needs. A bool
+mask is recognised, when it is one, as "key mask" or "causal & key mask" (padding on the left or the right) and passed
+as a ready-made mask, so the tiled backends skip whole blocks without reading N_q x N_k values; any other pattern is
+passed as the dense bool mask. A float mask is an additive bias.
+
+Differences from transformers' eager attention: a query row whose keys are all masked (a left-padding position)
+gets zeros, not a uniform average; dropout is not supported (``model.eval()``, or ``attention_dropout=0``).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor
+
+import selfattn
+from selfattn import masks
+
+NAME = "selfattn"
+
+_UNSUPPORTED_KWARGS = {"softcap": "logit soft-capping", "s_aux": "attention sinks"}
+
+
+def register(name: str = NAME) -> str:
+    """Register selfattn with transformers under ``name`` (done on import with "selfattn"); returns the name."""
+    try:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+    except ImportError as e:
+        raise ImportError(f"selfattn.integrations.hf needs transformers with AttentionInterface and "
+                          f"AttentionMaskInterface (tested with 5.24): pip install 'selfattn[hf]' ({e})") from e
+
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs):
+    """transformers' attention-function signature: query (B, H_q, N_q, D), key (B, H_kv, N_k, D),
+    value (B, H_kv, N_k, D_v) -> (out (B, N_q, H_q, D_v), weights (B, H_q, N_q, N_k) or None)."""
+    if dropout:
+        raise ValueError(f"selfattn computes attention without dropout, got dropout={dropout}; call model.eval() "
+                         "for inference, or set the config's attention dropout to 0 for training")
+    for kw, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(kw) is not None:
+            raise ValueError(f"selfattn does not support {what} ({kw}=...); use attn_implementation='eager'")
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    N_q, N_k = query.shape[2], key.shape[2]
+    bias = kwargs.get("position_bias")
+    mask = None
+    if attention_mask is None:
+        if causal and 1 < N_q < N_k:
+            # transformers passes no mask here only when the cache is empty (a static cache's prefill): the keys past
+            # N_q are unwritten slots, and the queries start at position 0 (top-left alignment)
+            key, value = key[:, :, :N_q], value[:, :, :N_q]
+            bias = None if bias is None else bias[..., :N_q]
+    elif attention_mask.dtype == torch.bool:
+        causal, mask = False, structured_mask(attention_mask)
+    else:
+        causal = False
+        bias = attention_mask if bias is None else bias + attention_mask
+    out = selfattn.attention(query, key, value, causal=causal, mask=mask, bias=bias, scale=scaling)
+    weights = None
+    if _weights_requested(module, kwargs):
+        weights = selfattn.attention_weights(query, key, causal=causal, mask=mask, bias=bias, scale=scaling)
+    return out.transpose(1, 2).contiguous(), weights  # (B, N_q, H_q, D_v)
+
+
+def _weights_requested(module, kwargs) -> bool:
+    """output_attentions=True reaches the layer as a kwarg, the config's flag, or (GPT-2, which pops the kwarg) only as
+    transformers' active output collector asking for attentions."""
+    if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # an older layout of transformers: the kwarg and the config are all there is
+        return False
+    collecting = _active_collector.get()
+    return collecting is not None and ("attentions" in collecting or "cross_attentions" in collecting)
+
+
+# --------------------------------------------------------------------------------------------- transformers' masks
+
+_last: list = [None, None]  # (weakref to the last bool mask, its selfattn mask): the same mask serves every layer
+
+
+def structured_mask(mask: Tensor) -> masks.Mask | Tensor:
+    """A (B or 1, 1, N_q, N_k) bool mask (True = attend) as ``key_mask(valid)`` or ``causal() & key_mask(valid)``
+    when it is exactly one of those (padding on either side), else the tensor itself (a dense mask)."""
+    if torch.compiler.is_compiling():
+        return mask  # reading the mask's values would break the graph; it travels dense through the custom op
+    if _last[0] is not None and _last[0]() is mask:
+        return _last[1]
+    result = _recognise(mask)
+    _last[:] = [weakref.ref(mask), result]
+    return result
+
+
+def _recognise(mask: Tensor) -> masks.Mask | Tensor:
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        return mask
+    N_q, N_k = mask.shape[2], mask.shape[3]
+    valid = mask.any(dim=2)[:, 0]  # (B, N_k): keys that some query sees
+    by_key = valid[:, None, None, :]  # (B, 1, 1, N_k)
+    if torch.equal(mask, by_key.expand_as(mask)):
+        return key_mask(valid)
+    causal = masks.causal().dense(1, 1, N_q, N_k, mask.device)  # bottom-right: the queries are the newest tokens
+    if torch.equal(mask, (by_key & causal).expand_as(mask)):
+        return masks.causal() & key_mask(valid)
+    return mask
+
+
+def key_mask(valid: Tensor) -> masks.Mask:
+    """Key j of batch element b is visible when ``valid[b, j]`` (padding anywhere: left, right, both).
+    Right padding becomes ``masks.key_padding(lengths)``; otherwise a Mask with an exact block classifier."""
+    lengths = valid.sum(-1)  # (B,)
+    if torch.equal(valid, torch.arange(valid.shape[-1], device=valid.device)[None] < lengths[:, None]):
+        return masks.key_padding(lengths)
+    counts = torch.nn.functional.pad(valid.long().cumsum(-1), (1, 0))  # (B, N_k + 1): valid keys before each index
+    n = valid.shape[-1]
+
+    def mask_mod(b, h, q, k):
+        return valid.to(k.device)[b, k.clamp(0, n - 1)] & (k >= 0) & (k < n)
+
+    def block_fn(B, H, q_lo, q_hi, k_lo, k_hi):
+        lo, hi = k_lo.clamp(0, n), k_hi.clamp(0, n)  # (1, nK)
+        c = counts.to(k_lo.device)
+        seen = c[:, hi[0]] - c[:, lo[0]]  # (B, nK) valid keys in each block
+        any_ = (seen > 0)[:, None, None, :]
+        all_ = (seen == (k_hi - k_lo)[0])[:, None, None, :]
+        return masks._state(any_, all_).expand(-1, 1, q_lo.shape[0], -1)
+
+    return masks.Mask(mask_mod, "key_mask", block_fn)
+
+
+register()  # on import: `import selfattn.integrations.hf` is all a user writes

@@ -1,0 +1,98 @@
+"""What is specific to the tiled backend: masked tiles are really skipped, memory stays O(N), the work is split
+over the cores. Its accuracy against the oracle is tested with every other backend in test_backends.py."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import selfattn
+from selfattn import backends, masks
+from selfattn.backends import tiled
+
+
+def run_counted(n, **kw):
+    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for _ in range(3))
+    tiled.TILE_COUNTS.clear()
+    out = selfattn.attention(q, k, v, backend="tiled", **kw)
+    out.sum().backward()
+    return dict(tiled.TILE_COUNTS)
+
+
+def test_causal_skips_the_tiles_above_the_diagonal():
+    n_blocks = 6  # 6 x 6 tiles of 256: the lower triangle with its diagonal is 21 of 36
+    counts = run_counted(n_blocks * tiled.BLOCK_Q, causal=True)
+    assert counts == {"forward": 21, "backward": 21}, counts
+
+
+def test_sliding_window_computes_a_band():
+    n, w = 8 * tiled.BLOCK_Q, tiled.BLOCK_Q  # each query block sees its own tile and the one before it
+    counts = run_counted(n, mask=masks.sliding_window(w))
+    assert counts == {"forward": 15, "backward": 15}, counts
+
+
+def test_packed_documents_skip_the_other_documents():
+    n = 8 * tiled.BLOCK_Q
+    ids = torch.arange(n) // (2 * tiled.BLOCK_Q)  # four documents of two blocks each
+    counts = run_counted(n, mask=masks.document(ids), causal=True)
+    assert counts == {"forward": 4 * 3, "backward": 4 * 3}, counts
+
+
+def test_key_padding_skips_padding_blocks_and_zeroes_empty_rows():
+    n = 4 * tiled.BLOCK_Q
+    q, k, v = (torch.randn(2, 2, n, 16) for _ in range(3))
+    lengths = torch.tensor([tiled.BLOCK_K, 0])  # batch element 1 sees nothing at all
+    tiled.TILE_COUNTS.clear()
+    out, lse = selfattn.attention(q, k, v, mask=masks.key_padding(lengths), backend="tiled", return_lse=True)
+    assert tiled.TILE_COUNTS["forward"] == 4, dict(tiled.TILE_COUNTS)  # one key block for every query block
+    assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
+    torch.testing.assert_close(out[0], selfattn.attention(q[:1], k[:1, :, :256], v[:1, :, :256], backend="tiled")[0])
+
+
+def test_float16_and_bfloat16_inputs_keep_their_dtype_and_give_float32_lse():
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k, v = (torch.randn(1, 2, 300, 32, dtype=dtype, requires_grad=True) for _ in range(3))
+        out, lse = selfattn.attention(q, k, v, causal=True, backend="tiled", return_lse=True)
+        out.float().sum().backward()
+        assert out.dtype == dtype and lse.dtype == torch.float32 and q.grad.dtype == dtype
+        assert all(torch.isfinite(t).all() for t in (out, q.grad, k.grad, v.grad))
+
+
+def test_tiled_is_the_default_for_cpu_tensors():
+    q = torch.randn(1, 1, 4, 8)
+    call = selfattn.api.make_call(q, q, q, causal=True)
+    assert backends.choose(call).name == "tiled"
+
+
+def test_bias_that_requires_grad_is_refused_with_a_reason():
+    q = torch.randn(1, 1, 4, 8, requires_grad=True)
+    bias = torch.zeros(1, 1, 4, 4, requires_grad=True)
+    with pytest.raises(backends.BackendError, match="bias.detach"):
+        selfattn.attention(q, q, q, bias=bias, backend="tiled")
+
+
+def test_balance_splits_the_tiles_evenly():
+    costs = list(range(1, 17))  # a causal column profile: later key blocks have fewer (here: more) tiles
+    shares = tiled._balance(costs, 2)
+    assert sorted(j for s in shares for j in s) == list(range(16))
+    a, b = (sum(costs[j] for j in s) for s in shares)
+    assert abs(a - b) <= max(costs), (a, b)
+
+
+def test_peak_memory_grows_linearly():
+    """Forward and backward at N = 16,384 would need a 1 GiB float32 score matrix per head; the tiled backend must
+    stay within a small multiple of its inputs (measured in a fresh process)."""
+    script = textwrap.dedent("""
+        import resource, torch, selfattn
+        q, k, v = (torch.randn(1, 1, 16384, 32, requires_grad=True) for _ in range(3))
+        selfattn.attention(q[:, :, :300], k[:, :, :300], v[:, :, :300], backend="tiled").sum().backward()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        selfattn.attention(q, k, v, causal=True, backend="tiled").sum().backward()
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    """)
+    grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                               env={"PYTHONPATH": ":".join(sys.path)}).stdout)
+    n_squared = 16384**2 * 4
+    assert grown < n_squared / 16, f"peak memory grew by {grown / 2**20:.0f} MiB; N² floats are {n_squared / 2**20} MiB"

@@ -1,0 +1,263 @@
+"""The Triton kernels against the float64 oracle on small shapes, run on the CPU by Triton's interpreter.
+
+Not collected by a plain ``pytest`` run (the file name does not start with ``test_``): TRITON_INTERPRET=1 must be set
+before Triton is first imported, so ``test_triton_interpreter.py`` runs this file in a subprocess with it set:
+
+    TRITON_INTERPRET=1 python -m pytest tests/triton_cases.py
+
+``check_case`` is shared with the GPU matrix in ``test_triton_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+
+import pytest
+import torch
+
+import selfattn
+from selfattn import backends, masks, reference, testing
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def build_mask(kind: str, B: int, N_q: int, N_k: int, g: torch.Generator) -> dict:
+    """Keyword arguments of ``attention`` for one mask kind (every kind the kernels take)."""
+    if kind == "none":
+        return {}
+    if kind == "causal":
+        return dict(causal=True)
+    if kind == "window":
+        return dict(mask=masks.sliding_window(int(torch.randint(1, 40, (), generator=g))))
+    if kind == "padding":
+        lengths = torch.randint(0, N_k + 1, (B,), generator=g)
+        lengths[0] = 0  # a batch element whose rows see nothing
+        return dict(mask=masks.key_padding(lengths))
+    if kind == "causal+padding":
+        lengths = torch.randint(N_k // 2, N_k + 1, (B,), generator=g)
+        return dict(mask=masks.key_padding(lengths), causal=True)
+    if kind == "document":  # packed sequences: sorted ids, so every document is one run (blocks are skipped)
+        ids = torch.sort(torch.randint(0, 5, (B, N_k), generator=g), dim=1).values
+        return dict(mask=masks.document(ids), causal=True)
+    if kind == "document-scattered":  # a document in several runs: no block skipping, exact per-position compare
+        return dict(mask=masks.document(torch.randint(0, 3, (N_k,), generator=g)))
+    if kind == "window&document&padding":
+        ids = torch.sort(torch.randint(0, 3, (N_k,), generator=g)).values
+        lengths = torch.randint(1, N_k + 1, (B,), generator=g)
+        return dict(mask=masks.sliding_window(17) & masks.document(ids) & masks.key_padding(lengths))
+    raise ValueError(kind)
+
+
+def check_case(shape, kind: str, dtype: torch.dtype, seed: int, *, grads: bool = True, transpose: bool = False):
+    """Forward (out, lse) and backward of backend "triton" against the float64 oracle (FlashAttention's rule)."""
+    B, H_q, H_kv, N_q, N_k, D, D_v = shape
+    g = torch.Generator().manual_seed(seed)
+    q64 = torch.randn(B, H_q, N_q, D, generator=g, dtype=torch.float64)
+    k64 = torch.randn(B, H_kv, N_k, D, generator=g, dtype=torch.float64)
+    v64 = torch.randn(B, H_kv, N_k, D_v, generator=g, dtype=torch.float64)
+    kw = build_mask(kind, B, N_q, N_k, g)
+    q, k, v = (t.to(DEVICE, dtype) for t in (q64, k64, v64))
+    kw = {n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+    if transpose:  # strided inputs, as they come out of a (B, N, H, D) projection
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    q, k, v = (t.requires_grad_(grads) for t in (q, k, v))
+
+    if ON_GPU:  # the caching allocator hands this NaN-filled memory to the outputs next
+        torch.full((64 << 20,), float("nan"), device="cuda")
+    else:
+        testing.poison_allocator()
+    out, lse = selfattn.attention(q, k, v, backend="triton", return_lse=True, **kw)
+    q_r, k_r, v_r = (t.detach().double().requires_grad_(grads) for t in (q, k, v))  # on the device: fp64
+    out_ref, lse_ref = reference.attention(q_r, k_r, v_r, return_lse=True, **kw)  # masks move to the tensors' device
+    q_n, k_n, v_n = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
+    out_naive = testing.naive(q_n, k_n, v_n, **kw)
+
+    ident = f"{shape} {kind} {dtype}"
+    assert out.dtype == dtype and out.shape == (B, H_q, N_q, D_v), ident
+    testing.check_against_oracle(out, out_naive, out_ref, what=f"triton out {ident}")
+    dead = torch.isneginf(lse_ref)
+    assert torch.equal(torch.isneginf(lse), dead), f"{ident}: lse must be -inf exactly for fully masked rows"
+    assert (out[dead] == 0).all(), f"{ident}: fully masked rows must be zeros"
+    torch.testing.assert_close(lse[~dead].double(), lse_ref[~dead], rtol=0,
+                               atol=1e-2 if dtype != torch.float32 else 1e-5, msg=lambda m: f"{ident} lse: {m}")
+    if grads:
+        d_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEVICE)
+        got = torch.autograd.grad(out, (q, k, v), d_out.to(DEVICE, dtype))
+        ref = torch.autograd.grad(out_ref, (q_r, k_r, v_r), d_out)
+        naive = torch.autograd.grad(out_naive, (q_n, k_n, v_n), d_out.to(DEVICE, dtype))
+        # dS = P·(dP − delta) cancels: its rounding is relative to |dP|, not to |dS| (which is exactly 0 for a row
+        # with one key, where the naive autograd happens to be exact). The floor is eps at that magnitude.
+        dp = (d_out.cpu() @ v64.repeat_interleave(H_q // H_kv, 1).transpose(-2, -1)).abs().max().item()
+        big = max(q64.abs().max().item(), k64.abs().max().item()) * (1 / D**0.5) * dp
+        for name, a, r, n in zip("qkv", got, ref, naive, strict=True):
+            assert a.shape == r.shape and a.dtype == dtype, f"{ident} d{name}"
+            testing.check_against_oracle(a, n, r, factor=3.0, what=f"triton d{name} {ident}",
+                                         floor=testing.floor_for(dtype, max(big, r.abs().max().item())))
+
+
+# ------------------------------------------------------------------------------------ interpreter cases (small)
+
+interpreted = pytest.mark.skipif(
+    ON_GPU or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+    reason="the interpreter cases run with TRITON_INTERPRET=1 (tests/test_triton_interpreter.py starts them)")
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+CASES = [  # (B, H_q, H_kv, N_q, N_k, D, D_v), mask kind, dtype
+    ((1, 1, 1, 1, 1, 16, 16), "none", F32),
+    ((2, 4, 2, 37, 53, 24, 24), "none", BF16),  # GQA, N_q != N_k, odd head dim
+    ((2, 4, 2, 37, 53, 24, 24), "causal", F16),
+    ((1, 2, 1, 53, 37, 64, 32), "causal", BF16),  # N_q > N_k: the first rows see nothing; D != D_v
+    ((1, 3, 3, 70, 70, 32, 32), "window", F16),
+    ((3, 2, 1, 45, 61, 40, 40), "padding", BF16),
+    ((2, 2, 2, 50, 50, 16, 16), "causal+padding", F32),
+    ((2, 2, 1, 64, 64, 32, 32), "document", F16),
+    ((1, 2, 2, 33, 47, 16, 16), "document-scattered", F32),
+    ((2, 2, 1, 60, 60, 32, 32), "window&document&padding", BF16),
+    ((1, 1, 1, 40, 40, 128, 128), "causal", BF16),
+    ((1, 1, 1, 19, 35, 256, 256), "none", F16),
+    ((1, 2, 1, 17, 33, 59, 59), "causal", F32),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("shape, kind, dtype", CASES, ids=[f"{s}-{k}-{d}".replace(" ", "") for s, k, d in CASES])
+def test_matches_the_oracle(shape, kind, dtype):
+    check_case(shape, kind, dtype, seed=zlib.crc32(f"{shape}{kind}".encode()))
+
+
+@interpreted
+def test_strided_inputs():
+    check_case((2, 2, 1, 30, 41, 32, 32), "causal", F16, seed=3, transpose=True)
+
+
+@interpreted
+def test_forward_only_without_grad():
+    check_case((1, 2, 2, 23, 23, 16, 16), "window", BF16, seed=4, grads=False)
+
+
+@interpreted
+def test_gradient_through_lse():
+    """A loss that uses the log-sum-exp too (as z-loss or merging does): dlse flows into dS = P·(dP − delta + dlse)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g, dtype=torch.float32) for n in (21, 29, 29))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = selfattn.attention(q, k, v, causal=True, backend="triton", return_lse=True)
+    w = torch.randn(lse.shape, generator=g)
+    got = torch.autograd.grad((out.sum(-1) + w * lse).sum(), (q, k, v))
+    q_r, k_r, v_r = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out_r, lse_r = reference.attention(q_r, k_r, v_r, causal=True, return_lse=True)
+    ref = torch.autograd.grad((out_r.sum(-1) + w.double() * lse_r).sum(), (q_r, k_r, v_r))
+    for name, a, r in zip("qkv", got, ref, strict=True):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@interpreted
+def test_block_positions():
+    """q_pos0 / k_pos0 (one block of a larger problem, as ring attention calls it) move the causal diagonal."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for n in (20, 30, 30))
+    whole = selfattn.api.make_call(q, k, v, causal=True)
+    for q_pos0, k_pos0 in ((40, 25), (0, 5), (10, 10)):
+        call = dataclasses.replace(whole, q_pos0=q_pos0, k_pos0=k_pos0)
+        out, lse = backends.get("triton").forward(call)
+        out_r, lse_r = reference.attention(q.double(), k.double(), v.double(), causal=True, return_lse=True,
+                                           q_pos0=q_pos0, k_pos0=k_pos0)
+        torch.testing.assert_close(out.double(), out_r, rtol=1e-5, atol=1e-5)
+        dead = torch.isneginf(lse_r)
+        assert torch.equal(torch.isneginf(lse), dead)
+        torch.testing.assert_close(lse[~dead].double(), lse_r[~dead], rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+def test_two_runs_are_bitwise_equal():
+    """No atomics: forward and every gradient repeat bit for bit."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 4, 45, 32, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]  # GQA: dK/dV sum over two query heads
+
+    def run():
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = selfattn.attention(qq, kk, vv, causal=True, backend="triton")
+        return (out, *torch.autograd.grad(out, (qq, kk, vv), torch.ones_like(out)))
+
+    for a, b in zip(run(), run(), strict=True):
+        assert torch.equal(a, b)
+
+
+@interpreted
+def test_never_chosen_automatically_for_cpu_tensors():
+    q = torch.randn(1, 1, 8, 16)
+    call = selfattn.api.make_call(q, q, q)
+    assert backends.choose(call).name != "triton"
+    assert backends.choose(call, "triton").name == "triton"  # named, it runs under the interpreter
+
+
+@interpreted
+@pytest.mark.parametrize("kw, words", [
+    (dict(mask=masks.Mask(lambda b, h, q, k: (q - k) % 3 != 1)), "custom mask_mod"),
+    (dict(mask=masks.causal() | masks.key_padding(torch.tensor([3]))), "| of masks"),
+    (dict(mask=torch.ones(8, 8, dtype=torch.bool)), "dense bool mask tensor"),
+    (dict(bias=torch.zeros(8, 8)), "additive bias"),
+    (dict(mask=masks.key_padding(torch.tensor([3, 4]))), "lengths have shape (2,)"),
+], ids=["custom", "or", "tensor", "bias", "bad-lengths"])
+def test_refusals_say_why(kw, words):
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(backends.BackendError, match=words.replace("(", r"\(").replace(")", r"\)").replace("|", r"\|")):
+        selfattn.attention(q, q, q, backend="triton", **kw)
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["none", "causal", "window", "document"])
+def test_blocks_merged_by_lse_equal_the_whole(kind):
+    """forward_block / backward_block (what ring attention and split-KV decoding call): split the keys in three,
+    merge the blocks by lse; the block backward with the final out and lse adds up to the full gradient."""
+    g = torch.Generator().manual_seed(9)
+    B, H_q, H_kv, N_q, N_k, D = 2, 4, 2, 37, 101, 16
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((H_q, N_q), (H_kv, N_k), (H_kv, N_k)))
+    kw = build_mask(kind, B, N_q, N_k, g)
+    whole = selfattn.api.make_call(q, k, v, **kw)
+    parts = [dataclasses.replace(whole, k=k[:, :, a:b], v=v[:, :, a:b], q_pos0=whole.q_start, k_pos0=a)
+             for a, b in ((0, 30), (30, 31), (31, N_k))]
+    impl = backends.get("triton")
+    outs, lses = zip(*(impl.forward_block(p) for p in parts), strict=True)
+    assert all(o.dtype == torch.float32 for o in outs)
+    out, lse = backends.merge_by_lse(list(outs), list(lses))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    out_ref, lse_ref = reference.attention(q64, k64, v64, return_lse=True, **kw)
+    torch.testing.assert_close(out.double(), out_ref, rtol=1e-5, atol=1e-5)
+    dead = torch.isneginf(lse_ref)
+    torch.testing.assert_close(lse[~dead].double(), lse_ref[~dead], rtol=1e-5, atol=1e-5)
+    d_out = torch.randn(out.shape, generator=g)
+    blocks = [impl.backward_block(p, out, lse, d_out) for p in parts]
+    dq = sum(b[0] for b in blocks)
+    dk = torch.cat([b[1] for b in blocks], dim=2)
+    dv = torch.cat([b[2] for b in blocks], dim=2)
+    grads_ref = torch.autograd.grad(out_ref, (q64, k64, v64), d_out.double())
+    for name, a, r in zip("qkv", (dq, dk, dv), grads_ref, strict=True):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+KINDS = ["none", "causal", "window", "padding", "causal+padding", "document", "document-scattered",
+         "window&document&padding"]
+
+
+@interpreted
+@pytest.mark.parametrize("seed", range(int(os.environ.get("SELFATTN_RANDOM_CASES", "8"))))
+def test_random_shapes_and_tiles(seed, monkeypatch):
+    """Random sizes, masks and tile shapes: the block ranges (skipped / boundary / fully visible) at every alignment."""
+    from selfattn.backends import triton_flash
+
+    g = torch.Generator().manual_seed(1000 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (), generator=g))]
+
+    tiles = pick([(16, 16), (16, 32), (32, 16), (32, 64), (64, 16)])
+    monkeypatch.setattr(triton_flash, "INTERPRETER_BLOCKS", {"fwd": tiles, "dkdv": tiles[::-1], "dq": tiles})
+    H_kv, group = pick([1, 2]), pick([1, 2, 3])
+    N_q, N_k = (int(torch.randint(1, 90, (), generator=g)) for _ in range(2))
+    shape = (pick([1, 2]), H_kv * group, H_kv, N_q, N_k, pick([16, 24, 40]), pick([16, 32]))
+    check_case(shape, pick(KINDS), pick([F32, F16]), seed=seed)
