@@ -373,9 +373,10 @@ def _train_on_ranks(rank, world_size, cfg_kwargs):
 
 
 def test_training_over_two_processes_matches_one_process():
-    """examples/ring_train.py: the same seed gives the same losses with the sequence split over 2 ranks."""
+    """examples/ring_train.py (the tiny GPT): the same seed gives the same losses with the sequence split over 2
+    ranks."""
     example = _load_example()
-    cfg_kwargs = dict(n_layers=1, d_model=16, seq_len=32, batch=2, steps=4)
+    cfg_kwargs = dict(n_layer=1, d_model=16, seq_len=32, batch=2, steps=4)
     single = example.train(example.Config(**cfg_kwargs))
     ring = run_group(_train_on_ranks, 2, cfg_kwargs)
     assert ring[0] == ring[1], f"the ranks report different losses: {ring}"
