@@ -13,12 +13,8 @@ from selfattn.backends.base import AttentionCall, Backend
 @dataclass(frozen=True)
 class ReferenceBackend(Backend):
     def call_reasons(self, call: AttentionCall) -> list[str]:
-        n = call.B * call.H_q * call.N_q * call.N_k
-        need, have = reference.bytes_needed(n), reference.available_memory_bytes()
-        if need > have // 2:
-            return [f"its N_q x N_k float64 matrices need ~{need / 2**30:.1f} GiB, more than half the "
-                    f"{have / 2**30:.1f} GiB available"]
-        return []
+        shortfall = reference.memory_shortfall(call.B * call.H_q * call.N_q * call.N_k)
+        return [] if shortfall is None else [f"materialises the N_q x N_k matrix: {shortfall}"]
 
     def forward(self, call: AttentionCall):
         s = self._steps(call, call.q, call.k, call.v)
