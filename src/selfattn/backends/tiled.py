@@ -27,7 +27,7 @@ import os
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -36,7 +36,13 @@ from selfattn import masks
 from selfattn.backends.base import AttentionCall, Backend
 
 BLOCK_Q = 256  # query rows per tile: big enough that one tile's matrix products dwarf the Python overhead
+# Query rows per call of the fused kernel when the mask is nothing or plain causal: the kernel then runs as fast as
+# on the whole sequence (with 256 rows it lost ~25%), and it skips the upper half of a causal diagonal run itself.
+DENSE_BLOCK_Q = 1024
 BLOCK_K = 256  # keys per tile: the granularity at which masked regions are skipped
+# The fused kernel's backward parallelises over batch x heads only: it is used when there are at least this many
+# (key/value) heads per core; fewer heads (B = H = 1) take the tiled backward, parallel over key blocks.
+KERNEL_BACKWARD_MIN_HEADS = 2
 
 # Tiles computed since the last reset, by phase ("forward", "backward"): lets tests check that skipping skips.
 TILE_COUNTS: Counter = Counter()
@@ -59,6 +65,7 @@ class _Plan:
     block_q: int
     block_k: int
     states: Tensor
+    cache: dict = field(default_factory=dict, compare=False)  # tile masks of shift-invariant masks, by offset
 
     @property
     def group(self) -> int:
@@ -83,6 +90,24 @@ class _Plan:
                 out.append((j, j + 1, masked))
         return out
 
+    def offset(self, q0: int, k0: int) -> int:
+        """Position of query row q0 minus position of key k0."""
+        return self.call.q_start + q0 - (self.call.k_pos0 + k0)
+
+    def cached(self, what: str, q0: int, q1: int, k0: int, k1: int, make):
+        """``make()`` once per tile offset and shape when the mask depends only on q_idx − kv_idx (causal, sliding
+        windows): a long causal or windowed call then builds two or three tile masks, not one per tile."""
+        if not _shift_invariant(self.call.mask.spec):
+            return make()
+        key = (what, self.offset(q0, k0), q1 - q0, k1 - k0)
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def hidden(self, q0: int, q1: int, k0: int, k1: int) -> Tensor:
+        """~visible, folded; cached for shift-invariant masks."""
+        return self.cached("hidden", q0, q1, k0, k1, lambda: ~self.visible(q0, q1, k0, k1))
+
     def visible(self, q0: int, q1: int, k0: int, k1: int) -> Tensor:
         """The mask on rows q0:q1 and keys k0:k1, folded: bool (B or 1, H_kv or 1, R, k1 − k0)."""
         c = self.call
@@ -104,6 +129,14 @@ def _plan(call: AttentionCall, block_q: int, block_k: int) -> _Plan:
         states = torch.where(hi == masks.EMPTY, masks.EMPTY, torch.where(lo == masks.FULL, masks.FULL, masks.PARTIAL))
         states = states.to(torch.int8)
     return _Plan(call, block_q, block_k, states)
+
+
+def _shift_invariant(spec) -> bool:
+    if spec is None:
+        return False
+    if spec[0] in ("and", "or"):
+        return _shift_invariant(spec[1]) and _shift_invariant(spec[2])
+    return spec[0] in ("causal", "sliding_window")
 
 
 def _fold(t: Tensor, group: int) -> Tensor:
@@ -137,15 +170,18 @@ def _additive_mask(plan: _Plan, q0: int, q1: int, k0: int, k1: int, masked: bool
     """The mask and bias of one run as the float additive mask the fused kernel takes (−inf = hidden), folded,
     and the rows that see no key at all in this run (the kernel reports lse 0 for them, not −inf)."""
     c = plan.call
-    add = None
-    if c.bias is not None:
-        add = _fold(_bias4(c.bias)[:, :, q0:q1, k0:k1], plan.group).to(dtype)
-    vis = plan.visible(q0, q1, k0, k1) if masked else None
-    if vis is not None:
-        add = torch.zeros(vis.shape, dtype=dtype, device=c.device) if add is None else add
-        add = add.masked_fill(~vis, -math.inf)
-    if add is None:
-        return None, None
+    if c.bias is None:
+        if not masked:
+            return None, None
+        return plan.cached(f"add-{dtype}", q0, q1, k0, k1, lambda: _with_dead(
+            torch.zeros((), dtype=dtype).masked_fill(plan.hidden(q0, q1, k0, k1), -math.inf)))
+    add = _fold(_bias4(c.bias)[:, :, q0:q1, k0:k1], plan.group).to(dtype)
+    if masked:
+        add = add.masked_fill(plan.hidden(q0, q1, k0, k1), -math.inf)
+    return _with_dead(add)
+
+
+def _with_dead(add: Tensor):
     dead = torch.isneginf(add).all(-1)  # (B', H', R): rows with no visible key in this run
     return add, (dead if bool(dead.any()) else None)
 
@@ -156,22 +192,37 @@ def _bias4(bias: Tensor) -> Tensor:
     return bias
 
 
-def _fused_run(q: Tensor, k: Tensor, v: Tensor, scale: float, add: Tensor | None):
+def _kernel_causal(plan: _Plan, q0: int, q1: int, k0: int, k1: int) -> bool:
+    """True when this run is exactly the fused kernel's own top-left causal mask (row r sees keys c <= r): a plain
+    causal mask, one head per row block, query q0 at the position of key k0, and no more rows than keys."""
+    c = plan.call
+    return (c.mask.spec == ("causal",) and c.bias is None and plan.group == 1 and plan.offset(q0, k0) == 0
+            and q1 - q0 <= k1 - k0)
+
+
+def _fused_run(q: Tensor, k: Tensor, v: Tensor, scale: float, add: Tensor | None, causal: bool = False):
     """PyTorch's fused CPU flash kernel on one run of keys: (out (B, H_kv, R, D_v), lse (B, H_kv, R))."""
     D, D_v = q.shape[-1], v.shape[-1]
     if D_v < D:  # the kernel wants one head size: zero columns of V add zero columns to the output
         v = torch.nn.functional.pad(v, (0, D - D_v))
     elif D < D_v:  # zero columns of q and k add nothing to the scores
         q, k = (torch.nn.functional.pad(t, (0, D_v - D)) for t in (q, k))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=add, scale=scale)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal, attn_mask=add,
+                                                                          scale=scale)
     return out[..., :D_v], lse
 
 
-def _forward(call: AttentionCall, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, out_dtype=None):
+def kernel_block_q(call: AttentionCall) -> int:
+    """Query rows per fused-kernel call: large for no mask or a plain causal one, else one tile's worth."""
+    return DENSE_BLOCK_Q if call.mask is None or call.mask.spec == ("causal",) else BLOCK_Q
+
+
+def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = BLOCK_K, out_dtype=None):
     """(out (B, H_q, N_q, D_v) in ``out_dtype`` (default: the accumulation dtype), lse (B, H_q, N_q) accumulation
     dtype, −inf for rows that see no key)."""
     acc = _acc_dtype(call.dtype)
     out_dtype = acc if out_dtype is None else out_dtype
+    block_q = (BLOCK_Q if call.dtype == torch.float64 else kernel_block_q(call)) if block_q is None else block_q
     plan = _plan(call, block_q, block_k)
     g = plan.group
     mask_dtype = call.dtype if call.dtype in (torch.float32, torch.float64) else torch.float32
@@ -191,8 +242,11 @@ def _forward(call: AttentionCall, *, block_q: int = BLOCK_Q, block_k: int = BLOC
             n_tiles += int((plan.states[i] != masks.EMPTY).sum())
         for j0, j1, masked in ([] if call.dtype == torch.float64 else plan.runs(i)):
             k0, k1 = j0 * block_k, plan.k_range(j1 - 1)[1]
-            add, dead = _additive_mask(plan, q0, q1, k0, k1, masked, mask_dtype)
-            o, l_ = _fused_run(qb, call.k[:, :, k0:k1], call.v[:, :, k0:k1], call.scale, add)
+            if masked and _kernel_causal(plan, q0, q1, k0, k1):
+                add, dead, causal = None, None, True
+            else:
+                (add, dead), causal = _additive_mask(plan, q0, q1, k0, k1, masked, mask_dtype), False
+            o, l_ = _fused_run(qb, call.k[:, :, k0:k1], call.v[:, :, k0:k1], call.scale, add, causal)
             l_ = l_.to(acc)
             if dead is not None:
                 l_ = l_.masked_fill(dead.expand_as(l_), -math.inf)
@@ -241,7 +295,7 @@ def _tile_scores(plan: _Plan, i: int, j: int, qi: Tensor, kj: Tensor, neg_lse: T
         if c.bias is not None:
             s4.add_(_fold(_bias4(c.bias)[:, :, q0:q1, k0:k1], plan.group))
         if partial:
-            s4.masked_fill_(~plan.visible(q0, q1, k0, k1), -math.inf)
+            s4.masked_fill_(plan.hidden(q0, q1, k0, k1), -math.inf)
     return s
 
 
@@ -293,9 +347,12 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     Z = B * H_kv
     q, k, v = (t.to(acc) for t in (call.q, call.k, call.v))
     d_out, out = d_out.to(acc), out.to(acc)
-    delta = (d_out * out).sum(-1, keepdim=True)  # (B, H_q, N_q, 1): rowsum(dO∘O)
     # Rows that see no key have lse −inf; +inf there makes exp(S − lse) = 0 instead of NaN.
-    lse_b = torch.where(torch.isneginf(lse), math.inf, lse.to(acc))[..., None]  # (B, H_q, N_q, 1)
+    lse_b = torch.where(torch.isneginf(lse), math.inf, lse.to(acc))  # (B, H_q, N_q)
+    if acc == torch.float32 and Z >= KERNEL_BACKWARD_MIN_HEADS * _workers():
+        return _kernel_backward(_plan(call, kernel_block_q(call), block_k), q, k, v, out, lse_b, d_out)
+    lse_b = lse_b[..., None]  # (B, H_q, N_q, 1)
+    delta = (d_out * out).sum(-1, keepdim=True)  # (B, H_q, N_q, 1): rowsum(dO∘O)
 
     n_qb, n_kb = plan.states.shape
     rows = []  # per query block: q, dO, −lse, δ folded to (Z, R, ·)
@@ -351,6 +408,40 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
             if part[i] is not None:
                 dq[:, :, :, q0:q1] += part[i].view(B, H_kv, g, q1 - q0, D)
     return dq.view(B, call.H_q, N_q, D), dk, dv
+
+
+def _kernel_backward(plan: _Plan, q, k, v, out, lse_b, d_out):
+    """The backward on PyTorch's fused CPU kernel, run by run (the same runs as the forward), in float32 (bfloat16
+    and float16 inputs are upcast first: the kernel is slow in those). The kernel parallelises over heads only, so
+    this path serves calls with enough heads to keep every core busy; it takes the *final* out and lse of the rows,
+    so each run yields its exact share of dQ and the exact dK, dV of its keys' contribution."""
+    c, g = plan.call, plan.group
+    B, H_kv, N_q, D, D_v = c.B, c.H_kv, c.N_q, c.D, c.D_v
+    width = max(D, D_v)  # the kernel wants one head size: zero columns change no score and no output
+    pad = (lambda t: t) if D == D_v else (lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1])))
+    q, k, v, out, d_out = (pad(t) for t in (q, k, v, out, d_out))
+    dq = torch.zeros(B, H_kv, g, N_q, width, dtype=q.dtype)  # (B, H_kv, g, N_q, ·) = (B, H_q, N_q, ·)
+    dk = torch.zeros(B, H_kv, c.N_k, width, dtype=q.dtype)
+    dv = torch.zeros(B, H_kv, c.N_k, width, dtype=q.dtype)
+    n_tiles = 0
+    for i in range(plan.states.shape[0]):
+        q0, q1 = plan.q_range(i)
+        qb, ob, dob = (_fold(t[:, :, q0:q1], g) for t in (q, out, d_out))  # (B, H_kv, R, ·)
+        lb = _fold(lse_b[:, :, q0:q1, None], g)[..., 0]  # (B, H_kv, R)
+        for j0, j1, masked in plan.runs(i):
+            k0, k1 = j0 * plan.block_k, plan.k_range(j1 - 1)[1]
+            if masked and _kernel_causal(plan, q0, q1, k0, k1):
+                add, causal = None, True
+            else:
+                add, causal = _additive_mask(plan, q0, q1, k0, k1, masked, torch.float32)[0], False
+            dqr, dkr, dvr = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dob, qb, k[:, :, k0:k1], v[:, :, k0:k1], ob, lb, 0.0, causal, attn_mask=add, scale=c.scale)
+            dq[:, :, :, q0:q1] += dqr.view(B, H_kv, g, q1 - q0, width)
+            dk[:, :, k0:k1] += dkr
+            dv[:, :, k0:k1] += dvr
+            n_tiles += j1 - j0
+    _count("backward", n_tiles)
+    return dq.view(B, c.H_q, N_q, width)[..., :D], dk[..., :D], dv[..., :D_v]
 
 
 def _balance(costs: list[int], n: int) -> list[list[int]]:
