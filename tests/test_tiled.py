@@ -22,7 +22,7 @@ def run_counted(n, **kw):
 
 
 def test_causal_skips_the_tiles_above_the_diagonal(monkeypatch):
-    monkeypatch.setattr(tiled, "DENSE_BLOCK_Q", tiled.BLOCK_Q)  # one tile per fused-kernel call, to count them
+    monkeypatch.setattr(tiled, "kernel_block_q", lambda call: tiled.BLOCK_Q)  # one tile per kernel call: countable
     n_blocks = 6  # 6 x 6 tiles of 256: the lower triangle with its diagonal is 21 of 36
     counts = run_counted(n_blocks * tiled.BLOCK_Q, causal=True)
     assert counts == {"forward": 21, "backward": 21}, counts

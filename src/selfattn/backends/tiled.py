@@ -7,12 +7,16 @@ How it differs from the oracle (``selfattn.reference``), which materialises the 
   computed, PARTIAL tiles apply the mask element by element, FULL tiles need no mask at all.
 * Forward: for each block of query rows, every maximal run of FULL tiles (and every run of PARTIAL tiles, with its
   mask and bias as an additive float mask) is handed to PyTorch's fused CPU flash kernel, which keeps a running
-  maximum and sum in float32 (float64 for float64 inputs) and returns the log-sum-exp; runs are merged exactly by
-  log-sum-exp. Only O and the per-row log-sum-exp (lse) are kept for the backward.
-* Backward (plain torch operations, float32 accumulation): for each block of keys, the probabilities of every
+  maximum and sum in float32 and returns the log-sum-exp; runs are merged exactly by log-sum-exp. Only O and the
+  per-row log-sum-exp (lse) are kept for the backward. float64 inputs (the checking dtype) take FlashAttention-2's
+  online softmax in plain torch operations instead, so that the backward sees bit-identical scores.
+* Backward, two ways to the same numbers: with at least ``KERNEL_BACKWARD_MIN_HEADS`` heads per core, the fused
+  kernel's backward on the same runs, given the final O and lse (it parallelises over heads). Otherwise (B = H = 1,
+  float64) plain torch operations with float32 accumulation: for each block of keys, the probabilities of every
   non-empty tile are recomputed from the saved lse, P = exp(S·scale − lse), and dV += Pᵀ·dO, dS = P∘(dP − δ) with
-  δ = rowsum(dO∘O), dQ += dS·K·scale, dK += dSᵀ·Q·scale. Key blocks are spread over a small thread pool (torch ops
-  release the GIL), each worker with its own dQ accumulator, so B = H = 1 uses every core.
+  δ = rowsum(dO∘O), dQ += dS·K·scale, dK += dSᵀ·Q·scale; key blocks are spread over a small thread pool (torch ops
+  release the GIL), each worker with its own dQ accumulator, so one head uses every core. bfloat16 and float16
+  inputs are upcast to float32 for the backward (the kernel's own half-precision backward is several times slower).
 * Grouped-query attention never copies K or V: the ``group = H_q / H_kv`` query heads that share a key/value head
   are stacked along the row axis of that head ("folded"), so one matrix product serves the whole group and dK, dV
   come out summed over it.
@@ -213,8 +217,15 @@ def _fused_run(q: Tensor, k: Tensor, v: Tensor, scale: float, add: Tensor | None
 
 
 def kernel_block_q(call: AttentionCall) -> int:
-    """Query rows per fused-kernel call: large for no mask or a plain causal one, else one tile's worth."""
-    return DENSE_BLOCK_Q if call.mask is None or call.mask.spec == ("causal",) else BLOCK_Q
+    """Query rows per fused-kernel call. No mask: all rows in one call (blocking the queries would gain nothing).
+    Plain causal with queries and keys aligned and one head per key/value head: also one call, on the kernel's own
+    causal mask. Other causal calls: large blocks. Any other mask: one tile's worth, to skip as much as possible."""
+    if call.mask is None:
+        return max(call.N_q, 1)
+    if call.mask.spec == ("causal",):
+        aligned = call.q_start == call.k_pos0 and call.N_q <= call.N_k and call.H_q == call.H_kv
+        return max(call.N_q, 1) if aligned else DENSE_BLOCK_Q
+    return BLOCK_Q
 
 
 def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = BLOCK_K, out_dtype=None):
@@ -420,9 +431,7 @@ def _kernel_backward(plan: _Plan, q, k, v, out, lse_b, d_out):
     width = max(D, D_v)  # the kernel wants one head size: zero columns change no score and no output
     pad = (lambda t: t) if D == D_v else (lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1])))
     q, k, v, out, d_out = (pad(t) for t in (q, k, v, out, d_out))
-    dq = torch.zeros(B, H_kv, g, N_q, width, dtype=q.dtype)  # (B, H_kv, g, N_q, ·) = (B, H_q, N_q, ·)
-    dk = torch.zeros(B, H_kv, c.N_k, width, dtype=q.dtype)
-    dv = torch.zeros(B, H_kv, c.N_k, width, dtype=q.dtype)
+    dq = dk = dv = None  # allocated at the first run that does not cover the whole call
     n_tiles = 0
     for i in range(plan.states.shape[0]):
         q0, q1 = plan.q_range(i)
@@ -436,11 +445,21 @@ def _kernel_backward(plan: _Plan, q, k, v, out, lse_b, d_out):
                 add, causal = _additive_mask(plan, q0, q1, k0, k1, masked, torch.float32)[0], False
             dqr, dkr, dvr = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dob, qb, k[:, :, k0:k1], v[:, :, k0:k1], ob, lb, 0.0, causal, attn_mask=add, scale=c.scale)
-            dq[:, :, :, q0:q1] += dqr.view(B, H_kv, g, q1 - q0, width)
+            if plan.states.shape[0] == 1 and (k0, k1) == (0, c.N_k):  # one call did it all: no accumulators
+                _count("backward", j1 - j0)
+                return dqr.reshape(B, c.H_q, N_q, width)[..., :D], dkr[..., :D], dvr[..., :D_v]
+            if dq is None:
+                dq = torch.zeros(B, H_kv, g, N_q, width, dtype=q.dtype)  # (B, H_kv, g, N_q, ·) = (B, H_q, N_q, ·)
+                dk = torch.zeros(B, H_kv, c.N_k, width, dtype=q.dtype)
+                dv = torch.zeros(B, H_kv, c.N_k, width, dtype=q.dtype)
+            dq[:, :, :, q0:q1] += dqr.reshape(B, H_kv, g, q1 - q0, width)
             dk[:, :, k0:k1] += dkr
             dv[:, :, k0:k1] += dvr
             n_tiles += j1 - j0
     _count("backward", n_tiles)
+    if dq is None:  # every row sees nothing
+        dq = torch.zeros(B, H_kv, g, N_q, width, dtype=q.dtype)
+        dk, dv = (torch.zeros(B, H_kv, c.N_k, width, dtype=q.dtype) for _ in range(2))
     return dq.view(B, c.H_q, N_q, width)[..., :D], dk[..., :D], dv[..., :D_v]
 
 
