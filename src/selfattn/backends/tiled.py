@@ -31,6 +31,7 @@ import os
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -45,12 +46,30 @@ BLOCK_Q = 256  # query rows per tile: big enough that one tile's matrix products
 DENSE_BLOCK_Q = 1024
 BLOCK_K = 256  # keys per tile: the granularity at which masked regions are skipped
 # The fused kernel's backward parallelises over batch x heads only: it is used when there are at least this many
-# (key/value) heads per core; fewer heads (B = H = 1) take the tiled backward, parallel over key blocks.
+# (key/value) heads per core; fewer heads (B = H = 1) take the tiled backward, parallel over key blocks. It is also
+# slow on short runs (measured: 75 ms per 256-row call of a sliding window), so only no mask and plain causal use it.
 KERNEL_BACKWARD_MIN_HEADS = 2
 
 # Tiles computed since the last reset, by phase ("forward", "backward"): lets tests check that skipping skips.
 TILE_COUNTS: Counter = Counter()
 _COUNT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _one_thread():
+    """Run small operations (tile masks, merges, accumulations) on the calling thread only. Each parallel region
+    costs a wake-up of every intra-op thread: next to other busy processes that is milliseconds, 10x the work of a
+    tile's mask (measured: a 0.5M-element masked_fill took 19 ms on 2 threads of a loaded machine, 2 ms on one).
+    The thread count is per calling thread (OpenMP's and MKL's local settings)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -256,7 +275,8 @@ def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = 
             if masked and _kernel_causal(plan, q0, q1, k0, k1):
                 add, dead, causal = None, None, True
             else:
-                (add, dead), causal = _additive_mask(plan, q0, q1, k0, k1, masked, mask_dtype), False
+                with _one_thread():
+                    (add, dead), causal = _additive_mask(plan, q0, q1, k0, k1, masked, mask_dtype), False
             o, l_ = _fused_run(qb, call.k[:, :, k0:k1], call.v[:, :, k0:k1], call.scale, add, causal)
             l_ = l_.to(acc)
             if dead is not None:
@@ -268,9 +288,10 @@ def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = 
             rows_o.zero_()
             rows_l.fill_(-math.inf)
             continue
-        o, l_ = parts[0] if len(parts) == 1 else _merge(parts, acc)
-        rows_o.copy_(o.reshape(rows_o.shape))
-        rows_l.copy_(l_.reshape(rows_l.shape))
+        with _one_thread():
+            o, l_ = parts[0] if len(parts) == 1 else _merge(parts, acc)
+            rows_o.copy_(o.reshape(rows_o.shape))
+            rows_l.copy_(l_.reshape(rows_l.shape))
     _count("forward", n_tiles)
     return out, lse
 
@@ -360,17 +381,18 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     d_out, out = d_out.to(acc), out.to(acc)
     # Rows that see no key have lse −inf; +inf there makes exp(S − lse) = 0 instead of NaN.
     lse_b = torch.where(torch.isneginf(lse), math.inf, lse.to(acc))  # (B, H_q, N_q)
-    if acc == torch.float32 and Z >= KERNEL_BACKWARD_MIN_HEADS * _workers():
+    if acc == torch.float32 and Z >= KERNEL_BACKWARD_MIN_HEADS * _workers() and kernel_block_q(call) > BLOCK_Q:
         return _kernel_backward(_plan(call, kernel_block_q(call), block_k), q, k, v, out, lse_b, d_out)
     lse_b = lse_b[..., None]  # (B, H_q, N_q, 1)
-    delta = (d_out * out).sum(-1, keepdim=True)  # (B, H_q, N_q, 1): rowsum(dO∘O)
+    neg_lse = lse_b.neg()
 
     n_qb, n_kb = plan.states.shape
-    rows = []  # per query block: q, dO, −lse, δ folded to (Z, R, ·)
+    rows = []  # per query block: q, dO, −lse, δ = rowsum(dO∘O) folded to (Z, R, ·); views where possible
     for i in range(n_qb):
         q0, q1 = plan.q_range(i)
-        rows.append(tuple(_fold(t[:, :, q0:q1], g).reshape(Z, g * (q1 - q0), -1)
-                          for t in (q, d_out, lse_b.neg(), delta)))
+        delta = (d_out[:, :, q0:q1] * out[:, :, q0:q1]).sum(-1, keepdim=True)  # block by block: no N x D temporary
+        rows.append(tuple(_fold(t, g).reshape(Z, g * (q1 - q0), -1)
+                          for t in (q[:, :, q0:q1], d_out[:, :, q0:q1], neg_lse[:, :, q0:q1], delta)))
     k3, v3 = k.reshape(Z, call.N_k, D), v.reshape(Z, call.N_k, D_v)  # (Z, N_k, ·)
     dk = torch.zeros(B, H_kv, call.N_k, D, dtype=acc, device=call.device)
     dv = torch.zeros(B, H_kv, call.N_k, D_v, dtype=acc, device=call.device)
@@ -400,23 +422,28 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
 
     n_workers = min(_workers(), n_kb)
     shares = _balance([len(c) for c in columns], n_workers)
-    dq_parts = [[None] * n_qb for _ in shares]
+    dq = torch.zeros(B, H_kv, g, N_q, D, dtype=acc, device=call.device)  # (B, H_kv, g, N_q, D) = (B, H_q, N_q, D)
+    dq_parts = [[None] * n_qb for _ in shares]  # per worker, per query block, allocated when first touched
+    if g == 1:  # the first worker accumulates straight into dq (its folded blocks are views of it)
+        dq_parts[0] = [dq[:, :, 0, slice(*plan.q_range(i))].reshape(Z, plan.q_range(i)[1] - plan.q_range(i)[0], D)
+                       for i in range(n_qb)]
     if n_workers == 1:
         n_tiles = sum(key_block(j, dq_parts[0]) for j in shares[0])
     else:
         def work(w):
-            with torch.no_grad():  # grad mode is per thread; the workers must not record autograd history
+            # grad mode is per thread (the workers must not record history), and so is the intra-op thread count:
+            # one worker per core, each single-threaded
+            with torch.no_grad(), _one_thread():
                 return sum(key_block(j, dq_parts[w]) for j in shares[w])
 
         with ThreadPoolExecutor(n_workers) as pool:
             n_tiles = sum(pool.map(work, range(len(shares))))
     _count("backward", n_tiles)
 
-    dq = torch.zeros(B, H_kv, g, N_q, D, dtype=acc, device=call.device)  # (B, H_kv, g, N_q, D) = (B, H_q, N_q, D)
     for i in range(n_qb):
         q0, q1 = plan.q_range(i)
-        for part in dq_parts:
-            if part[i] is not None:
+        for w, part in enumerate(dq_parts):
+            if part[i] is not None and not (w == 0 and g == 1):
                 dq[:, :, :, q0:q1] += part[i].view(B, H_kv, g, q1 - q0, D)
     return dq.view(B, call.H_q, N_q, D), dk, dv
 
@@ -442,7 +469,8 @@ def _kernel_backward(plan: _Plan, q, k, v, out, lse_b, d_out):
             if masked and _kernel_causal(plan, q0, q1, k0, k1):
                 add, causal = None, True
             else:
-                add, causal = _additive_mask(plan, q0, q1, k0, k1, masked, torch.float32)[0], False
+                with _one_thread():
+                    add, causal = _additive_mask(plan, q0, q1, k0, k1, masked, torch.float32)[0], False
             dqr, dkr, dvr = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dob, qb, k[:, :, k0:k1], v[:, :, k0:k1], ob, lb, 0.0, causal, attn_mask=add, scale=c.scale)
             if plan.states.shape[0] == 1 and (k0, k1) == (0, c.N_k):  # one call did it all: no accumulators
@@ -452,9 +480,10 @@ def _kernel_backward(plan: _Plan, q, k, v, out, lse_b, d_out):
                 dq = torch.zeros(B, H_kv, g, N_q, width, dtype=q.dtype)  # (B, H_kv, g, N_q, ·) = (B, H_q, N_q, ·)
                 dk = torch.zeros(B, H_kv, c.N_k, width, dtype=q.dtype)
                 dv = torch.zeros(B, H_kv, c.N_k, width, dtype=q.dtype)
-            dq[:, :, :, q0:q1] += dqr.reshape(B, H_kv, g, q1 - q0, width)
-            dk[:, :, k0:k1] += dkr
-            dv[:, :, k0:k1] += dvr
+            with _one_thread():  # memory-bound: a second thread gains little and costs a wake-up
+                dq[:, :, :, q0:q1] += dqr.reshape(B, H_kv, g, q1 - q0, width)
+                dk[:, :, k0:k1] += dkr
+                dv[:, :, k0:k1] += dvr
             n_tiles += j1 - j0
     _count("backward", n_tiles)
     if dq is None:  # every row sees nothing
