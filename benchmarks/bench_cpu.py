@@ -153,6 +153,7 @@ def main(argv=None) -> None:
     ap.add_argument("--full", action="store_true", help="add N = 16,384 full/causal and 32k dense-mask SDPA runs")
     ap.add_argument("--max-n", type=int, default=65536, help="skip cases with a longer sequence")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per measurement before giving up")
+    ap.add_argument("--only", default="", help="run only the cases whose 'kind N mode' contains this text")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "cpu.json")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -164,7 +165,7 @@ def main(argv=None) -> None:
     rows = []
     print(f"{'case':<26}{'N':>7} {'mode':<8}{'tiled s':>9}{'sdpa s':>9}{'naive s':>9}{'x sdpa':>8}"
           f"{'GF/s':>7}{'tiled MB':>10}{'sdpa MB':>9}{'own MB':>8}{'mem/own':>8}", flush=True)
-    for spec in grid(args):
+    for spec in [sp for sp in grid(args) if args.only in f"{sp['kind']} {sp['N']} {sp['mode']}"]:
         res = {impl: run_one(spec, impl, args.timeout) for impl in spec["impls"]}
         t, s = res.get("tiled", {}), res.get("sdpa", {})
         ratio = s["time"] / t["time"] if "time" in t and "time" in s else None

@@ -15,8 +15,8 @@ How it differs from the oracle (``selfattn.reference``), which materialises the 
   float64) plain torch operations with float32 accumulation: for each block of keys, the probabilities of every
   non-empty tile are recomputed from the saved lse, P = exp(S·scale − lse), and dV += Pᵀ·dO, dS = P∘(dP − δ) with
   δ = rowsum(dO∘O), dQ += dS·K·scale, dK += dSᵀ·Q·scale; key blocks are spread over a small thread pool (torch ops
-  release the GIL), each worker with its own dQ accumulator, so one head uses every core. bfloat16 and float16
-  inputs are upcast to float32 for the backward (the kernel's own half-precision backward is several times slower).
+  release the GIL), each worker with its own dQ accumulator, so one head uses every core. On that path bfloat16
+  and float16 inputs are upcast to float32.
 * Grouped-query attention never copies K or V: the ``group = H_q / H_kv`` query heads that share a key/value head
   are stacked along the row axis of that head ("folded"), so one matrix product serves the whole group and dK, dV
   come out summed over it.
@@ -377,12 +377,15 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     g, scale = plan.group, call.scale
     B, H_kv, N_q, D, D_v = call.B, call.H_kv, call.N_q, call.D, call.D_v
     Z = B * H_kv
-    q, k, v = (t.to(acc) for t in (call.q, call.k, call.v))
-    d_out, out = d_out.to(acc), out.to(acc)
     # Rows that see no key have lse −inf; +inf there makes exp(S − lse) = 0 instead of NaN.
     lse_b = torch.where(torch.isneginf(lse), math.inf, lse.to(acc))  # (B, H_q, N_q)
     if acc == torch.float32 and Z >= KERNEL_BACKWARD_MIN_HEADS * _workers() and kernel_block_q(call) > BLOCK_Q:
-        return _kernel_backward(_plan(call, kernel_block_q(call), block_k), q, k, v, out, lse_b, d_out)
+        # in the inputs' dtype: the kernel accumulates half precision in float32 itself (and torch 2.13's is fast)
+        out, d_out = out.to(call.dtype), d_out.to(call.dtype)
+        return _kernel_backward(_plan(call, kernel_block_q(call), block_k), call.q, call.k, call.v, out, lse_b,
+                                d_out)
+    q, k, v = (t.to(acc) for t in (call.q, call.k, call.v))
+    d_out, out = d_out.to(acc), out.to(acc)
     lse_b = lse_b[..., None]  # (B, H_q, N_q, 1)
     neg_lse = lse_b.neg()
 
@@ -449,8 +452,9 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
 
 
 def _kernel_backward(plan: _Plan, q, k, v, out, lse_b, d_out):
-    """The backward on PyTorch's fused CPU kernel, run by run (the same runs as the forward), in float32 (bfloat16
-    and float16 inputs are upcast first: the kernel is slow in those). The kernel parallelises over heads only, so
+    """The backward on PyTorch's fused CPU kernel, run by run (the same runs as the forward), in the inputs' dtype
+    (it accumulates half precision in float32; partial results of several runs are summed in float32). The kernel
+    parallelises over heads only, so
     this path serves calls with enough heads to keep every core busy; it takes the *final* out and lse of the rows,
     so each run yields its exact share of dQ and the exact dK, dV of its keys' contribution."""
     c, g = plan.call, plan.group
@@ -477,9 +481,9 @@ def _kernel_backward(plan: _Plan, q, k, v, out, lse_b, d_out):
                 _count("backward", j1 - j0)
                 return dqr.reshape(B, c.H_q, N_q, width)[..., :D], dkr[..., :D], dvr[..., :D_v]
             if dq is None:
-                dq = torch.zeros(B, H_kv, g, N_q, width, dtype=q.dtype)  # (B, H_kv, g, N_q, ·) = (B, H_q, N_q, ·)
-                dk = torch.zeros(B, H_kv, c.N_k, width, dtype=q.dtype)
-                dv = torch.zeros(B, H_kv, c.N_k, width, dtype=q.dtype)
+                acc = _acc_dtype(q.dtype)  # (B, H_kv, g, N_q, ·) = (B, H_q, N_q, ·)
+                dq = torch.zeros(B, H_kv, g, N_q, width, dtype=acc)
+                dk, dv = (torch.zeros(B, H_kv, c.N_k, width, dtype=acc) for _ in range(2))
             with _one_thread():  # memory-bound: a second thread gains little and costs a wake-up
                 dq[:, :, :, q0:q1] += dqr.reshape(B, H_kv, g, q1 - q0, width)
                 dk[:, :, k0:k1] += dkr
@@ -487,8 +491,8 @@ def _kernel_backward(plan: _Plan, q, k, v, out, lse_b, d_out):
             n_tiles += j1 - j0
     _count("backward", n_tiles)
     if dq is None:  # every row sees nothing
-        dq = torch.zeros(B, H_kv, g, N_q, width, dtype=q.dtype)
-        dk, dv = (torch.zeros(B, H_kv, c.N_k, width, dtype=q.dtype) for _ in range(2))
+        dq = torch.zeros(B, H_kv, g, N_q, width, dtype=_acc_dtype(q.dtype))
+        dk, dv = (torch.zeros(B, H_kv, c.N_k, width, dtype=_acc_dtype(q.dtype)) for _ in range(2))
     return dq.view(B, c.H_q, N_q, width)[..., :D], dk[..., :D], dv[..., :D_v]
 
 
@@ -546,7 +550,7 @@ class TiledBackend(Backend):
 
     def backward_block(self, call: AttentionCall, out, lse, d_out):
         with torch.no_grad():
-            return _backward(call, out, lse, d_out)
+            return tuple(t.to(_acc_dtype(call.dtype)) for t in _backward(call, out, lse, d_out))
 
 
 BACKEND = TiledBackend(
