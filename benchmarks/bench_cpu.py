@@ -208,9 +208,11 @@ def plot(rows, path: Path) -> None:
         for impl, res in r["results"].items():
             if "time" in res:
                 series.setdefault((sp["kind"], sp["mode"], impl), []).append((sp["N"], res["time"], res["peak"]))
+    plotted = 0
     for (kind, mode, impl), pts in sorted(series.items()):
         if len(pts) < 2:
             continue
+        plotted += 1
         pts.sort()
         n, t, m = zip(*pts, strict=True)
         style = {"tiled": "-", "sdpa": "--", "naive": ":"}[impl]
@@ -223,7 +225,7 @@ def plot(rows, path: Path) -> None:
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    if series:
+    if plotted:
         ax_t.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
