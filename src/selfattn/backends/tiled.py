@@ -454,9 +454,8 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
 def _kernel_backward(plan: _Plan, q, k, v, out, lse_b, d_out):
     """The backward on PyTorch's fused CPU kernel, run by run (the same runs as the forward), in the inputs' dtype
     (it accumulates half precision in float32; partial results of several runs are summed in float32). The kernel
-    parallelises over heads only, so
-    this path serves calls with enough heads to keep every core busy; it takes the *final* out and lse of the rows,
-    so each run yields its exact share of dQ and the exact dK, dV of its keys' contribution."""
+    parallelises over heads only, so this path serves calls with enough heads to keep every core busy. It takes the
+    *final* out and lse of the rows, so each run yields its exact share of dQ and the dK, dV of its keys."""
     c, g = plan.call, plan.group
     B, H_kv, N_q, D, D_v = c.B, c.H_kv, c.N_q, c.D, c.D_v
     width = max(D, D_v)  # the kernel wants one head size: zero columns change no score and no output
