@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import selfattn
-from selfattn import backends, masks
+from selfattn import backends, masks, testing
 from selfattn.backends import tiled
 
 
@@ -21,7 +21,8 @@ def run_counted(n, **kw):
     return dict(tiled.TILE_COUNTS)
 
 
-def test_causal_skips_the_tiles_above_the_diagonal():
+def test_causal_skips_the_tiles_above_the_diagonal(monkeypatch):
+    monkeypatch.setattr(tiled, "kernel_block_q", lambda call: tiled.BLOCK_Q)  # one tile per kernel call: countable
     n_blocks = 6  # 6 x 6 tiles of 256: the lower triangle with its diagonal is 21 of 36
     counts = run_counted(n_blocks * tiled.BLOCK_Q, causal=True)
     assert counts == {"forward": 21, "backward": 21}, counts
@@ -96,3 +97,25 @@ def test_peak_memory_grows_linearly():
                                env={"PYTHONPATH": ":".join(sys.path)}).stdout)
     n_squared = 16384**2 * 4
     assert grown < n_squared / 16, f"peak memory grew by {grown / 2**20:.0f} MiB; N² floats are {n_squared / 2**20} MiB"
+
+
+@pytest.mark.parametrize("min_heads", [0, 10**9], ids=["kernel-backward", "tiled-backward"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_both_backward_paths_match_the_oracle(monkeypatch, min_heads, dtype):
+    """GQA, D != D_v, bottom-right causal with a bias, odd sizes, several row blocks, through either backward."""
+    monkeypatch.setattr(tiled, "KERNEL_BACKWARD_MIN_HEADS", min_heads)
+    monkeypatch.setattr(tiled, "DENSE_BLOCK_Q", 128)
+    g = torch.Generator().manual_seed(3)
+    q64, k64, v64 = (torch.randn(2, h, n, d, generator=g, dtype=torch.float64)
+                     for h, n, d in ((4, 300, 40), (2, 520, 40), (2, 520, 24)))
+    kw = dict(causal=True, bias=torch.randn(1, 4, 300, 520, generator=g, dtype=torch.float64))
+    d_out = torch.randn(2, 4, 300, 24, generator=g, dtype=torch.float64)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+    out = selfattn.attention(q, k, v, backend="tiled", **{**kw, "bias": kw["bias"].to(dtype)})
+    grads = torch.autograd.grad(out, (q, k, v), d_out.to(dtype))
+    q_r, k_r, v_r = (t.detach().double().requires_grad_() for t in (q, k, v))
+    grads_ref = torch.autograd.grad(selfattn.reference.attention(q_r, k_r, v_r, **kw), (q_r, k_r, v_r), d_out)
+    with torch.no_grad():
+        grads_naive = testing.naive_grads_from_out(q, k, v, d_out, **{**kw, "bias": kw["bias"].to(dtype)})
+    for name, a, r, n in zip("qkv", grads, grads_ref, grads_naive, strict=True):
+        testing.check_against_oracle(a, n, r, factor=3.0, what=f"d{name}")

@@ -7,12 +7,16 @@ How it differs from the oracle (``selfattn.reference``), which materialises the 
   computed, PARTIAL tiles apply the mask element by element, FULL tiles need no mask at all.
 * Forward: for each block of query rows, every maximal run of FULL tiles (and every run of PARTIAL tiles, with its
   mask and bias as an additive float mask) is handed to PyTorch's fused CPU flash kernel, which keeps a running
-  maximum and sum in float32 (float64 for float64 inputs) and returns the log-sum-exp; runs are merged exactly by
-  log-sum-exp. Only O and the per-row log-sum-exp (lse) are kept for the backward.
-* Backward (plain torch operations, float32 accumulation): for each block of keys, the probabilities of every
+  maximum and sum in float32 and returns the log-sum-exp; runs are merged exactly by log-sum-exp. Only O and the
+  per-row log-sum-exp (lse) are kept for the backward. float64 inputs (the checking dtype) take FlashAttention-2's
+  online softmax in plain torch operations instead, so that the backward sees bit-identical scores.
+* Backward, two ways to the same numbers: with at least ``KERNEL_BACKWARD_MIN_HEADS`` heads per core, the fused
+  kernel's backward on the same runs, given the final O and lse (it parallelises over heads). Otherwise (B = H = 1,
+  float64) plain torch operations with float32 accumulation: for each block of keys, the probabilities of every
   non-empty tile are recomputed from the saved lse, P = exp(S·scale − lse), and dV += Pᵀ·dO, dS = P∘(dP − δ) with
-  δ = rowsum(dO∘O), dQ += dS·K·scale, dK += dSᵀ·Q·scale. Key blocks are spread over a small thread pool (torch ops
-  release the GIL), each worker with its own dQ accumulator, so B = H = 1 uses every core.
+  δ = rowsum(dO∘O), dQ += dS·K·scale, dK += dSᵀ·Q·scale; key blocks are spread over a small thread pool (torch ops
+  release the GIL), each worker with its own dQ accumulator, so one head uses every core. On that path bfloat16
+  and float16 inputs are upcast to float32.
 * Grouped-query attention never copies K or V: the ``group = H_q / H_kv`` query heads that share a key/value head
   are stacked along the row axis of that head ("folded"), so one matrix product serves the whole group and dK, dV
   come out summed over it.
@@ -27,7 +31,8 @@ import os
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -36,11 +41,35 @@ from selfattn import masks
 from selfattn.backends.base import AttentionCall, Backend
 
 BLOCK_Q = 256  # query rows per tile: big enough that one tile's matrix products dwarf the Python overhead
+# Query rows per call of the fused kernel when the mask is nothing or plain causal: the kernel then runs as fast as
+# on the whole sequence (with 256 rows it lost ~25%), and it skips the upper half of a causal diagonal run itself.
+DENSE_BLOCK_Q = 1024
 BLOCK_K = 256  # keys per tile: the granularity at which masked regions are skipped
+# The fused kernel's backward parallelises over batch x heads only: it is used when there are at least this many
+# (key/value) heads per core; fewer heads (B = H = 1) take the tiled backward, parallel over key blocks. It is also
+# slow on short runs (measured: 75 ms per 256-row call of a sliding window), so only no mask and plain causal use it.
+KERNEL_BACKWARD_MIN_HEADS = 2
 
 # Tiles computed since the last reset, by phase ("forward", "backward"): lets tests check that skipping skips.
 TILE_COUNTS: Counter = Counter()
 _COUNT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _one_thread():
+    """Run small operations (tile masks, merges, accumulations) on the calling thread only. Each parallel region
+    costs a wake-up of every intra-op thread: next to other busy processes that is milliseconds, 10x the work of a
+    tile's mask (measured: a 0.5M-element masked_fill took 19 ms on 2 threads of a loaded machine, 2 ms on one).
+    The thread count is per calling thread (OpenMP's and MKL's local settings)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,6 +88,7 @@ class _Plan:
     block_q: int
     block_k: int
     states: Tensor
+    cache: dict = field(default_factory=dict, compare=False)  # tile masks of shift-invariant masks, by offset
 
     @property
     def group(self) -> int:
@@ -83,6 +113,24 @@ class _Plan:
                 out.append((j, j + 1, masked))
         return out
 
+    def offset(self, q0: int, k0: int) -> int:
+        """Position of query row q0 minus position of key k0."""
+        return self.call.q_start + q0 - (self.call.k_pos0 + k0)
+
+    def cached(self, what: str, q0: int, q1: int, k0: int, k1: int, make):
+        """``make()`` once per tile offset and shape when the mask depends only on q_idx − kv_idx (causal, sliding
+        windows): a long causal or windowed call then builds two or three tile masks, not one per tile."""
+        if not _shift_invariant(self.call.mask.spec):
+            return make()
+        key = (what, self.offset(q0, k0), q1 - q0, k1 - k0)
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def hidden(self, q0: int, q1: int, k0: int, k1: int) -> Tensor:
+        """~visible, folded; cached for shift-invariant masks."""
+        return self.cached("hidden", q0, q1, k0, k1, lambda: ~self.visible(q0, q1, k0, k1))
+
     def visible(self, q0: int, q1: int, k0: int, k1: int) -> Tensor:
         """The mask on rows q0:q1 and keys k0:k1, folded: bool (B or 1, H_kv or 1, R, k1 − k0)."""
         c = self.call
@@ -104,6 +152,14 @@ def _plan(call: AttentionCall, block_q: int, block_k: int) -> _Plan:
         states = torch.where(hi == masks.EMPTY, masks.EMPTY, torch.where(lo == masks.FULL, masks.FULL, masks.PARTIAL))
         states = states.to(torch.int8)
     return _Plan(call, block_q, block_k, states)
+
+
+def _shift_invariant(spec) -> bool:
+    if spec is None:
+        return False
+    if spec[0] in ("and", "or"):
+        return _shift_invariant(spec[1]) and _shift_invariant(spec[2])
+    return spec[0] in ("causal", "sliding_window")
 
 
 def _fold(t: Tensor, group: int) -> Tensor:
@@ -137,15 +193,18 @@ def _additive_mask(plan: _Plan, q0: int, q1: int, k0: int, k1: int, masked: bool
     """The mask and bias of one run as the float additive mask the fused kernel takes (−inf = hidden), folded,
     and the rows that see no key at all in this run (the kernel reports lse 0 for them, not −inf)."""
     c = plan.call
-    add = None
-    if c.bias is not None:
-        add = _fold(_bias4(c.bias)[:, :, q0:q1, k0:k1], plan.group).to(dtype)
-    vis = plan.visible(q0, q1, k0, k1) if masked else None
-    if vis is not None:
-        add = torch.zeros(vis.shape, dtype=dtype, device=c.device) if add is None else add
-        add = add.masked_fill(~vis, -math.inf)
-    if add is None:
-        return None, None
+    if c.bias is None:
+        if not masked:
+            return None, None
+        return plan.cached(f"add-{dtype}", q0, q1, k0, k1, lambda: _with_dead(
+            torch.zeros((), dtype=dtype).masked_fill(plan.hidden(q0, q1, k0, k1), -math.inf)))
+    add = _fold(_bias4(c.bias)[:, :, q0:q1, k0:k1], plan.group).to(dtype)
+    if masked:
+        add = add.masked_fill(plan.hidden(q0, q1, k0, k1), -math.inf)
+    return _with_dead(add)
+
+
+def _with_dead(add: Tensor):
     dead = torch.isneginf(add).all(-1)  # (B', H', R): rows with no visible key in this run
     return add, (dead if bool(dead.any()) else None)
 
@@ -156,22 +215,44 @@ def _bias4(bias: Tensor) -> Tensor:
     return bias
 
 
-def _fused_run(q: Tensor, k: Tensor, v: Tensor, scale: float, add: Tensor | None):
+def _kernel_causal(plan: _Plan, q0: int, q1: int, k0: int, k1: int) -> bool:
+    """True when this run is exactly the fused kernel's own top-left causal mask (row r sees keys c <= r): a plain
+    causal mask, one head per row block, query q0 at the position of key k0, and no more rows than keys."""
+    c = plan.call
+    return (c.mask.spec == ("causal",) and c.bias is None and plan.group == 1 and plan.offset(q0, k0) == 0
+            and q1 - q0 <= k1 - k0)
+
+
+def _fused_run(q: Tensor, k: Tensor, v: Tensor, scale: float, add: Tensor | None, causal: bool = False):
     """PyTorch's fused CPU flash kernel on one run of keys: (out (B, H_kv, R, D_v), lse (B, H_kv, R))."""
     D, D_v = q.shape[-1], v.shape[-1]
     if D_v < D:  # the kernel wants one head size: zero columns of V add zero columns to the output
         v = torch.nn.functional.pad(v, (0, D - D_v))
     elif D < D_v:  # zero columns of q and k add nothing to the scores
         q, k = (torch.nn.functional.pad(t, (0, D_v - D)) for t in (q, k))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=add, scale=scale)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal, attn_mask=add,
+                                                                          scale=scale)
     return out[..., :D_v], lse
 
 
-def _forward(call: AttentionCall, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, out_dtype=None):
+def kernel_block_q(call: AttentionCall) -> int:
+    """Query rows per fused-kernel call. No mask: all rows in one call (blocking the queries would gain nothing).
+    Plain causal with queries and keys aligned and one head per key/value head: also one call, on the kernel's own
+    causal mask. Other causal calls: large blocks. Any other mask: one tile's worth, to skip as much as possible."""
+    if call.mask is None:
+        return max(call.N_q, 1)
+    if call.mask.spec == ("causal",):
+        aligned = call.q_start == call.k_pos0 and call.N_q <= call.N_k and call.H_q == call.H_kv
+        return max(call.N_q, 1) if aligned else DENSE_BLOCK_Q
+    return BLOCK_Q
+
+
+def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = BLOCK_K, out_dtype=None):
     """(out (B, H_q, N_q, D_v) in ``out_dtype`` (default: the accumulation dtype), lse (B, H_q, N_q) accumulation
     dtype, −inf for rows that see no key)."""
     acc = _acc_dtype(call.dtype)
     out_dtype = acc if out_dtype is None else out_dtype
+    block_q = (BLOCK_Q if call.dtype == torch.float64 else kernel_block_q(call)) if block_q is None else block_q
     plan = _plan(call, block_q, block_k)
     g = plan.group
     mask_dtype = call.dtype if call.dtype in (torch.float32, torch.float64) else torch.float32
@@ -191,8 +272,12 @@ def _forward(call: AttentionCall, *, block_q: int = BLOCK_Q, block_k: int = BLOC
             n_tiles += int((plan.states[i] != masks.EMPTY).sum())
         for j0, j1, masked in ([] if call.dtype == torch.float64 else plan.runs(i)):
             k0, k1 = j0 * block_k, plan.k_range(j1 - 1)[1]
-            add, dead = _additive_mask(plan, q0, q1, k0, k1, masked, mask_dtype)
-            o, l_ = _fused_run(qb, call.k[:, :, k0:k1], call.v[:, :, k0:k1], call.scale, add)
+            if masked and _kernel_causal(plan, q0, q1, k0, k1):
+                add, dead, causal = None, None, True
+            else:
+                with _one_thread():
+                    (add, dead), causal = _additive_mask(plan, q0, q1, k0, k1, masked, mask_dtype), False
+            o, l_ = _fused_run(qb, call.k[:, :, k0:k1], call.v[:, :, k0:k1], call.scale, add, causal)
             l_ = l_.to(acc)
             if dead is not None:
                 l_ = l_.masked_fill(dead.expand_as(l_), -math.inf)
@@ -203,9 +288,10 @@ def _forward(call: AttentionCall, *, block_q: int = BLOCK_Q, block_k: int = BLOC
             rows_o.zero_()
             rows_l.fill_(-math.inf)
             continue
-        o, l_ = parts[0] if len(parts) == 1 else _merge(parts, acc)
-        rows_o.copy_(o.reshape(rows_o.shape))
-        rows_l.copy_(l_.reshape(rows_l.shape))
+        with _one_thread():
+            o, l_ = parts[0] if len(parts) == 1 else _merge(parts, acc)
+            rows_o.copy_(o.reshape(rows_o.shape))
+            rows_l.copy_(l_.reshape(rows_l.shape))
     _count("forward", n_tiles)
     return out, lse
 
@@ -241,7 +327,7 @@ def _tile_scores(plan: _Plan, i: int, j: int, qi: Tensor, kj: Tensor, neg_lse: T
         if c.bias is not None:
             s4.add_(_fold(_bias4(c.bias)[:, :, q0:q1, k0:k1], plan.group))
         if partial:
-            s4.masked_fill_(~plan.visible(q0, q1, k0, k1), -math.inf)
+            s4.masked_fill_(plan.hidden(q0, q1, k0, k1), -math.inf)
     return s
 
 
@@ -291,18 +377,25 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     g, scale = plan.group, call.scale
     B, H_kv, N_q, D, D_v = call.B, call.H_kv, call.N_q, call.D, call.D_v
     Z = B * H_kv
+    # Rows that see no key have lse −inf; +inf there makes exp(S − lse) = 0 instead of NaN.
+    lse_b = torch.where(torch.isneginf(lse), math.inf, lse.to(acc))  # (B, H_q, N_q)
+    if acc == torch.float32 and Z >= KERNEL_BACKWARD_MIN_HEADS * _workers() and kernel_block_q(call) > BLOCK_Q:
+        # in the inputs' dtype: the kernel accumulates half precision in float32 itself (and torch 2.13's is fast)
+        out, d_out = out.to(call.dtype), d_out.to(call.dtype)
+        return _kernel_backward(_plan(call, kernel_block_q(call), block_k), call.q, call.k, call.v, out, lse_b,
+                                d_out)
     q, k, v = (t.to(acc) for t in (call.q, call.k, call.v))
     d_out, out = d_out.to(acc), out.to(acc)
-    delta = (d_out * out).sum(-1, keepdim=True)  # (B, H_q, N_q, 1): rowsum(dO∘O)
-    # Rows that see no key have lse −inf; +inf there makes exp(S − lse) = 0 instead of NaN.
-    lse_b = torch.where(torch.isneginf(lse), math.inf, lse.to(acc))[..., None]  # (B, H_q, N_q, 1)
+    lse_b = lse_b[..., None]  # (B, H_q, N_q, 1)
+    neg_lse = lse_b.neg()
 
     n_qb, n_kb = plan.states.shape
-    rows = []  # per query block: q, dO, −lse, δ folded to (Z, R, ·)
+    rows = []  # per query block: q, dO, −lse, δ = rowsum(dO∘O) folded to (Z, R, ·); views where possible
     for i in range(n_qb):
         q0, q1 = plan.q_range(i)
-        rows.append(tuple(_fold(t[:, :, q0:q1], g).reshape(Z, g * (q1 - q0), -1)
-                          for t in (q, d_out, lse_b.neg(), delta)))
+        delta = (d_out[:, :, q0:q1] * out[:, :, q0:q1]).sum(-1, keepdim=True)  # block by block: no N x D temporary
+        rows.append(tuple(_fold(t, g).reshape(Z, g * (q1 - q0), -1)
+                          for t in (q[:, :, q0:q1], d_out[:, :, q0:q1], neg_lse[:, :, q0:q1], delta)))
     k3, v3 = k.reshape(Z, call.N_k, D), v.reshape(Z, call.N_k, D_v)  # (Z, N_k, ·)
     dk = torch.zeros(B, H_kv, call.N_k, D, dtype=acc, device=call.device)
     dv = torch.zeros(B, H_kv, call.N_k, D_v, dtype=acc, device=call.device)
@@ -332,25 +425,74 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
 
     n_workers = min(_workers(), n_kb)
     shares = _balance([len(c) for c in columns], n_workers)
-    dq_parts = [[None] * n_qb for _ in shares]
+    dq = torch.zeros(B, H_kv, g, N_q, D, dtype=acc, device=call.device)  # (B, H_kv, g, N_q, D) = (B, H_q, N_q, D)
+    dq_parts = [[None] * n_qb for _ in shares]  # per worker, per query block, allocated when first touched
+    if g == 1:  # the first worker accumulates straight into dq (its folded blocks are views of it)
+        dq_parts[0] = [dq[:, :, 0, slice(*plan.q_range(i))].reshape(Z, plan.q_range(i)[1] - plan.q_range(i)[0], D)
+                       for i in range(n_qb)]
     if n_workers == 1:
         n_tiles = sum(key_block(j, dq_parts[0]) for j in shares[0])
     else:
         def work(w):
-            with torch.no_grad():  # grad mode is per thread; the workers must not record autograd history
+            # grad mode is per thread (the workers must not record history), and so is the intra-op thread count:
+            # one worker per core, each single-threaded
+            with torch.no_grad(), _one_thread():
                 return sum(key_block(j, dq_parts[w]) for j in shares[w])
 
         with ThreadPoolExecutor(n_workers) as pool:
             n_tiles = sum(pool.map(work, range(len(shares))))
     _count("backward", n_tiles)
 
-    dq = torch.zeros(B, H_kv, g, N_q, D, dtype=acc, device=call.device)  # (B, H_kv, g, N_q, D) = (B, H_q, N_q, D)
     for i in range(n_qb):
         q0, q1 = plan.q_range(i)
-        for part in dq_parts:
-            if part[i] is not None:
+        for w, part in enumerate(dq_parts):
+            if part[i] is not None and not (w == 0 and g == 1):
                 dq[:, :, :, q0:q1] += part[i].view(B, H_kv, g, q1 - q0, D)
     return dq.view(B, call.H_q, N_q, D), dk, dv
+
+
+def _kernel_backward(plan: _Plan, q, k, v, out, lse_b, d_out):
+    """The backward on PyTorch's fused CPU kernel, run by run (the same runs as the forward), in the inputs' dtype
+    (it accumulates half precision in float32; partial results of several runs are summed in float32). The kernel
+    parallelises over heads only, so this path serves calls with enough heads to keep every core busy. It takes the
+    *final* out and lse of the rows, so each run yields its exact share of dQ and the dK, dV of its keys."""
+    c, g = plan.call, plan.group
+    B, H_kv, N_q, D, D_v = c.B, c.H_kv, c.N_q, c.D, c.D_v
+    width = max(D, D_v)  # the kernel wants one head size: zero columns change no score and no output
+    pad = (lambda t: t) if D == D_v else (lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1])))
+    q, k, v, out, d_out = (pad(t) for t in (q, k, v, out, d_out))
+    dq = dk = dv = None  # allocated at the first run that does not cover the whole call
+    n_tiles = 0
+    for i in range(plan.states.shape[0]):
+        q0, q1 = plan.q_range(i)
+        qb, ob, dob = (_fold(t[:, :, q0:q1], g) for t in (q, out, d_out))  # (B, H_kv, R, ·)
+        lb = _fold(lse_b[:, :, q0:q1, None], g)[..., 0]  # (B, H_kv, R)
+        for j0, j1, masked in plan.runs(i):
+            k0, k1 = j0 * plan.block_k, plan.k_range(j1 - 1)[1]
+            if masked and _kernel_causal(plan, q0, q1, k0, k1):
+                add, causal = None, True
+            else:
+                with _one_thread():
+                    add, causal = _additive_mask(plan, q0, q1, k0, k1, masked, torch.float32)[0], False
+            dqr, dkr, dvr = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dob, qb, k[:, :, k0:k1], v[:, :, k0:k1], ob, lb, 0.0, causal, attn_mask=add, scale=c.scale)
+            if plan.states.shape[0] == 1 and (k0, k1) == (0, c.N_k):  # one call did it all: no accumulators
+                _count("backward", j1 - j0)
+                return dqr.reshape(B, c.H_q, N_q, width)[..., :D], dkr[..., :D], dvr[..., :D_v]
+            if dq is None:
+                acc = _acc_dtype(q.dtype)  # (B, H_kv, g, N_q, ·) = (B, H_q, N_q, ·)
+                dq = torch.zeros(B, H_kv, g, N_q, width, dtype=acc)
+                dk, dv = (torch.zeros(B, H_kv, c.N_k, width, dtype=acc) for _ in range(2))
+            with _one_thread():  # memory-bound: a second thread gains little and costs a wake-up
+                dq[:, :, :, q0:q1] += dqr.reshape(B, H_kv, g, q1 - q0, width)
+                dk[:, :, k0:k1] += dkr
+                dv[:, :, k0:k1] += dvr
+            n_tiles += j1 - j0
+    _count("backward", n_tiles)
+    if dq is None:  # every row sees nothing
+        dq = torch.zeros(B, H_kv, g, N_q, width, dtype=_acc_dtype(q.dtype))
+        dk, dv = (torch.zeros(B, H_kv, c.N_k, width, dtype=_acc_dtype(q.dtype)) for _ in range(2))
+    return dq.view(B, c.H_q, N_q, width)[..., :D], dk[..., :D], dv[..., :D_v]
 
 
 def _balance(costs: list[int], n: int) -> list[list[int]]:
@@ -407,7 +549,7 @@ class TiledBackend(Backend):
 
     def backward_block(self, call: AttentionCall, out, lse, d_out):
         with torch.no_grad():
-            return _backward(call, out, lse, d_out)
+            return tuple(t.to(_acc_dtype(call.dtype)) for t in _backward(call, out, lse, d_out))
 
 
 BACKEND = TiledBackend(
