@@ -18,13 +18,7 @@ SPLIT_CASES = [  # (B, H_q, H_kv, N_q, N_k, D, D_v, chunk)
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Decoding is many tiny operations: one thread is faster, and fair to the other jobs on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

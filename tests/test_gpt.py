@@ -20,13 +20,7 @@ needs_train_extra = pytest.mark.skipif(
 TINY = GPTConfig(context=16, n_layer=2, n_head=2, d_model=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Decoding is many tiny operations: one thread is faster, and fair to the other jobs on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lively(config: GPTConfig, seed: int = 0) -> GPT:
