@@ -427,9 +427,19 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     shares = _balance([len(c) for c in columns], n_workers)
     dq = torch.zeros(B, H_kv, g, N_q, D, dtype=acc, device=call.device)  # (B, H_kv, g, N_q, D) = (B, H_q, N_q, D)
     dq_parts = [[None] * n_qb for _ in shares]  # per worker, per query block, allocated when first touched
-    if g == 1:  # the first worker accumulates straight into dq (its folded blocks are views of it)
-        dq_parts[0] = [dq[:, :, 0, slice(*plan.q_range(i))].reshape(Z, plan.q_range(i)[1] - plan.q_range(i)[0], D)
-                       for i in range(n_qb)]
+    # Each query block's first worker accumulates straight into dq (with g == 1 its folded block is a view of dq);
+    # only the other workers that touch the block need a buffer of their own (for a band such as a sliding window,
+    # just the blocks where two workers' key ranges meet).
+    owner = [None] * n_qb
+    for w, share in enumerate(shares):
+        for j in share:
+            for i in columns[j]:
+                owner[i] = w if owner[i] is None else owner[i]
+    if g == 1:
+        for i, w in enumerate(owner):
+            if w is not None:
+                q0, q1 = plan.q_range(i)
+                dq_parts[w][i] = dq[:, :, 0, q0:q1].view(Z, q1 - q0, D)
     if n_workers == 1:
         n_tiles = sum(key_block(j, dq_parts[0]) for j in shares[0])
     else:
@@ -446,7 +456,7 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     for i in range(n_qb):
         q0, q1 = plan.q_range(i)
         for w, part in enumerate(dq_parts):
-            if part[i] is not None and not (w == 0 and g == 1):
+            if part[i] is not None and not (g == 1 and w == owner[i]):
                 dq[:, :, :, q0:q1] += part[i].view(B, H_kv, g, q1 - q0, D)
     return dq.view(B, call.H_q, N_q, D), dk, dv
 
