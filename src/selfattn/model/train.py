@@ -270,9 +270,13 @@ def _resume(cfg, model, optimizer, scaler, sampler, device):
 def _progress(cfg: TrainConfig, initial: int):
     if not cfg.progress:
         return None
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.steps, initial=initial, unit="step", dynamic_ncols=True)
+    # in a log file (CI, a pipe) every refresh is a new line's worth of bytes: refresh every few seconds there
+    return tqdm(total=cfg.steps, initial=initial, unit="step", dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 5.0)
 
 
 def plot_losses(history: dict, path: str, *, log=print) -> str | None:
