@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -164,15 +165,20 @@ class Backend:
         raise NotImplementedError(f"backend {self.name!r} does not compute blocks (supports_blocks=False)")
 
 
-def merge_by_lse(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]:
+def merge_by_lse(outs: list[Tensor], lses: list[Tensor], dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Combine attention over disjoint key blocks into attention over their union (exact).
 
     Each part is (out_j (B, H, N_q, D_v), lse_j (B, H, N_q)); the result is Σ_j exp(lse_j − lse)·out_j with
-    lse = log Σ_j exp(lse_j). Rows masked in every part stay zero with lse −inf.
+    lse = log Σ_j exp(lse_j). Rows masked in every part stay zero with lse −inf. The sum is accumulated in ``dtype``
+    (default: the promotion of the parts' and the weights' dtypes).
     """
     lse_all = torch.stack(lses)  # (P, B, H, N_q)
     lse = torch.logsumexp(lse_all, dim=0)
     safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     w = torch.exp(lse_all - safe)  # (P, B, H, N_q); exp(−inf) = 0 for parts that saw nothing
-    out = sum(w_j[..., None] * o_j for w_j, o_j in zip(w, outs, strict=True))
+    if dtype is None:
+        dtype = functools.reduce(torch.promote_types, [o.dtype for o in outs], w.dtype)
+    out = outs[0].to(dtype) * w[0][..., None]
+    for o_j, w_j in zip(outs[1:], w[1:], strict=True):
+        out.add_(o_j.to(dtype) * w_j[..., None])
     return out, lse

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from selfattn import masks
-from selfattn.backends.base import AttentionCall, Backend
+from selfattn.backends.base import AttentionCall, Backend, merge_by_lse
 
 BLOCK_Q = 256  # query rows per tile: big enough that one tile's matrix products dwarf the Python overhead
 # Query rows per call of the fused kernel when the mask is nothing or plain causal: the kernel then runs as fast as
@@ -289,23 +289,10 @@ def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = 
             rows_l.fill_(-math.inf)
             continue
         with _one_thread():
-            o, l_ = parts[0] if len(parts) == 1 else _merge(parts, acc)
+            o, l_ = parts[0] if len(parts) == 1 else merge_by_lse(*zip(*parts, strict=True), dtype=acc)
             rows_o.copy_(o.reshape(rows_o.shape))
             rows_l.copy_(l_.reshape(rows_l.shape))
     _count("forward", n_tiles)
-    return out, lse
-
-
-def _merge(parts, acc):
-    """Exact merge of partial attentions over disjoint key runs by their log-sum-exp (rows dead in every part stay
-    zero with lse −inf)."""
-    lses = torch.stack([p[1] for p in parts])  # (P, B, H_kv, R)
-    lse = torch.logsumexp(lses, dim=0)
-    safe = torch.where(torch.isneginf(lse), 0.0, lse)
-    w = torch.exp(lses - safe)  # (P, B, H_kv, R)
-    out = parts[0][0].to(acc) * w[0][..., None]
-    for (o, _), w_j in zip(parts[1:], w[1:], strict=True):
-        out.add_(o.to(acc) * w_j[..., None])
     return out, lse
 
 
