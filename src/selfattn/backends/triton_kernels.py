@@ -96,6 +96,31 @@ def _key_span(b, q_first, q_last, q_pos, q_in, N_k, klen, k_pos0, window, RUN_LO
 
 
 @triton.jit
+def _query_rows(b, start_m, offs_m, q_in, q_pos0, N_q, N_k, KLEN, DOC, RUN_LO, RUN_HI, s_doc_b, s_doc_n, N_DOC,
+                k_pos0, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOW: tl.constexpr, HAS_LEN: tl.constexpr, HAS_DOC: tl.constexpr, DOC_RUNS: tl.constexpr):
+    """What one block of query rows needs to walk its keys (the forward and the dQ kernel share it): the rows'
+    positions, documents and validity, the key length of batch element b, and the key span to visit."""
+    q_pos = q_pos0 + offs_m
+    q_first = q_pos0 + start_m
+    q_last = q_pos0 + tl.minimum(start_m + BLOCK_M, N_q) - 1
+    klen = N_k
+    if HAS_LEN:
+        klen = tl.load(KLEN + b)
+    q_doc = offs_m
+    q_ok = q_in
+    doc_base = DOC
+    if HAS_DOC:
+        doc_base = DOC + b * s_doc_b
+        q_ok = q_in & (q_pos >= 0) & (q_pos < N_DOC)  # a query outside the ids belongs to no document
+        q_doc = tl.load(doc_base + q_pos * s_doc_n, mask=q_ok, other=0)
+    lo, hi, full_lo, full_hi = _key_span(b, q_first, q_last, q_pos, q_in, N_k, klen, k_pos0, window, RUN_LO,
+                                         RUN_HI, s_doc_b, s_doc_n, N_DOC, BLOCK_N, CAUSAL, WINDOW, HAS_DOC,
+                                         DOC_RUNS)
+    return q_pos, q_doc, q_ok, doc_base, klen, lo, hi, full_lo, full_hi
+
+
+@triton.jit
 def _program(n_rows, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
     """(tile, batch·head) of this program in a 1-D grid (no 65535 limit on B·H). Tiles of one head run next to each
     other (they share K/V in L2); with HEAVY_LAST (causal: the last query tiles see the most keys) they run heaviest
@@ -163,22 +188,9 @@ def attn_fwd(Q, K, V, OUT, LSE, KLEN, DOC, RUN_LO, RUN_HI,
     offs_dv = tl.arange(0, BLOCK_DV)
     q_in = offs_m < N_q
     q = _tile(Q + b * sqb + h * sqh, offs_m, sqn, sqd, N_q, HEAD_D, BLOCK_D, True)
-    q_pos = q_pos0 + offs_m
-    q_first = q_pos0 + start_m
-    q_last = q_pos0 + tl.minimum(start_m + BLOCK_M, N_q) - 1
-    klen = N_k
-    if HAS_LEN:
-        klen = tl.load(KLEN + b)
-    q_doc = offs_m
-    q_ok = q_in
-    doc_base = DOC
-    if HAS_DOC:
-        doc_base = DOC + b * s_doc_b
-        q_ok = q_in & (q_pos >= 0) & (q_pos < N_DOC)  # a query outside the ids belongs to no document
-        q_doc = tl.load(doc_base + q_pos * s_doc_n, mask=q_ok, other=0)
-    lo, hi, full_lo, full_hi = _key_span(b, q_first, q_last, q_pos, q_in, N_k, klen, k_pos0, window, RUN_LO,
-                                         RUN_HI, s_doc_b, s_doc_n, N_DOC, BLOCK_N, CAUSAL, WINDOW, HAS_DOC,
-                                         DOC_RUNS)
+    q_pos, q_doc, q_ok, doc_base, klen, lo, hi, full_lo, full_hi = _query_rows(
+        b, start_m, offs_m, q_in, q_pos0, N_q, N_k, KLEN, DOC, RUN_LO, RUN_HI, s_doc_b, s_doc_n, N_DOC, k_pos0,
+        window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_LEN, HAS_DOC, DOC_RUNS)
 
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
@@ -419,22 +431,9 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KLEN, DOC, RUN_LO, RUN_HI,
     q = _tile(Q + b * sqb + h * sqh, offs_m, sqn, sqd, N_q, HEAD_D, BLOCK_D, True)
     do = _tile(DO + b * sdob + h * sdoh, offs_m, sdon, sdod, N_q, HEAD_DV, BLOCK_DV, True)
     lse, delta = _row_stats(LSE, DELTA, pid_bh.to(tl.int64) * N_q, offs_m, N_q)
-    q_pos = q_pos0 + offs_m
-    q_first = q_pos0 + start_m
-    q_last = q_pos0 + tl.minimum(start_m + BLOCK_M, N_q) - 1
-    klen = N_k
-    if HAS_LEN:
-        klen = tl.load(KLEN + b)
-    q_doc = offs_m
-    q_ok = q_in
-    doc_base = DOC
-    if HAS_DOC:
-        doc_base = DOC + b * s_doc_b
-        q_ok = q_in & (q_pos >= 0) & (q_pos < N_DOC)
-        q_doc = tl.load(doc_base + q_pos * s_doc_n, mask=q_ok, other=0)
-    lo, hi, full_lo, full_hi = _key_span(b, q_first, q_last, q_pos, q_in, N_k, klen, k_pos0, window, RUN_LO,
-                                         RUN_HI, s_doc_b, s_doc_n, N_DOC, BLOCK_N, CAUSAL, WINDOW, HAS_DOC,
-                                         DOC_RUNS)
+    q_pos, q_doc, q_ok, doc_base, klen, lo, hi, full_lo, full_hi = _query_rows(
+        b, start_m, offs_m, q_in, q_pos0, N_q, N_k, KLEN, DOC, RUN_LO, RUN_HI, s_doc_b, s_doc_n, N_DOC, k_pos0,
+        window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_LEN, HAS_DOC, DOC_RUNS)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
