@@ -31,6 +31,18 @@ LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln 2: exp(x) = exp2(x·LOG2E), so 
 LN2 = tl.constexpr(0.6931471805599453)  # converts the base-2 log-sum-exp back to the natural log the API returns
 FAR = tl.constexpr(1 << 30)  # a position beyond any sequence (int32), for empty ranges
 
+# Triton compiles a kernel again for every integer argument that changes between "1", "divisible by 16" and
+# "other". Lengths, positions and head counts change from call to call and gain nothing from it (their loads are
+# masked anyway), so they stay plain integers: one compiled kernel serves every length. Strides keep it (a unit or
+# 16-aligned stride is what lets loads vectorise).
+RUNTIME_INTS = ["H_q", "H_kv", "N_q", "N_k", "N_DOC", "GROUP", "q_pos0", "k_pos0", "window", "TUNE_N_Q", "TUNE_N_K"]
+
+
+def _kernel(fn):
+    """@triton.jit for the launched kernels, with the runtime integers above not specialised."""
+    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[n for n in RUNTIME_INTS if n in names])
+
 
 @triton.jit
 def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -169,7 +181,7 @@ def _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, s
     return acc, l_i, m_i
 
 
-@triton.jit
+@_kernel
 def attn_fwd(Q, K, V, OUT, LSE, KLEN, DOC, RUN_LO, RUN_HI,
              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, s_doc_b, s_doc_n,
              H_q, N_q, N_k, N_DOC, GROUP, q_pos0, k_pos0, window, qk_scale, TUNE_N_Q, TUNE_N_K,
@@ -222,7 +234,7 @@ def attn_fwd(Q, K, V, OUT, LSE, KLEN, DOC, RUN_LO, RUN_HI,
 # -------------------------------------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@_kernel
 def attn_bwd_delta(OUT, DO, DLSE, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H_q, N_q,
                    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = Σ_d dO·O per row (− d_lse when the lse output has a gradient). Grid (cdiv(N_q, BLOCK_M)·B·H_q,)."""
@@ -298,7 +310,7 @@ def _dkdv_inner(dk, dv, k, v, offs_n, k_ok, k_doc, q_base, do_base, doc_base, LS
     return dk, dv
 
 
-@triton.jit
+@_kernel
 def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KLEN, DOC, RUN_LO, RUN_HI,
                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
                   sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, s_doc_b, s_doc_n,
@@ -409,7 +421,7 @@ def _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_bas
     return dq
 
 
-@triton.jit
+@_kernel
 def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KLEN, DOC, RUN_LO, RUN_HI,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
                 sdqb, sdqh, sdqn, sdqd, s_doc_b, s_doc_n,
