@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import selfattn
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SDPA_BACKENDS = ["flash", "efficient", "cudnn", "math"]
+SDPA_BACKENDS = ["flash", "cudnn", "efficient", "math"]  # the likely fastest first: a cut-short run keeps them
 
 
 def flops(B: int, H: int, N: int, D: int, causal: bool, mode: str) -> float:
@@ -90,14 +90,17 @@ def bench(fn, *, mode: str, q, k, v, device: str) -> float:
         from triton.testing import do_bench
     if mode == "fwd":
         with torch.no_grad():
-            return do_bench(lambda: fn(q, k, v), warmup=25, rep=100)
+            fn(q, k, v)  # compiles / autotunes outside the timed region
+            return do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = fn(q, k, v)
     d_out = torch.randn_like(out)
-    return do_bench(lambda: out.backward(d_out, retain_graph=True), warmup=25, rep=100, grad_to_none=[q, k, v])
+    out.backward(d_out, retain_graph=True)
+    return do_bench(lambda: out.backward(d_out, retain_graph=True), warmup=25, rep=100, grad_to_none=[q, k, v],
+                    return_mode="median")
 
 
-def _cpu_bench(fn, warmup=1, rep=1, grad_to_none=None):
+def _cpu_bench(fn, warmup=1, rep=1, grad_to_none=None, return_mode="median"):
     fn()
     times = []
     for _ in range(3):
@@ -107,7 +110,7 @@ def _cpu_bench(fn, warmup=1, rep=1, grad_to_none=None):
     return statistics.median(times)
 
 
-def run(args) -> dict:
+def run(args, save=lambda result: None) -> dict:
     device = "cpu" if args.smoke else "cuda"
     dtype = getattr(torch, args.dtype)
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu-interpreter ({platform.processor() or 'cpu'})"
@@ -124,6 +127,7 @@ def run(args) -> dict:
                 if args.only and not any(re.search(p, impl) for p in args.only):
                     continue
                 row = dict(impl=impl, mode=mode, B=B, H=H, N=N, D=D, causal=causal)
+                t0 = time.perf_counter()
                 try:
                     if mode == "fwd":
                         with torch.no_grad():
@@ -135,15 +139,32 @@ def run(args) -> dict:
                     row.update(ms=ms, tflops=flops(B, H, N, D, causal, mode) / (ms * 1e-3) / 1e12)
                 except Exception as e:  # noqa: BLE001  (record and go on: one missing backend must not stop the run)
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                row["wall_s"] = round(time.perf_counter() - t0, 1)  # compiling and autotuning included
                 rows.append(row)
                 shown = f"{row['tflops']:7.1f} TFLOP/s" if "tflops" in row else row["error"]
-                print(f"{impl:16} {mode} D={D:<3} N={N:<5} B={B:<3} H={H:<2} causal={causal!s:5} {shown}", flush=True)
+                print(f"{impl:16} {mode} D={D:<3} N={N:<5} B={B:<3} H={H:<2} causal={causal!s:5} {shown}"
+                      f"  ({row['wall_s']} s)", flush=True)
                 if device == "cuda":
                     torch.cuda.empty_cache()
+            save(_result(args, name, device, rows))  # after every shape: a run stopped by a time limit keeps them
+    return _result(args, name, device, rows)
+
+
+def _result(args, name: str, device: str, rows: list) -> dict:
     return dict(device=name, dtype=args.dtype, autotune=args.autotune, torch=torch.__version__,
-                triton=_triton_version(), selfattn=selfattn.__version__,
+                triton=_triton_version(), selfattn=selfattn.__version__, tuned=_tuned_configs(device),
                 tokens=args.tokens, hidden=args.hidden, rows=rows,
                 when=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+
+
+def _tuned_configs(device: str) -> dict:
+    """The tiles the autotuner chose, per kernel and tuning key (what the next tuning round starts from)."""
+    if device != "cuda" or os.environ.get("SELFATTN_TRITON_AUTOTUNE") == "0":
+        return {}
+    from selfattn.backends import triton_tuning
+
+    return {name: {str(key): str(config) for key, config in triton_tuning.tuned(name).cache.items()}
+            for name in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")}
 
 
 def _triton_version() -> str:
@@ -174,6 +195,52 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _save(result: dict, args, *, final: bool) -> str:
+    stem = "gpu-" + re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower() + f"-{result['dtype']}"
+    if args.smoke:
+        stem = "smoke-" + stem
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{stem}.md").write_text(table(result) + "\n")
+    if final:
+        plot(result, args.out / f"{stem}.png")
+    return stem
+
+
+def plot(result: dict, path: Path) -> None:
+    """TFLOP/s against N, one panel per (mode, D, causal), one line per implementation."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install 'selfattn[viz]')")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "tflops" in r]
+    panels = list(dict.fromkeys((r["mode"], r["D"], r["causal"]) for r in rows))
+    if not panels:
+        return
+    cols = min(4, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4.2 * cols, 3.6 * -(-len(panels) // cols)),
+                             squeeze=False)
+    for ax, (mode, D, causal) in zip(axes.flat, panels, strict=False):
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = sorted((r["N"], r["tflops"]) for r in rows
+                         if (r["impl"], r["mode"], r["D"], r["causal"]) == (impl, mode, D, causal))
+            if pts:
+                ns, rates = zip(*pts, strict=True)
+                ax.plot(ns, rates, marker="o", lw=2.5 if impl == "selfattn-triton" else 1.2, label=impl)
+        ax.set(title=f"{mode}, D={D}, {'causal' if causal else 'full'}", xlabel="N", ylabel="TFLOP/s", xscale="log")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{result['device']}, {result['dtype']} (torch {result['torch']}, triton {result['triton']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
@@ -199,15 +266,11 @@ def main(argv=None) -> int:
         args.only = args.only or ["triton", "sdpa-math"]
     elif not torch.cuda.is_available():
         p.error("no CUDA GPU: this benchmark measures GPU kernels (use --smoke with TRITON_INTERPRET=1 to test it)")
-    result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu-" + re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower() + f"-{result['dtype']}"
-    if args.smoke:
-        stem = "smoke-" + stem
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"{stem}.md").write_text(table(result) + "\n")
+    result = run(args, save=lambda result: _save(result, args, final=False))
+    stem = _save(result, args, final=True)
     print("\n" + table(result))
-    print(f"\nwrote {args.out / stem}.json and .md")
+    print(f"\nwrote {args.out / stem}.json, .md and .png")
     return 0 if all(math.isfinite(r.get("tflops", 0.0)) for r in result["rows"]) else 1
 
 

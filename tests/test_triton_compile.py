@@ -26,4 +26,6 @@ def test_kernels_compile_for_gpu_targets(name, arch, dtype, head_dim, flags):
     assert f".target sm_{arch}" in ptx, ptx[:400]
     if name != "attn_bwd_delta":
         assert "mma" in ptx, "the matrix products must use the tensor cores"
+    if name != "attn_bwd_delta" and arch == 90:
+        assert "wgmma.mma_async" in ptx, "on Hopper the products must use wgmma (the warpgroup tensor-core path)"
     assert kernel.asm["cubin"], "ptxas produced no binary"

@@ -39,7 +39,7 @@ def test_gpu_benchmark_script_runs_end_to_end_under_the_interpreter(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     written = sorted(p.suffix for p in tmp_path.iterdir())
-    assert written == [".json", ".md"], written
+    assert written == [".json", ".md", ".png"], written
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
     assert {r["impl"] for r in rows} == {"selfattn-triton", "sdpa-math"}
     assert all("tflops" in r and "error" not in r for r in rows), [r for r in rows if "error" in r]
