@@ -4,7 +4,8 @@
 #     bash benchmarks/gpu_session.sh [env|tests|bench|all]      (default: all)
 #
 # - env:   versions and the GPU (torch, triton, device name, SMs, shared memory per block);
-# - tests: the GPU correctness matrix (tests/test_triton_gpu.py) and the backend's own tests on CUDA, in parallel
+# - tests: the GPU correctness matrix (tests/test_triton_gpu.py), the backend's own tests and the library end to end
+#          on CUDA (tests/test_device_paths.py: modules, GPT, decoding, compile, Hugging Face), in parallel
 #          processes (pytest-xdist, when installed) so that Triton compiles the kernel variants side by side;
 # - bench: benchmarks/bench_gpu.py --quick (the target shapes: D = 128, N 2k and 8k, causal and not,
 #          forward and backward; selfattn against every torch SDPA backend and FlexAttention, autotuned).
@@ -47,7 +48,7 @@ if phase tests; then
     if "$py" -c "import xdist" 2>/dev/null; then workers=(-n "${TEST_WORKERS:-8}"); fi
     start=$SECONDS
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout "${TESTS_TIMEOUT:-300}" "$py" -m pytest -q -p no:cacheprovider "${workers[@]}" -rfE \
-        tests/test_triton_gpu.py tests/test_triton_backend.py 2>&1 | tee "$out/gpu-tests.log"
+        tests/test_triton_gpu.py tests/test_triton_backend.py tests/test_device_paths.py 2>&1 | tee "$out/gpu-tests.log"
     rc=${PIPESTATUS[0]}
     summary+=("tests: exit $rc in $((SECONDS - start)) s: $(grep -E '[0-9]+ (passed|failed)' "$out/gpu-tests.log" | tail -1)")
 fi
