@@ -17,7 +17,8 @@ ALL_MASKS = dict(CAUSAL=True, WINDOW=True, HAS_LEN=True, HAS_DOC=True, DOC_RUNS=
     ("attn_bwd_dkdv", 90, "bf16", 128, ALL_MASKS),
     ("attn_bwd_dq", 90, "fp16", 96, ALL_MASKS),
     ("attn_bwd_delta", 90, "bf16", 128, {}),
-], ids=["fwd-sm90-causal", "fwd-sm80-masks", "dkdv-sm90-masks", "dq-sm90-masks-D96", "delta-sm90"])
+    ("attn_fwd", 90, "bf16", 128, dict(ALL_MASKS, TMA_OK=True, TMA=True)),
+], ids=["fwd-sm90-causal", "fwd-sm80-masks", "dkdv-sm90-masks", "dq-sm90-masks-D96", "delta-sm90", "fwd-sm90-tma"])
 def test_kernels_compile_for_gpu_targets(name, arch, dtype, head_dim, flags):
     from selfattn.backends import triton_tuning
 
@@ -26,6 +27,8 @@ def test_kernels_compile_for_gpu_targets(name, arch, dtype, head_dim, flags):
     assert f".target sm_{arch}" in ptx, ptx[:400]
     if name != "attn_bwd_delta":
         assert "mma" in ptx, "the matrix products must use the tensor cores"
+    if flags.get("TMA"):
+        assert "cp.async.bulk.tensor" in ptx, "the TMA variant must load K/V with the copy engine"
     if name != "attn_bwd_delta" and arch == 90:
         assert "wgmma.mma_async" in ptx, "on Hopper the products must use wgmma (the warpgroup tensor-core path)"
     assert kernel.asm["cubin"], "ptxas produced no binary"

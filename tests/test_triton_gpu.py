@@ -90,3 +90,21 @@ def test_large_gqa_backward_is_bitwise_repeatable():
 def test_chosen_by_default_for_cuda_tensors():
     q = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
     assert selfattn.backends.choose(selfattn.api.make_call(q, q, q, causal=True)).name == "triton"
+
+
+TMA = [pytest.param(n, kind, id=_id(n, kind)) for n, kind in
+       [((113, 203), "causal"), ((1024, 1023), "none"), ((1023, 1024), "causal+padding"),
+        ((2048, 2048), "window&document&padding")]]
+
+
+@pytest.mark.parametrize("seqlens, kind", TMA)
+def test_tma_forward(seqlens, kind, monkeypatch):
+    """The forward variant that loads K/V through tensor descriptors (the autotuner may pick it on Hopper), forced."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor-descriptor (TMA) loads need a Hopper GPU or newer")
+    from selfattn.backends import triton_tuning
+
+    default = triton_tuning.default_config
+    monkeypatch.setattr(triton_tuning, "default_config",
+                        lambda name, d: dict(default(name, d), TMA=True) if name == "attn_fwd" else default(name, d))
+    check_case((2, 4, 2, *seqlens, 128, 128), kind, torch.bfloat16, seed=sum(seqlens) + 7)

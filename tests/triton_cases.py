@@ -128,6 +128,48 @@ def test_matches_the_oracle(shape, kind, dtype):
     check_case(shape, kind, dtype, seed=zlib.crc32(f"{shape}{kind}".encode()))
 
 
+TMA_CASES = [  # head dims that are powers of two, fp16/bf16: the layouts the TMA variant takes
+    ((2, 4, 2, 37, 53, 32, 32), "causal", F16),  # GQA, N_q != N_k
+    ((1, 2, 1, 53, 37, 64, 32), "causal", BF16),  # N_q > N_k: rows that see nothing; D != D_v
+    ((2, 2, 1, 60, 60, 32, 32), "window&document&padding", BF16),
+    ((3, 2, 1, 45, 61, 16, 16), "padding", F16),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("shape, kind, dtype", TMA_CASES,
+                         ids=[f"{s}-{k}-{d}".replace(" ", "") for s, k, d in TMA_CASES])
+def test_tma_forward_matches_the_oracle(shape, kind, dtype, monkeypatch):
+    """The forward that reads K and V through tensor descriptors (Hopper's TMA), which the GPU autotuner may pick:
+    tiles past N_k must read as zeros and the masks must hold as in the pointer-load forward."""
+    from selfattn.backends import triton_flash
+
+    monkeypatch.setattr(triton_flash, "INTERPRETER_TMA", True)
+    verdicts = []
+    tma_ok = triton_flash.tma_ok
+    monkeypatch.setattr(triton_flash, "tma_ok", lambda call: verdicts.append(tma_ok(call)) or verdicts[-1])
+    check_case(shape, kind, dtype, seed=zlib.crc32(f"tma{shape}{kind}".encode()))
+    assert verdicts and all(verdicts), f"the TMA forward was not taken: {verdicts}"
+
+
+@interpreted
+def test_tma_is_refused_for_layouts_descriptors_cannot_read():
+    from selfattn.backends import triton_flash
+
+    def call(D=32, dtype=BF16, transpose_k=False, offset=0):
+        q = torch.randn(1, 2, 9, D, dtype=dtype)
+        k = torch.randn(1, 2, 9 * D + offset, dtype=dtype)[..., offset:].reshape(1, 2, 9, D)
+        if transpose_k:
+            k = k.transpose(-2, -1).contiguous().transpose(-2, -1)
+        return selfattn.api.make_call(q, k, k.clone())
+
+    assert triton_flash.tma_ok(call())
+    assert not triton_flash.tma_ok(call(D=24)), "D not a power of two: tiles would need padding"
+    assert not triton_flash.tma_ok(call(dtype=F32))
+    assert not triton_flash.tma_ok(call(transpose_k=True)), "the last stride must be 1"
+    assert not triton_flash.tma_ok(call(offset=1)), "rows must start on 16 bytes"
+
+
 @interpreted
 def test_strided_inputs():
     check_case((2, 2, 1, 30, 41, 32, 32), "causal", F16, seed=3, transpose=True)

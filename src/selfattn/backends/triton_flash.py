@@ -170,6 +170,38 @@ def _pow2(n: int) -> int:
 
 # Block sizes under the interpreter: small, and different for rows and keys so that both tilings are exercised.
 INTERPRETER_BLOCKS = {"fwd": (16, 32), "dkdv": (16, 32), "dq": (32, 16)}
+# Under the interpreter the forward loads K/V through tensor descriptors (the TMA variant that the GPU's autotuner
+# may choose) when this is True and the call allows it; the tests run both variants.
+INTERPRETER_TMA = False
+
+
+def tma_ok(call: AttentionCall) -> bool:
+    """May the forward read K and V through tensor descriptors (Hopper's TMA)? The descriptor wants a unit last
+    stride, 16-byte aligned rows and base, and whole tiles of the head dim (D a power of two, no padding); on a GPU
+    also compute capability 9 (Hopper) or newer."""
+    if call.dtype not in (torch.float16, torch.bfloat16) or _pow2(call.D) != call.D or _pow2(call.D_v) != call.D_v:
+        return False
+    for t in (call.k, call.v):
+        e = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * e % 16 for st in t.stride()[:-1]):
+            return False
+    if interpreting():
+        return True
+    return torch.cuda.get_device_capability(call.device)[0] >= 9
+
+
+def _ensure_allocator() -> None:
+    """Descriptors made inside a kernel need a little global scratch memory from Triton's allocator; give it one
+    backed by torch's caching allocator, unless the program already set its own (it is per thread/context)."""
+    import triton
+
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # a Triton without this module: set ours
+        pass
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 def _launch(name: str, grid_rows: int, n_programs: int, args: list, flags: dict):
@@ -181,8 +213,12 @@ def _launch(name: str, grid_rows: int, n_programs: int, args: list, flags: dict)
     if interpreting():
         bm, bn = INTERPRETER_BLOCKS[name.removeprefix("attn_").removeprefix("bwd_")]
         rows = bn if tile == "BLOCK_N" else bm
+        if name == "attn_fwd":
+            flags = dict(flags, TMA=INTERPRETER_TMA and flags["TMA_OK"])
         getattr(tk, name)[(triton_cdiv(grid_rows, rows) * n_programs,)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
         return
+    if flags.get("TMA_OK"):
+        _ensure_allocator()
     from selfattn.backends import triton_tuning
 
     if triton_tuning.autotuning():
@@ -239,7 +275,7 @@ def _forward_here(call: AttentionCall, m: KernelMask, out_dtype: torch.dtype | N
     args = [q, k, v, out, lse, klen, docs, run_lo, run_hi, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             s_doc_b, s_doc_n, call.H_q, call.N_q, call.N_k, n_doc, call.H_q // call.H_kv, call.q_start, call.k_pos0,
             m.window, call.scale * _LOG2E, *_tune_keys(call)]
-    _launch("attn_fwd", call.N_q, call.B * call.H_q, args, _constexprs(call, m))
+    _launch("attn_fwd", call.N_q, call.B * call.H_q, args, _constexprs(call, m) | {"TMA_OK": tma_ok(call)})
     return out, lse
 
 

@@ -153,11 +153,17 @@ def _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, s
                start, end, N_k, klen, k_pos0, window, qk_scale,
                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-               HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+               HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+    # TMA: k_base / v_base are tensor descriptors of this head's (N_k, D) keys and values; Hopper's copy engine
+    # fetches whole tiles into shared memory (rows past N_k read as zeros) while the warps compute.
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _tile(k_base, offs_n, skn, skd, N_k, HEAD_D, BLOCK_D, MASKED)  # unmasked blocks lie inside [0, N_k)
-        v = _tile(v_base, offs_n, svn, svd, N_k, HEAD_DV, BLOCK_DV, MASKED)
+        if TMA:
+            k = k_base.load([start_n, 0])
+            v = v_base.load([start_n, 0])
+        else:
+            k = _tile(k_base, offs_n, skn, skd, N_k, HEAD_D, BLOCK_D, MASKED)  # unmasked blocks lie inside [0, N_k)
+            v = _tile(v_base, offs_n, svn, svd, N_k, HEAD_DV, BLOCK_DV, MASKED)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
             in_k = offs_n < N_k
@@ -187,9 +193,13 @@ def attn_fwd(Q, K, V, OUT, LSE, KLEN, DOC, RUN_LO, RUN_HI,
              H_q, N_q, N_k, N_DOC, GROUP, q_pos0, k_pos0, window, qk_scale, TUNE_N_Q, TUNE_N_K,
              HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_LEN: tl.constexpr, HAS_DOC: tl.constexpr,
-             DOC_RUNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(N_q, BLOCK_M)·B·H_q,). OUT (B, H_q, N_q, D_v) in its dtype; LSE (B, H_q, N_q) float32."""
+             DOC_RUNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA_OK: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
+    """Grid (cdiv(N_q, BLOCK_M)·B·H_q,). OUT (B, H_q, N_q, D_v) in its dtype; LSE (B, H_q, N_q) float32.
+
+    TMA (a tuning choice, allowed when the host found TMA_OK: unit last strides, 16-byte aligned rows, D = BLOCK_D):
+    K and V tiles arrive through tensor descriptors (Hopper's copy engine). The arithmetic is the same either way."""
+    tl.static_assert(TMA_OK or not TMA, "TMA needs TMA_OK (checked on the host)")
     tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "tl.dot needs inner dimensions of at least 16")
     pid_m, pid_bh = _program(N_q, BLOCK_M, CAUSAL)
     b = (pid_bh // H_q).to(tl.int64)
@@ -204,8 +214,14 @@ def attn_fwd(Q, K, V, OUT, LSE, KLEN, DOC, RUN_LO, RUN_HI,
         b, start_m, offs_m, q_in, q_pos0, N_q, N_k, KLEN, DOC, RUN_LO, RUN_HI, s_doc_b, s_doc_n, N_DOC, k_pos0,
         window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_LEN, HAS_DOC, DOC_RUNS)
 
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
+    if TMA:
+        k_base = tl.make_tensor_descriptor(K + b * skb + hk * skh, shape=[N_k, HEAD_D], strides=[skn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_base = tl.make_tensor_descriptor(V + b * svb + hk * svh, shape=[N_k, HEAD_DV], strides=[svn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_DV])
+    else:
+        k_base = K + b * skb + hk * skh
+        v_base = V + b * svb + hk * svh
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
@@ -214,14 +230,14 @@ def attn_fwd(Q, K, V, OUT, LSE, KLEN, DOC, RUN_LO, RUN_HI,
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd,
                                        svn, svd, s_doc_n, full_lo, full_hi, N_k, klen, k_pos0, window, qk_scale,
                                        HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOW,
-                                       HAS_DOC, PRECISION, UPCAST)
+                                       HAS_DOC, PRECISION, UPCAST, TMA)
         else:
             start = lo if part == 0 else full_hi
             end = full_lo if part == 0 else hi
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd,
                                        svn, svd, s_doc_n, start, end, N_k, klen, k_pos0, window, qk_scale,
                                        HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW,
-                                       HAS_DOC, PRECISION, UPCAST)
+                                       HAS_DOC, PRECISION, UPCAST, TMA)
 
     seen = l_i > 0.0  # False for rows that see no key: their output is 0 and their lse −inf
     out = acc / tl.where(seen, l_i, 1.0)[:, None]

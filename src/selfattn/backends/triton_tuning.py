@@ -37,6 +37,8 @@ def _prune(kernel_name: str):
         e = _element_bytes(nargs)
         kept = []
         for c in configs:
+            if c.kwargs.get("TMA") and not nargs.get("TMA_OK"):  # descriptors need Hopper and an aligned layout
+                continue
             m, n, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
             if kernel_name == "attn_fwd":  # Q tile resident, K and V tiles pipelined over `stages`
                 need = e * (m * d + s * n * (d + dv))
@@ -49,7 +51,8 @@ def _prune(kernel_name: str):
             small = m * n <= (2048 if e == 4 else 4096)
             if need <= _shared_memory_bytes() and (small or (max(d, dv) < 256 and e == 2)):
                 kept.append(c)
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+        plain = [c for c in configs if not c.kwargs.get("TMA")]
+        return kept or [min(plain, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
 
     return prune
 
@@ -60,6 +63,8 @@ def _prune(kernel_name: str):
 # tiles are the larger; dQ is the mirror image. A short list: each configuration compiles once per shape bucket.
 _TILES = {
     "attn_fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)],
+    # Hopper: K/V tiles through tensor descriptors (TMA); tried only where the layout and the GPU allow (``tma_ok``)
+    "attn_fwd tma": [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3)],
     "attn_bwd_dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2), (16, 32, 4, 2)],
     "attn_bwd_dq": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)],
 }
@@ -79,11 +84,19 @@ def default_config(name: str, block_d: int) -> dict:
     return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
+def _configs(name: str) -> list:
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _TILES[name]]
+    configs += [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "TMA": True}, num_warps=w, num_stages=s)
+                for m, n, w, s in _TILES.get(name + " tma", [])]
+    return configs
+
+
 @functools.cache
 def tuned(name: str):
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _TILES[name]]
+    configs = _configs(name)
+    key = _KEY + (["TMA_OK"] if name == "attn_fwd" else [])  # a TMA choice must not serve a layout without it
     # cache_results: the choice is kept in Triton's on-disk cache, so a new process does not tune again
-    return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _prune(name)},
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune(name)},
                            cache_results=True)(getattr(tk, name))
 
 
@@ -102,7 +115,8 @@ def compile_for(name: str, *, arch: int = 90, dtype: str = "bf16", head_dim: int
     consts = dict(HEAD_D=head_dim, HEAD_DV=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                   BLOCK_DV=max(16, triton.next_power_of_2(head_dim)), PRECISION="ieee" if dtype == "fp32" else "tf32",
                   UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n, HAS_DLSE=True)
-    consts |= dict(CAUSAL=False, WINDOW=False, HAS_LEN=False, HAS_DOC=False, DOC_RUNS=False) | (flags or {})
+    consts |= dict(CAUSAL=False, WINDOW=False, HAS_LEN=False, HAS_DOC=False, DOC_RUNS=False, TMA_OK=False,
+                   TMA=False) | (flags or {})
     consts = {n: c for n, c in consts.items() if n in fn.arg_names}
     signature = {}
     for arg in fn.arg_names:
