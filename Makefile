@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 EXTRAS ?= dev,viz,hf,train,gpu
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench lint clean bench-gpu gpu-session
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,7 @@ clean:
 
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/bench_gpu.py
+
+# On a machine with an NVIDIA GPU and its own PyTorch + Triton (installs nothing): GPU tests, then the quick benchmark
+gpu-session:
+	bash benchmarks/gpu_session.sh
