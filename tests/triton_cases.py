@@ -227,7 +227,7 @@ def test_refusals_say_why(kw, words):
 
 
 @interpreted
-@pytest.mark.parametrize("kind", ["none", "causal", "window", "document"])
+@pytest.mark.parametrize("kind", ["none", "causal", "window", "document", "causal+left-padding"])
 def test_blocks_merged_by_lse_equal_the_whole(kind):
     """forward_block / backward_block (what ring attention and split-KV decoding call): split the keys in three,
     merge the blocks by lse; the block backward with the final out and lse adds up to the full gradient."""
