@@ -72,8 +72,9 @@ def kernel_mask(call: AttentionCall) -> KernelMask:
     and by the forward) is translated, and its tensors moved to the GPU, once."""
     if call.mask is None:
         return KernelMask()
-    # the spec's tensors' version counters: a lengths or ids tensor changed in place is translated again
-    tensors = tuple((t.data_ptr(), t._version) for t in _spec_tensors(call.mask.spec))
+    # the spec's tensors' version counters: a lengths or ids tensor changed in place is translated again (inference
+    # tensors have no counter)
+    tensors = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in _spec_tensors(call.mask.spec))
     key = (call.B, call.N_k, call.k_pos0, str(call.device), tensors)
     per_mask = _TRANSLATED.setdefault(call.mask, {})
     if key not in per_mask:

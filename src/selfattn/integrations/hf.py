@@ -12,7 +12,7 @@ transformers' own caches for generation. ``output_attentions=True`` returns the 
 Masks: transformers hands the layer either None plus ``is_causal`` (no padding) or a 4-D bool mask (True = attend)
 of shape (B, 1, N_q, N_k). None becomes ``causal=True`` — bottom-right aligned, which is what a KV cache needs. A bool
 mask is recognised, when it is exactly one, as "keys", "causal & keys" or "sliding_window(w) & keys" (the window of
-Mistral, Qwen2, Gemma-2/3 layers, read off the mask itself), where "keys" is ``masks.key_padding(lengths)`` for right
+Mistral, Qwen2, Gemma-3 layers, read off the mask itself), where "keys" is ``masks.key_padding(lengths)`` for right
 padding and ``masks.key_range(starts, ends)`` for left padding (batched generation) or both; these ready-made masks
 run on the Triton kernels on a GPU and let every tiled backend skip whole blocks without reading N_q x N_k values. Any
 other pattern is passed as the dense bool mask. A float mask is an additive bias.
@@ -99,7 +99,7 @@ def _weights_requested(module, kwargs) -> bool:
 # --------------------------------------------------------------------------------------------- transformers' masks
 
 # The last few bool masks recognised, (weakref, version, selfattn mask), newest last: every layer of a kind passes the
-# same tensor, and models that alternate sliding-window and full layers (Gemma-2/3) pass two.
+# same tensor, and models that alternate sliding-window and full layers (Gemma-3) pass two.
 _recent: list = []
 _RECENT = 4
 
@@ -110,12 +110,18 @@ def structured_mask(mask: Tensor) -> masks.Mask | Tensor:
     itself (a dense mask)."""
     if torch.compiler.is_compiling():
         return mask  # reading the mask's values would break the graph; it travels dense through the custom op
-    for ref, version, result in _recent:
-        if ref() is mask and version == mask._version:
+    version = _version(mask)
+    for ref, seen, result in _recent:
+        if ref() is mask and seen == version:
             return result
     result = _recognise(mask)
-    _recent[:] = [*_recent[1 - _RECENT:], (weakref.ref(mask), mask._version, result)]
+    _recent[:] = [*_recent[1 - _RECENT:], (weakref.ref(mask), version, result)]
     return result
+
+
+def _version(t: Tensor) -> int:
+    """The tensor's in-place version (a mask edited in place is recognised again); inference tensors have none."""
+    return -1 if t.is_inference() else t._version
 
 
 def _recognise(mask: Tensor) -> masks.Mask | Tensor:
@@ -139,8 +145,9 @@ def _window(mask: Tensor) -> masks.Mask | None:
     """The sliding window a (B, 1, N_q, N_k) mask would be, if it is one: one more than the largest distance
     q_pos − k_pos of a visible pair (bottom-right positions); None when no pair looks back from its diagonal."""
     N_q, N_k = mask.shape[2], mask.shape[3]
-    distance = torch.arange(N_k - N_q, N_k, device=mask.device)[:, None] - torch.arange(N_k, device=mask.device)
-    largest = torch.where(mask, distance, -1).amax().item()  # (N_q, N_k) broadcast over (B, 1): one number
+    first = mask.view(torch.uint8).argmax(-1)  # (B, 1, N_q): each row's first visible key (a view: no N² copy)
+    q_pos = torch.arange(N_k - N_q, N_k, device=mask.device)
+    largest = torch.where(mask.any(-1), q_pos - first, -1).amax().item()
     return masks.sliding_window(int(largest) + 1) if largest >= 0 else None
 
 
