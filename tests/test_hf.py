@@ -86,6 +86,7 @@ def test_logits_and_weights_equal_eager(family, padding):
     ("llama", "static", "none"),  # no mask at all: the prefill sees only its own N_q of the N_k slots
     ("gpt2", "dynamic", "left"),
     ("mistral", "dynamic", "left"),  # a sliding window of 5: the cache and the mask drop the older keys
+    ("gemma3", "dynamic", "left"),  # window and full layers alternate
 ])
 def test_fifty_greedy_tokens_equal_eager(family, cache, padding):
     eager, ours = _pair(family)
@@ -220,15 +221,25 @@ def _gemma3():  # sliding-window and full layers alternate: two masks per forwar
         layer_types=["sliding_attention", "full_attention"] * 2)
 
 
-FAMILIES |= {"mistral": _mistral, "gemma3": _gemma3}
+def _qwen2():
+    return transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, use_sliding_window=True, sliding_window=5,
+        max_window_layers=0)
+
+
+FAMILIES |= {"mistral": _mistral, "gemma3": _gemma3, "qwen2": _qwen2}
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "qwen2"])
 def test_sliding_window_models_get_window_masks_not_dense_ones(family, padding, monkeypatch):
     from selfattn import backends
 
     calls = _record_calls(monkeypatch)
+    recognised = []
+    real_recognise = hf._recognise
+    monkeypatch.setattr(hf, "_recognise", lambda mask: recognised.append(mask) or real_recognise(mask))
     eager, ours = _pair(family)
     ids, am = _batch(padding)
     with torch.no_grad():
@@ -239,6 +250,7 @@ def test_sliding_window_models_get_window_masks_not_dense_ones(family, padding, 
     assert rel <= REL_TOL, f"{family}/{padding}: relative logits error {rel:.2e} > {REL_TOL:.0e}"
     layers = ours.config.layer_types if family == "gemma3" else ["sliding_attention"] * 2
     assert len(calls) == len(layers)
+    assert len(recognised) == len(set(layers)), f"{len(recognised)} recognitions for {len(set(layers))} masks"
     for layer, (kind, call) in enumerate(zip(layers, calls, strict=True)):
         assert isinstance(call.mask, masks.Mask) and call.mask.spec is not None, f"layer {layer}: {call.mask}"
         first = ("sliding_window", 5) if kind == "sliding_attention" else ("causal",)

@@ -115,7 +115,8 @@ def structured_mask(mask: Tensor) -> masks.Mask | Tensor:
         if ref() is mask and seen == version:
             return result
     result = _recognise(mask)
-    _recent[:] = [*_recent[1 - _RECENT:], (weakref.ref(mask), version, result)]
+    _recent.append((weakref.ref(mask), version, result))
+    del _recent[:-_RECENT]
     return result
 
 
