@@ -6,6 +6,7 @@ it can serve the case; a refusal is a skip whose reason `pytest -ra` prints.
 
 import dataclasses
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -30,6 +31,10 @@ def make_cases():
             continue
         cases.append(pytest.param(shape, kind, int(torch.randint(0, 2**31, (), generator=g)),
                                   id=f"B{B}-H{H_q}x{H_kv}-{N_q}x{N_k}-D{D}v{D_v}-{kind}"))
+    for shape in shapes[:4]:  # kinds added later draw their own seeds: the cases above keep theirs
+        B, H_q, H_kv, N_q, N_k, D, D_v = shape
+        ident = f"B{B}-H{H_q}x{H_kv}-{N_q}x{N_k}-D{D}v{D_v}-left-padding"
+        cases.append(pytest.param(shape, "left-padding", zlib.crc32(ident.encode()), id=ident))
     return cases
 
 
@@ -42,6 +47,10 @@ def build_mask(kind, B, H_q, N_q, N_k, g):
         lengths = torch.randint(0, N_k + 1, (B,), generator=g)
         lengths[0] = 0  # a fully masked batch element
         return dict(mask=masks.key_padding(lengths))
+    if kind == "left-padding":  # a left-padded prefill (batched generation)
+        starts = torch.randint(0, N_k + 1, (B,), generator=g)
+        starts[0] = N_k  # a fully masked batch element
+        return dict(mask=masks.key_range(starts), causal=True)
     if kind == "document":
         ids = torch.sort(torch.randint(0, 5, (N_k,), generator=g)).values
         return dict(mask=masks.document(ids), causal=True)
@@ -111,7 +120,7 @@ BLOCK_BACKENDS = [n for n in backends.names() if backends.get(n).supports_blocks
 
 
 @pytest.mark.parametrize("backend", BLOCK_BACKENDS)
-@pytest.mark.parametrize("kind", ["none", "causal", "window", "document"])
+@pytest.mark.parametrize("kind", ["none", "causal", "window", "left-padding", "document"])
 def test_blocks_merged_by_lse_equal_the_whole(backend, kind):
     """Split the keys in three, run each block with its positions, merge by lse; then the block backward with the
     final statistics must add up to the full gradient (what ring attention and split-KV decoding rely on)."""

@@ -85,6 +85,8 @@ def test_logits_and_weights_equal_eager(family, padding):
     ("llama", "static", "left"),  # the static cache's empty slots are masked keys (a dense mask)
     ("llama", "static", "none"),  # no mask at all: the prefill sees only its own N_q of the N_k slots
     ("gpt2", "dynamic", "left"),
+    ("mistral", "dynamic", "left"),  # a sliding window of 5: the cache and the mask drop the older keys
+    ("gemma3", "dynamic", "left"),  # window and full layers alternate
 ])
 def test_fifty_greedy_tokens_equal_eager(family, cache, padding):
     eager, ours = _pair(family)
@@ -118,7 +120,7 @@ def test_prefill_without_padding_uses_causal_flag_not_a_dense_mask(monkeypatch):
         ours(ids, attention_mask=am)
     assert seen[0] == (True, None), seen[0]
     causal, mask = seen[-1]
-    assert causal is False and isinstance(mask, masks.Mask) and mask.name == "(causal & key_mask)", seen[-1]
+    assert causal is False and isinstance(mask, masks.Mask) and mask.name == "(causal & key_range)", seen[-1]
 
 
 @pytest.mark.parametrize("side", ["left", "right", "both", "none"])
@@ -135,10 +137,126 @@ def test_structured_mask_recognises_causal_and_key_padding(side):
         got = hf.structured_mask(dense.clone())
         assert isinstance(got, masks.Mask), f"{side}/{name}: not recognised"
         assert torch.equal(got.dense(B, 1, N_q, N_k), dense), f"{side}/{name}: wrong mask {got}"
-        if side in ("right", "none") and name == "key":
-            assert got.spec is not None and got.spec[0] == "key_padding", got.spec
+        keys = got.spec if name == "key" else got.spec[2]  # ("and", ("causal",), keys)
+        want_kind = "key_padding" if side in ("right", "none") else "key_range"
+        assert keys is not None and keys[0] == want_kind, f"{side}/{name}: {got.spec}"
+        if side == "left":
+            assert keys[1].tolist() == [0, 4, 0] and keys[2] is None, keys  # starts; no ends: left padding only
+        if side == "both":
+            assert keys[1].tolist() == [0, 4, 0] and keys[2].tolist() == [11, 11, 7], keys
     odd = torch.rand(B, 1, N_q, N_k) < 0.5
     assert hf.structured_mask(odd) is odd
+    scattered = valid.clone()
+    scattered[0, 5] = False  # a hole in the middle: no ready-made form, but still an exact Mask
+    got = hf.structured_mask(scattered[:, None, None].expand(B, 1, N_q, N_k).clone())
+    assert got.name == "key_mask" and got.spec is None and torch.equal(got.dense(B, 1, 1, N_k)[:, 0, 0], scattered)
+
+
+@pytest.mark.parametrize("window", [1, 3, 6])
+@pytest.mark.parametrize("N_q", [1, 6, 11])
+def test_structured_mask_recognises_sliding_windows(window, N_q):
+    B, N_k = 3, 11
+    valid = torch.ones(B, N_k, dtype=torch.bool)
+    valid[1, :4] = False
+    valid[2, :11] = False  # a batch element with no real key
+    dense = valid[:, None, None] & masks.sliding_window(window).dense(1, 1, N_q, N_k)
+    got = hf.structured_mask(dense)
+    assert isinstance(got, masks.Mask) and got.spec is not None, f"window {window}, N_q {N_q}: not recognised"
+    assert torch.equal(got.dense(B, 1, N_q, N_k), dense), f"window {window}, N_q {N_q}: wrong mask {got}"
+    if N_q > window:  # the window binds somewhere: it must be recognised as one, not as causal
+        assert "sliding_window" in got.name, got.name
+    widened = dense.clone()
+    widened[0, 0, -1, 0] = True  # one more visible pair, far back: whatever it is recognised as must be exact
+    again = hf.structured_mask(widened)
+    assert again is widened or torch.equal(again.dense(B, 1, N_q, N_k), widened), f"{again} is not the mask"
+    if N_q > 1 and window < N_k - 1:
+        assert again is widened, f"window {window}, N_q {N_q}: {again}"
+
+
+def _record_calls(monkeypatch):
+    """Spy on selfattn.attention: the list of AttentionCalls the model makes (masks as the layers passed them)."""
+    import selfattn
+
+    calls = []
+    real = selfattn.attention
+
+    def spy(q, k, v, **kw):
+        calls.append(selfattn.api.make_call(q, k, v, causal=kw.get("causal", False), mask=kw.get("mask"),
+                                            bias=kw.get("bias"), scale=kw.get("scale")))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(selfattn, "attention", spy)
+    return calls
+
+
+def test_left_padding_becomes_a_mask_the_triton_kernels_take(monkeypatch):
+    """Batched generation pads on the left: the prefill's mask is causal & key_range, which the Triton backend
+    serves (on a GPU it is chosen instead of a slower backend); the tiled backend skips the padded blocks."""
+    from selfattn import backends
+
+    calls = _record_calls(monkeypatch)
+    eager, ours = _pair("llama")
+    ids, am = _batch("left")
+    with torch.inference_mode():  # its tensors (the mask's starts too) have no version counter to key caches on
+        ours(ids, attention_mask=am)
+        ours(ids, attention_mask=am)
+    assert len(calls) == 2 * ours.config.num_hidden_layers
+    for call in calls:
+        assert call.mask.name == "(causal & key_range)", call.mask
+        assert call.mask.spec[2][1].tolist() == [0, 6, 1], call.mask.spec  # the first real key of each sequence
+        assert backends.get("triton").call_reasons(call) == [], backends.get("triton").call_reasons(call)
+    assert calls[0].mask is calls[1].mask  # recognised once, reused by every layer
+
+
+def _mistral():
+    return transformers.MistralForCausalLM, transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=5)
+
+
+def _gemma3():  # sliding-window and full layers alternate: two masks per forward
+    return transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"] * 2)
+
+
+def _qwen2():
+    return transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, use_sliding_window=True, sliding_window=5,
+        max_window_layers=0)
+
+
+FAMILIES |= {"mistral": _mistral, "gemma3": _gemma3, "qwen2": _qwen2}
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "qwen2"])
+def test_sliding_window_models_get_window_masks_not_dense_ones(family, padding, monkeypatch):
+    from selfattn import backends
+
+    calls = _record_calls(monkeypatch)
+    recognised = []
+    real_recognise = hf._recognise
+    monkeypatch.setattr(hf, "_recognise", lambda mask: recognised.append(mask) or real_recognise(mask))
+    eager, ours = _pair(family)
+    ids, am = _batch(padding)
+    with torch.no_grad():
+        want = eager(ids, attention_mask=am).logits
+        got = ours(ids, attention_mask=am).logits
+    rows = am.bool()
+    rel = ((got - want)[rows].abs().max() / want[rows].abs().max()).item()
+    assert rel <= REL_TOL, f"{family}/{padding}: relative logits error {rel:.2e} > {REL_TOL:.0e}"
+    layers = ours.config.layer_types if family == "gemma3" else ["sliding_attention"] * 2
+    assert len(calls) == len(layers)
+    assert len(recognised) == len(set(layers)), f"{len(recognised)} recognitions for {len(set(layers))} masks"
+    for layer, (kind, call) in enumerate(zip(layers, calls, strict=True)):
+        assert isinstance(call.mask, masks.Mask) and call.mask.spec is not None, f"layer {layer}: {call.mask}"
+        first = ("sliding_window", 5) if kind == "sliding_attention" else ("causal",)
+        keys = "key_range" if padding == "left" else "key_padding"
+        assert call.mask.spec[:2] == ("and", first) and call.mask.spec[2][0] == keys, f"layer {layer}: {call.mask}"
+        assert backends.get("triton").call_reasons(call) == [], f"layer {layer}: {call.mask}"
 
 
 def test_key_mask_block_states_are_exact():

@@ -33,6 +33,13 @@ def test_key_padding_and_documents():
     assert d[1].tolist() == [True, True, False, False, False] and d[3].tolist() == [False, False, True, True, True]
 
 
+def test_key_range_hides_keys_outside_each_batch_elements_range():
+    m = masks.key_range(torch.tensor([2, 0, 4, 3]), torch.tensor([5, 3, 4, 1])).dense(4, 1, 1, 5)[:, 0, 0]
+    assert m.int().tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0] * 5, [0] * 5]  # the last two ranges are empty
+    left = masks.key_range(torch.tensor([0, 3, 5])).dense(3, 1, 2, 5)[:, 0]  # no ends: left padding only
+    assert left[:, 0].int().tolist() == [[1] * 5, [0, 0, 0, 1, 1], [0] * 5] and torch.equal(left[:, 0], left[:, 1])
+
+
 def test_and_or_compose():
     a, b = masks.causal(), masks.key_padding(torch.tensor([3]))
     both = (a & b).dense(1, 1, 4, 4)
@@ -62,10 +69,17 @@ def test_mask_argument_validation():
         masks.key_padding(torch.tensor([-1]))
     with pytest.raises(ValueError, match="shape"):
         masks.document(torch.zeros(2, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"starts\): positions must be >= 0, got \[1, -2\]"):
+        masks.key_range(torch.tensor([1, -2]))
+    with pytest.raises(ValueError, match=r"shapes \(2,\) and \(3,\)"):
+        masks.key_range(torch.tensor([1, 2]), torch.tensor([3, 4, 5]))
+    with pytest.raises(TypeError, match="integer"):
+        masks.key_range(torch.tensor([0.5]))
 
 
 def all_masks(B, N_k, g):
     lengths = torch.randint(0, N_k + 1, (B,), generator=g)
+    starts, ends = torch.randint(0, N_k + 1, (2, B), generator=g)
     ids = torch.sort(torch.randint(0, 3, (B, N_k), generator=g), dim=-1).values
     w = int(torch.randint(1, N_k + 2, (), generator=g))
     return {
@@ -74,6 +88,8 @@ def all_masks(B, N_k, g):
         "padding": masks.key_padding(lengths),
         "document": masks.document(ids),
         "doc&causal": masks.document(ids) & masks.causal(),
+        "left-padding&causal": masks.key_range(N_k - lengths) & masks.causal(),
+        "key-range&window": masks.key_range(starts, ends) & masks.sliding_window(w),
         "window|padding": masks.sliding_window(w) | masks.key_padding(lengths),
         "custom": masks.Mask(lambda b, h, q, k: (q + k + h) % 3 != 0),
     }
@@ -104,11 +120,28 @@ def test_analytic_block_states_are_exact_for_causal_and_window():
         assert (states == PARTIAL).any() and (states == EMPTY).any()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_key_range_block_states_are_exact(seed):
+    """The analytic classifier of key_range gives exactly the dense block states (nothing left PARTIAL needlessly),
+    at random starts and ends including 0, N_k (no key) and empty ranges, with key blocks shifted by k_pos0."""
+    g = torch.Generator().manual_seed(seed)
+    B, N_q, N_k = 5, 13, 37
+    starts, ends = torch.randint(0, N_k + 1, (2, B), generator=g)
+    starts[0], starts[1], ends[2] = 0, N_k, 0
+    for m in (masks.key_range(starts, ends), masks.key_range(starts)):
+        dense_only = masks.Mask(m.mask_mod)
+        for bq, bk, k_pos0 in ((4, 5, 0), (8, 8, 3), (16, 3, 0), (1, 1, 0)):
+            got = m.block_states(B, 1, N_q, N_k, bq, bk, k_pos0=k_pos0)
+            want = dense_only.block_states(B, 1, N_q, N_k, bq, bk, k_pos0=k_pos0)
+            assert torch.equal(got.expand_as(want), want), (m.name, bq, bk, k_pos0, starts.tolist(), ends.tolist())
+
+
 def test_specs_rebuild_the_same_mask():
     ids = torch.tensor([0, 0, 1, 1, 1, 2])
     built = [masks.causal(), masks.sliding_window(3), masks.key_padding(torch.tensor([4, 6])), masks.document(ids),
              masks.document(ids) & masks.causal(), masks.sliding_window(2) | masks.key_padding(torch.tensor([1, 2])),
-             masks.from_tensor(torch.rand(6, 6) > 0.5, 6, 6)]
+             masks.from_tensor(torch.rand(6, 6) > 0.5, 6, 6), masks.key_range(torch.tensor([2, 0])),
+             masks.causal() & masks.key_range(torch.tensor([1, 6]), torch.tensor([4, 6]))]
     for m in built:
         again = masks.from_spec(m.spec)
         assert torch.equal(again.dense(2, 1, 6, 6), m.dense(2, 1, 6, 6)), m.name

@@ -26,6 +26,9 @@ def _mask_cases(B, N_q, N_k):
         "window": masks.sliding_window(4),
         "padding": masks.key_padding(lengths),
         "causal&padding": masks.causal() & masks.key_padding(lengths),
+        "causal&left-padding": masks.causal() & masks.key_range(N_k - lengths),
+        "window&key-range&padding": masks.sliding_window(5) & masks.key_range(torch.tensor([2, 0])[:B], lengths + 3)
+                                    & masks.key_padding(lengths),
         "documents": masks.causal() & masks.document(docs),
         "dense": dense,
         "or": masks.sliding_window(2) | masks.key_padding(torch.tensor([3, 3])),  # no op spec: evaluated densely
@@ -62,7 +65,7 @@ def _op_args(q, k, v, mask=None, bias=None, causal=False):
     return (q, k, v, call.scale, *ops.op_mask_for(call).args(), bias, None)
 
 
-@pytest.mark.parametrize("case", ["none", "causal&padding", "window", "documents", "dense"])
+@pytest.mark.parametrize("case", ["none", "causal&padding", "causal&left-padding", "window", "documents", "dense"])
 def test_opcheck(case):
     q, k, v = _qkv(grad=True)
     args = _op_args(q, k, v, mask=_mask_cases(2, 9, 13)[case])
@@ -84,7 +87,7 @@ class _TinyBlock(torch.nn.Module):
         self.qkv = torch.nn.Linear(d, (heads + 2 * kv_heads) * self.d_head)
         self.out = torch.nn.Linear(d, d)
 
-    def forward(self, x, lengths=None):
+    def forward(self, x, lengths=None, starts=None):
         B, N, _ = x.shape
         q, k, v = self.qkv(x).split([self.heads * self.d_head, self.kv_heads * self.d_head,
                                      self.kv_heads * self.d_head], -1)
@@ -92,28 +95,30 @@ class _TinyBlock(torch.nn.Module):
         k = k.view(B, N, self.kv_heads, self.d_head).transpose(1, 2)  # (B, H_kv, N, D)
         v = v.view(B, N, self.kv_heads, self.d_head).transpose(1, 2)  # (B, H_kv, N, D)
         mask = self.mask if lengths is None else masks.key_padding(lengths)
+        mask = mask if starts is None else masks.key_range(starts)
         y = selfattn.attention(q, k, v, causal=True, mask=mask)  # (B, H_q, N, D)
         return self.out(y.transpose(1, 2).reshape(B, N, -1))
 
 
-@pytest.mark.parametrize("mask", ["none", "padding-built-inside", "window", "custom"])
+@pytest.mark.parametrize("mask", ["none", "padding-built-inside", "left-padding-built-inside", "window", "custom"])
 def test_compile_fullgraph_has_no_graph_break_and_matches_eager(mask):
     torch._dynamo.reset()
-    fixed = {"none": None, "padding-built-inside": None, "window": masks.sliding_window(5),
-             "custom": lambda b, h, q, k: (q - k) % 4 != 3}[mask]
+    fixed = {"none": None, "padding-built-inside": None, "left-padding-built-inside": None,
+             "window": masks.sliding_window(5), "custom": lambda b, h, q, k: (q - k) % 4 != 3}[mask]
     model = _TinyBlock(mask=fixed)
     x = torch.randn(2, 23, 32)
     lengths = torch.tensor([23, 11]) if mask == "padding-built-inside" else None
-    explained = torch._dynamo.explain(model)(x, lengths)
+    starts = torch.tensor([0, 9]) if mask == "left-padding-built-inside" else None
+    explained = torch._dynamo.explain(model)(x, lengths, starts)
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
     assert explained.graph_count == 1, explained.graph_count
 
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x1 = x.clone().requires_grad_()
-    y = compiled(x1, lengths)
+    y = compiled(x1, lengths, starts)
     y.square().sum().backward()
     x2 = x.clone().requires_grad_()
-    want = model(x2, lengths)
+    want = model(x2, lengths, starts)
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     want.square().sum().backward()
@@ -180,12 +185,14 @@ def test_lse_is_not_differentiable_through_the_op():
 
 def test_opcheck_backward_op():
     q, k, v = _qkv(B=1, H_q=2, H_kv=1, N_q=6, N_k=8)
-    args = _op_args(q, k, v, mask=masks.key_padding(torch.tensor([5])), causal=True)
+    args = _op_args(q, k, v, mask=masks.key_range(torch.tensor([2]), torch.tensor([7])), causal=True)
     out, lse = torch.ops.selfattn.attention(*args)
     d_out = torch.randn_like(out)
-    q, k, v, scale, causal, window, lengths, docs, dense, bias, backend = args
+    q, k, v, scale, causal, window, lengths, starts, docs, dense, bias, backend = args
+    assert lengths.tolist() == [7] and starts.tolist() == [2]
     torch.library.opcheck(torch.ops.selfattn.attention_backward.default,
-                          (d_out, q, k, v, out, lse, scale, causal, window, lengths, docs, dense, bias, backend, False))
+                          (d_out, q, k, v, out, lse, scale, causal, window, lengths, starts, docs, dense, bias, backend,
+                           False))
 
 
 def test_backward_needs_a_backend_with_the_block_api():

@@ -52,6 +52,18 @@ def test_key_padding_skips_padding_blocks_and_zeroes_empty_rows():
     torch.testing.assert_close(out[0], selfattn.attention(q[:1], k[:1, :, :256], v[:1, :, :256], backend="tiled")[0])
 
 
+def test_left_padding_skips_the_blocks_before_the_first_real_key():
+    n = 4 * tiled.BLOCK_K
+    q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
+    starts = torch.tensor([3 * tiled.BLOCK_K])  # only the last key block holds real keys
+    tiled.TILE_COUNTS.clear()
+    out = selfattn.attention(q, k, v, mask=masks.key_range(starts), backend="tiled")
+    n_qb = -(-n // tiled.BLOCK_Q)
+    assert tiled.TILE_COUNTS["forward"] == n_qb, dict(tiled.TILE_COUNTS)  # one key block for every query block
+    torch.testing.assert_close(out, selfattn.attention(q, k[:, :, -tiled.BLOCK_K:], v[:, :, -tiled.BLOCK_K:],
+                                                       backend="tiled"))
+
+
 def test_float16_and_bfloat16_inputs_keep_their_dtype_and_give_float32_lse():
     for dtype in (torch.float16, torch.bfloat16):
         q, k, v = (torch.randn(1, 2, 300, 32, dtype=dtype, requires_grad=True) for _ in range(3))

@@ -1,5 +1,6 @@
 """The Triton backend's place in the registry, without running a kernel: lazy import, reasons, mask translation."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -65,6 +66,19 @@ def test_masks_become_kernel_arguments():
     assert m.doc_ids is not None and m.runs is None  # document 0 in two runs: no block skipping, exact compare
 
 
+def test_key_ranges_become_key_starts_and_lengths():
+    rng = masks.key_range(torch.tensor([3, 0]), torch.tensor([9, 12])) & masks.key_range(torch.tensor([1, 4]))
+    m = triton_flash.kernel_mask(_call(mask=masks.causal() & rng & masks.key_padding(torch.tensor([7, 20]))))
+    assert m.causal and m.key_starts.tolist() == [3, 4] and m.key_lengths.tolist() == [7, 10]  # tightest, <= N_k
+    right_only = triton_flash.kernel_mask(_call(mask=masks.key_padding(torch.tensor([2, 5]))))
+    assert right_only.key_starts.tolist() == [0, 0] and right_only.key_lengths.tolist() == [2, 5]
+    left_only = triton_flash.kernel_mask(_call(mask=masks.key_range(torch.tensor([2, 10]))))
+    assert left_only.key_starts.tolist() == [2, 10] and left_only.key_lengths.tolist() == [10, 10]
+    block = dataclasses.replace(_call(mask=masks.key_range(torch.tensor([2, 10]), torch.tensor([8, 12]))), k_pos0=4)
+    m = triton_flash.kernel_mask(block)  # a block of keys at positions 4..13: the kernel counts rows from there
+    assert m.key_starts.tolist() == [0, 6] and m.key_lengths.tolist() == [4, 8]
+
+
 @pytest.mark.parametrize("kw, words", [
     (dict(mask=masks.Mask(lambda b, h, q, k: q != k)), "custom mask_mod"),
     (dict(mask=masks.causal() | masks.sliding_window(2)), "| of masks"),
@@ -72,7 +86,8 @@ def test_masks_become_kernel_arguments():
     (dict(mask=masks.document(torch.zeros(4, dtype=torch.long))), "document ids cover positions 0..3"),
     (dict(mask=masks.document(torch.zeros(10, dtype=torch.long)) & masks.document(torch.ones(10, dtype=torch.long))),
      "more than one document mask"),
-], ids=["custom", "or", "tensor", "short-ids", "two-docs"])
+    (dict(mask=masks.key_range(torch.tensor([1, 2, 3]))), "key_range starts have shape (3,)"),
+], ids=["custom", "or", "tensor", "short-ids", "two-docs", "bad-starts"])
 def test_masks_without_kernel_form_are_declined_with_the_reason(kw, words):
     assert any(words in r for r in backends.get("triton").call_reasons(_call(**kw)))
 

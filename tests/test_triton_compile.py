@@ -8,7 +8,7 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton not installed (pip install 'selfattn[gpu]')")
 
-ALL_MASKS = dict(CAUSAL=True, WINDOW=True, HAS_LEN=True, HAS_DOC=True, DOC_RUNS=True)
+ALL_MASKS = dict(CAUSAL=True, WINDOW=True, HAS_LEN=True, HAS_DOC=True, DOC_RUNS=True)  # HAS_LEN: key starts and lengths
 
 
 @pytest.mark.parametrize("name, arch, dtype, head_dim, flags", [

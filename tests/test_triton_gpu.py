@@ -55,7 +55,8 @@ def test_head_dims(seqlens, D, dtype):
 MASKS = [pytest.param(n, kind, dt, id=_id(n, kind, dt))
          for n, kind, dt in itertools.product([(113, 203), (1023, 1024), (2048, 2048)],
                                               ("window", "padding", "causal+padding", "document",
-                                               "document-scattered", "window&document&padding"), DTYPES)]
+                                               "document-scattered", "window&document&padding", "left-padding",
+                                               "causal+left-padding", "window&key-range"), DTYPES)]
 
 
 @pytest.mark.parametrize("seqlens, kind, dtype", MASKS)

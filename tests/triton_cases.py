@@ -39,6 +39,20 @@ def build_mask(kind: str, B: int, N_q: int, N_k: int, g: torch.Generator) -> dic
     if kind == "causal+padding":
         lengths = torch.randint(N_k // 2, N_k + 1, (B,), generator=g)
         return dict(mask=masks.key_padding(lengths), causal=True)
+    if kind == "left-padding":  # batched generation: the real keys are the last ones
+        starts = torch.randint(0, N_k + 1, (B,), generator=g)
+        starts[0], starts[-1] = N_k, 0  # a batch element with no key at all, and one without padding
+        return dict(mask=masks.key_range(starts))
+    if kind == "causal+left-padding":  # a left-padded prefill: the padded rows see nothing
+        starts = torch.randint(0, N_k + 1, (B,), generator=g)
+        starts[0] = N_k
+        return dict(mask=masks.causal() & masks.key_range(starts))
+    if kind == "window&key-range":  # a sliding-window layer with padding on both sides
+        starts = torch.randint(0, N_k // 2 + 1, (B,), generator=g)
+        ends = torch.randint(N_k // 2, N_k + 1, (B,), generator=g)
+        ends[0] = starts[0]  # an empty range
+        w = int(torch.randint(1, 40, (), generator=g))
+        return dict(mask=masks.sliding_window(w) & masks.key_range(starts, ends))
     if kind == "document":  # packed sequences: sorted ids, so every document is one run (blocks are skipped)
         ids = torch.sort(torch.randint(0, 5, (B, N_k), generator=g), dim=1).values
         return dict(mask=masks.document(ids), causal=True)
@@ -116,6 +130,9 @@ CASES = [  # (B, H_q, H_kv, N_q, N_k, D, D_v), mask kind, dtype
     ((2, 2, 1, 64, 64, 32, 32), "document", F16),
     ((1, 2, 2, 33, 47, 16, 16), "document-scattered", F32),
     ((2, 2, 1, 60, 60, 32, 32), "window&document&padding", BF16),
+    ((3, 2, 1, 29, 75, 16, 16), "left-padding", F32),
+    ((3, 2, 2, 41, 70, 32, 32), "causal+left-padding", BF16),
+    ((2, 2, 1, 66, 50, 16, 16), "window&key-range", F16),  # N_q > N_k
     ((1, 1, 1, 40, 40, 128, 128), "causal", BF16),
     ((1, 1, 1, 19, 35, 256, 256), "none", F16),
     ((1, 2, 1, 17, 33, 59, 59), "causal", F32),
@@ -252,7 +269,7 @@ def test_refusals_say_why(kw, words):
 
 
 @interpreted
-@pytest.mark.parametrize("kind", ["none", "causal", "window", "document"])
+@pytest.mark.parametrize("kind", ["none", "causal", "window", "document", "causal+left-padding"])
 def test_blocks_merged_by_lse_equal_the_whole(kind):
     """forward_block / backward_block (what ring attention and split-KV decoding call): split the keys in three,
     merge the blocks by lse; the block backward with the final out and lse adds up to the full gradient."""
@@ -283,7 +300,7 @@ def test_blocks_merged_by_lse_equal_the_whole(kind):
 
 
 KINDS = ["none", "causal", "window", "padding", "causal+padding", "document", "document-scattered",
-         "window&document&padding"]
+         "window&document&padding", "left-padding", "causal+left-padding", "window&key-range"]
 
 
 @interpreted

@@ -46,7 +46,8 @@ class Mask:
     ``block_fn`` must never call a block EMPTY or FULL unless it is; PARTIAL is always safe.
 
     ``spec`` describes a ready-made mask (or an and/or of them) as plain data — ("causal",),
-    ("sliding_window", w), ("key_padding", lengths), ("document", doc_ids), ("tensor", bool_mask, N_q, N_k),
+    ("sliding_window", w), ("key_padding", lengths), ("key_range", starts, ends_or_None), ("document", doc_ids),
+    ("tensor", bool_mask, N_q, N_k),
     ("and", spec, spec), ("or", spec, spec) — so kernels and custom ops can recognise it and ``from_spec`` can rebuild
     it; None for an arbitrary mask_mod.
     """
@@ -150,7 +151,7 @@ def from_spec(spec: tuple) -> Mask:
     """Rebuild a ready-made mask (or an and/or of them) from its ``spec``."""
     kind, *args = spec
     builders = {"causal": causal, "sliding_window": sliding_window, "key_padding": key_padding,
-                "document": document, "tensor": from_tensor}
+                "key_range": key_range, "document": document, "tensor": from_tensor}
     if kind == "and":
         return from_spec(args[0]) & from_spec(args[1])
     if kind == "or":
@@ -207,6 +208,49 @@ def key_padding(lengths: Tensor) -> Mask:
         return _state(k_lo < L, k_hi <= L).expand(-1, 1, q_lo.shape[0], -1)
 
     return Mask(mask_mod, "key_padding", block_fn, ("key_padding", lengths))
+
+
+def key_range(starts: Tensor, ends: Tensor | None = None) -> Mask:
+    """Batch element b has real keys only at ``starts[b] <= kv_idx < ends[b]`` (no end when ``ends`` is None); the
+    rest are padding. Left padding (batched generation) is ``key_range(N_k - lengths)``; ``key_range(zeros,
+    lengths)`` is ``key_padding(lengths)``. A batch element with ``starts[b] >= ends[b]`` has no key: its rows give
+    zeros. ::
+
+        key_range(starts=[2, 0], ends=[5, 3]), N_k = 5      (with causal(): each row also stops at its diagonal)
+                   k0 k1 k2 k3 k4
+        b = 0:      .  .  1  1  1
+        b = 1:      1  1  1  .  .
+    """
+    starts = _int_tensor("key_range(starts)", starts, dim=1)
+    if ends is not None:
+        ends = _int_tensor("key_range(ends)", ends, dim=1)
+        if ends.shape != starts.shape:
+            raise ValueError(f"key_range(starts, ends): one start and one end per batch element, got shapes "
+                             f"{tuple(starts.shape)} and {tuple(ends.shape)}")
+    if not torch.compiler.is_compiling():  # reading the values would break a graph
+        for name, t in (("starts", starts), ("ends", ends)):
+            if t is not None and (t < 0).any():
+                raise ValueError(f"key_range({name}): positions must be >= 0, got {t.tolist()}")
+
+    def bounds(device):
+        s = starts.to(device)
+        return s, (ends.to(device) if ends is not None else None)
+
+    def mask_mod(b, h, q, k):
+        s, e = bounds(k.device)
+        keep = k >= s[b]
+        return keep if e is None else keep & (k < e[b])
+
+    def block_fn(B, H, q_lo, q_hi, k_lo, k_hi):
+        s, e = bounds(k_lo.device)
+        s = s.view(-1, 1, 1, 1)
+        any_, all_ = k_hi > s, k_lo >= s
+        if e is not None:
+            e = e.view(-1, 1, 1, 1)
+            any_, all_ = any_ & (k_lo < e) & (s < e), all_ & (k_hi <= e)
+        return _state(any_, all_).expand(-1, 1, q_lo.shape[0], -1)
+
+    return Mask(mask_mod, "key_range", block_fn, ("key_range", starts, ends))
 
 
 def document(doc_ids: Tensor) -> Mask:

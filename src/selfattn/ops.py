@@ -6,10 +6,10 @@ Python (block loops, thread pools, memory probes) never reaches the tracer and n
 compilation ``selfattn.attention`` calls the backend directly, keeping the backend's own autograd.
 
 Masks are Python functions and cannot cross an op boundary. A ready-made mask (or an "and" of them) travels as plain
-data — a causal flag, a window, key lengths, document ids, a dense bool tensor — and is rebuilt inside the op with
-``selfattn.masks``, keeping its cheap block classification (``OpMask``). Any other mask (a custom ``mask_mod``, an
-"or" of masks) is evaluated by the traced code into a bool tensor broadcastable to (B, H_q, N_q, N_k) and travels as
-the dense mask: correct, but O(N_q·N_k) memory.
+data — a causal flag, a window, key lengths and starts, document ids, a dense bool tensor — and is rebuilt inside the
+op with ``selfattn.masks``, keeping its cheap block classification (``OpMask``). Any other mask (a custom
+``mask_mod``, an "or" of masks) is evaluated by the traced code into a bool tensor broadcastable to (B, H_q, N_q, N_k)
+and travels as the dense mask: correct, but O(N_q·N_k) memory.
 
 The backward is a second op, ``selfattn::attention_backward``: it asks the chosen backend for the gradient given the
 saved out and log-sum-exp (the block API, ``Backend.backward_block``), so nothing is recomputed but P. A gradient
@@ -35,7 +35,8 @@ class OpMask:
 
     causal: bool = False
     window: int | None = None
-    key_lengths: Tensor | None = None  # (B,) int64
+    key_lengths: Tensor | None = None  # (B,) int64: keys at positions >= key_lengths[b] are hidden
+    key_starts: Tensor | None = None  # (B,) int64: keys at positions < key_starts[b] are hidden (left padding)
     doc_ids: Tensor | None = None  # (N_k,) or (B, N_k)
     dense: Tensor | None = None  # bool, broadcastable to (B, H_q, N_q, N_k), True = visible
 
@@ -43,7 +44,8 @@ class OpMask:
     def from_spec(spec: tuple | None, N_q: int, N_k: int) -> OpMask | None:
         """The op arguments for a mask ``spec`` (see ``masks.Mask``), or None when it is not a conjunction the op
         can carry (an "or", two document masks, a tensor mask made for other sizes)."""
-        parts = {"causal": False, "window": None, "key_lengths": None, "doc_ids": None, "dense": None}
+        parts = {"causal": False, "window": None, "key_lengths": None, "key_starts": None, "doc_ids": None,
+                 "dense": None}
         for leaf in _conjunction(spec):
             kind, *args = leaf
             if kind == "causal":
@@ -51,9 +53,10 @@ class OpMask:
             elif kind == "sliding_window":
                 w = args[0]
                 parts["window"] = w if parts["window"] is None else min(w, parts["window"])
-            elif kind == "key_padding":
-                L = args[0]
-                parts["key_lengths"] = L if parts["key_lengths"] is None else torch.minimum(L, parts["key_lengths"])
+            elif kind in ("key_padding", "key_range"):
+                starts, ends = (None, args[0]) if kind == "key_padding" else args
+                parts["key_lengths"] = _tighter(parts["key_lengths"], ends, torch.minimum)
+                parts["key_starts"] = _tighter(parts["key_starts"], starts, torch.maximum)
             elif kind == "document" and parts["doc_ids"] is None:
                 parts["doc_ids"] = args[0]
             elif kind == "tensor" and tuple(args[1:]) == (N_q, N_k):
@@ -70,7 +73,9 @@ class OpMask:
             parts.append(masks.causal())
         if self.window is not None:
             parts.append(masks.sliding_window(self.window))
-        if self.key_lengths is not None:
+        if self.key_starts is not None:
+            parts.append(masks.key_range(self.key_starts, self.key_lengths))
+        elif self.key_lengths is not None:
             parts.append(masks.key_padding(self.key_lengths))
         if self.doc_ids is not None:
             parts.append(masks.document(self.doc_ids))
@@ -82,7 +87,11 @@ class OpMask:
         return mask
 
     def args(self) -> tuple:
-        return self.causal, self.window, self.key_lengths, self.doc_ids, self.dense
+        return self.causal, self.window, self.key_lengths, self.key_starts, self.doc_ids, self.dense
+
+
+def _tighter(old: Tensor | None, new: Tensor | None, op) -> Tensor | None:
+    return new if old is None else old if new is None else op(old, new)
 
 
 def _conjunction(spec: tuple | None) -> list[tuple]:
@@ -117,25 +126,26 @@ def forward(call: AttentionCall, backend: str | None) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------------------------------------------- the operator
 
 
-def _call(q, k, v, scale, causal, window, key_lengths, doc_ids, dense_mask, bias) -> AttentionCall:
-    op_mask = OpMask(causal, window, key_lengths, doc_ids, dense_mask)
+def _call(q, k, v, scale, causal, window, key_lengths, key_starts, doc_ids, dense_mask, bias) -> AttentionCall:
+    op_mask = OpMask(causal, window, key_lengths, key_starts, doc_ids, dense_mask)
     return AttentionCall(q, k, v, scale, op_mask.build(q.shape[2], k.shape[2]), bias, causal)
 
 
 @torch.library.custom_op("selfattn::attention", mutates_args=())
 def attention_op(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window: int | None, key_lengths: Tensor | None,
-    doc_ids: Tensor | None, dense_mask: Tensor | None, bias: Tensor | None, backend: str | None,
+    key_starts: Tensor | None, doc_ids: Tensor | None, dense_mask: Tensor | None, bias: Tensor | None,
+    backend: str | None,
 ) -> tuple[Tensor, Tensor]:
     """out (B, H_q, N_q, D_v) in q's dtype and lse (B, H_q, N_q) float32, from the backend the registry chooses."""
-    call = _call(q, k, v, scale, causal, window, key_lengths, doc_ids, dense_mask, bias)
+    call = _call(q, k, v, scale, causal, window, key_lengths, key_starts, doc_ids, dense_mask, bias)
     with torch.no_grad():
         out, lse = backends.choose(call, backend).forward(call)
     return out.contiguous(), lse.to(torch.float32).contiguous()
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, scale, causal, window, key_lengths, doc_ids, dense_mask, bias, backend):
+def _attention_fake(q, k, v, scale, causal, window, key_lengths, key_starts, doc_ids, dense_mask, bias, backend):
     B, H_q, N_q, _ = q.shape
     out = q.new_empty((B, H_q, N_q, v.shape[3]))
     lse = q.new_empty((B, H_q, N_q), dtype=torch.float32)
@@ -145,11 +155,11 @@ def _attention_fake(q, k, v, scale, causal, window, key_lengths, doc_ids, dense_
 @torch.library.custom_op("selfattn::attention_backward", mutates_args=())
 def attention_backward_op(
     d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, causal: bool,
-    window: int | None, key_lengths: Tensor | None, doc_ids: Tensor | None, dense_mask: Tensor | None,
-    bias: Tensor | None, backend: str | None, bias_grad: bool,
+    window: int | None, key_lengths: Tensor | None, key_starts: Tensor | None, doc_ids: Tensor | None,
+    dense_mask: Tensor | None, bias: Tensor | None, backend: str | None, bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dbias) in the inputs' dtypes; dbias is empty unless ``bias_grad``."""
-    call = _call(q, k, v, scale, causal, window, key_lengths, doc_ids, dense_mask, bias)
+    call = _call(q, k, v, scale, causal, window, key_lengths, key_starts, doc_ids, dense_mask, bias)
     if bias_grad:
         dq, dk, dv, dbias = _oracle_backward(call, d_out)
         dbias = _sum_to(dbias, bias.shape).to(bias.dtype)
@@ -168,8 +178,8 @@ def attention_backward_op(
 
 
 @attention_backward_op.register_fake
-def _attention_backward_fake(d_out, q, k, v, out, lse, scale, causal, window, key_lengths, doc_ids, dense_mask,
-                             bias, backend, bias_grad):
+def _attention_backward_fake(d_out, q, k, v, out, lse, scale, causal, window, key_lengths, key_starts, doc_ids,
+                             dense_mask, bias, backend, bias_grad):
     # contiguous, like the real outputs (empty_like would copy the strides of a transposed q and mislead the graph)
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
@@ -202,21 +212,21 @@ def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, causal, window, key_lengths, doc_ids, dense_mask, bias, backend = inputs
+    q, k, v, scale, causal, window, key_lengths, key_starts, doc_ids, dense_mask, bias, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_lengths, doc_ids, dense_mask, bias)
+    ctx.save_for_backward(q, k, v, out, lse, key_lengths, key_starts, doc_ids, dense_mask, bias)
     ctx.scale, ctx.causal, ctx.window, ctx.backend = scale, causal, window, backend
-    ctx.bias_grad = bias is not None and ctx.needs_input_grad[9]
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[10]
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, d_out, d_lse):
-    q, k, v, out, lse, key_lengths, doc_ids, dense_mask, bias = ctx.saved_tensors
+    q, k, v, out, lse, key_lengths, key_starts, doc_ids, dense_mask, bias = ctx.saved_tensors
     dq, dk, dv, dbias = attention_backward_op(
-        d_out.contiguous(), q, k, v, out, lse, ctx.scale, ctx.causal, ctx.window, key_lengths, doc_ids, dense_mask,
-        bias, ctx.backend, ctx.bias_grad,
+        d_out.contiguous(), q, k, v, out, lse, ctx.scale, ctx.causal, ctx.window, key_lengths, key_starts, doc_ids,
+        dense_mask, bias, ctx.backend, ctx.bias_grad,
     )
-    return dq, dk, dv, None, None, None, None, None, None, (dbias if ctx.bias_grad else None), None
+    return dq, dk, dv, None, None, None, None, None, None, None, (dbias if ctx.bias_grad else None), None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -2,7 +2,8 @@
 
 What it serves: fp16 / bf16 / fp32, head dims up to 256 (any size: padded to a power of two inside the kernel),
 grouped-query attention without copying K/V, and the ready-made masks of ``selfattn.masks`` joined by ``&``:
-``causal()``, ``sliding_window(w)``, ``key_padding(lengths)``, ``document(doc_ids)`` (packed sequences). A mask is
+``causal()``, ``sliding_window(w)``, ``key_padding(lengths)``, ``key_range(starts, ends)`` (left padding),
+``document(doc_ids)`` (packed sequences). A mask is
 recognised by its ``Mask.spec`` and turned into kernel arguments (``KernelMask``); a custom ``mask_mod``, an ``|`` of
 masks, a dense bool tensor or an additive bias are refused with the reason, and the chooser goes on to the next
 backend (nothing silently changes meaning).
@@ -46,7 +47,8 @@ class KernelMask:
     """A recognised mask as kernel arguments. Positions: query row i at q_pos0 + i, key j at k_pos0 + j.
 
     causal: k_pos <= q_pos.  window: also k_pos > q_pos − window (0 = no window).
-    key_lengths (B,) int32: key j of batch b exists when j < key_lengths[b].
+    key_lengths (B,) int32: key j of batch b exists when key_starts[b] <= j < key_lengths[b] (both given or neither).
+    key_starts (B,) int32: the first real key of each batch element (left padding); zeros for right padding only.
     doc_ids (B or 1, N_doc): q sees k when doc_ids[q_pos] == doc_ids[k_pos] (queries outside 0..N_doc see nothing).
     runs: (run_lo, run_hi), each (B or 1, N_doc) int32, when every document is one contiguous run of positions:
     the half-open range of positions of the run holding each position — lets the kernels skip whole blocks.
@@ -55,6 +57,7 @@ class KernelMask:
     causal: bool = False
     window: int = 0
     key_lengths: Tensor | None = None
+    key_starts: Tensor | None = None
     doc_ids: Tensor | None = None
     runs: tuple[Tensor, Tensor] | None = None
 
@@ -69,8 +72,9 @@ def kernel_mask(call: AttentionCall) -> KernelMask:
     and by the forward) is translated, and its tensors moved to the GPU, once."""
     if call.mask is None:
         return KernelMask()
-    # the spec's tensors' version counters: a lengths or ids tensor changed in place is translated again
-    tensors = tuple((t.data_ptr(), t._version) for t in _spec_tensors(call.mask.spec))
+    # the spec's tensors' version counters: a lengths or ids tensor changed in place is translated again (inference
+    # tensors have no counter)
+    tensors = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in _spec_tensors(call.mask.spec))
     key = (call.B, call.N_k, call.k_pos0, str(call.device), tensors)
     per_mask = _TRANSLATED.setdefault(call.mask, {})
     if key not in per_mask:
@@ -96,27 +100,33 @@ def _translate(call: AttentionCall) -> KernelMask:
     if call.mask.spec is None:
         raise _NoKernelForm(
             f"mask {call.mask.name!r} is a custom mask_mod, which the kernels cannot evaluate; they take the "
-            "ready-made masks (causal, sliding_window, key_padding, document) joined by &"
+            "ready-made masks (causal, sliding_window, key_padding, key_range, document) joined by &"
         )
-    causal, window, lengths, docs = False, 0, [], []
+    causal, window, starts, lengths, docs = False, 0, [], [], []
     for kind, *args in _conjuncts(call.mask.spec):
         if kind == "causal":
             causal = True
         elif kind == "sliding_window":
             causal, window = True, args[0] if window == 0 else min(window, args[0])
         elif kind == "key_padding":
-            lengths.append(_key_lengths(args[0], call))
+            lengths.append(_key_rows(args[0], call, "key_padding lengths"))
+        elif kind == "key_range":
+            starts.append(_key_rows(args[0], call, "key_range starts"))
+            if args[1] is not None:
+                lengths.append(_key_rows(args[1], call, "key_range ends"))
         elif kind == "document":
             docs.append(args[0])
         else:
             raise _NoKernelForm(f"mask part {kind!r} has no kernel form")
     if len(docs) > 1:
         raise _NoKernelForm("more than one document mask; join the ids into one document(doc_ids)")
-    key_lengths = None
-    if lengths:
-        key_lengths = torch.stack(lengths).amin(0).clamp(0, call.N_k).to(torch.int32).contiguous()
+    key_lengths = key_starts = None
+    if lengths or starts:  # one flag (HAS_LEN) carries both bounds: absent ones become 0 and N_k
+        full = torch.full((call.B,), call.N_k, device=call.device)
+        key_lengths = torch.stack([full, *lengths]).amin(0).clamp(0, call.N_k).to(torch.int32).contiguous()
+        key_starts = torch.stack([full * 0, *starts]).amax(0).clamp(0, call.N_k).to(torch.int32).contiguous()
     doc_ids, runs = (_document(docs[0], call) if docs else (None, None))
-    return KernelMask(causal, window, key_lengths, doc_ids, runs)
+    return KernelMask(causal, window, key_lengths, key_starts, doc_ids, runs)
 
 
 def _conjuncts(spec: tuple) -> list[tuple]:
@@ -131,10 +141,10 @@ def _conjuncts(spec: tuple) -> list[tuple]:
     return [spec]
 
 
-def _key_lengths(lengths: Tensor, call: AttentionCall) -> Tensor:
-    if lengths.shape != (call.B,):
-        raise _NoKernelForm(f"key_padding lengths have shape {tuple(lengths.shape)}, expected (B,) = ({call.B},)")
-    return (lengths.to(call.device) - call.k_pos0).clamp(min=0)  # lengths count positions; the kernel counts rows
+def _key_rows(positions: Tensor, call: AttentionCall, what: str) -> Tensor:
+    if positions.shape != (call.B,):
+        raise _NoKernelForm(f"{what} have shape {tuple(positions.shape)}, expected (B,) = ({call.B},)")
+    return (positions.to(call.device) - call.k_pos0).clamp(min=0)  # masks count positions; the kernel counts rows
 
 
 def _document(doc_ids: Tensor, call: AttentionCall):
@@ -240,7 +250,8 @@ def _mask_args(m: KernelMask, call: AttentionCall):
     s_doc_n = docs.stride(1) if m.doc_ids is not None else 0
     n_doc = docs.shape[1] if m.doc_ids is not None else 0
     klen = m.key_lengths if m.key_lengths is not None else dummy
-    return klen, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc
+    kstart = m.key_starts if m.key_starts is not None else dummy
+    return klen, kstart, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc
 
 
 def _constexprs(call: AttentionCall, m: KernelMask) -> dict:
@@ -271,8 +282,8 @@ def _forward_here(call: AttentionCall, m: KernelMask, out_dtype: torch.dtype | N
     q, k, v = call.q, call.k, call.v
     out = torch.empty(call.B, call.H_q, call.N_q, call.D_v, dtype=out_dtype or call.dtype, device=call.device)
     lse = torch.empty(call.B, call.H_q, call.N_q, dtype=torch.float32, device=call.device)
-    klen, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc = _mask_args(m, call)
-    args = [q, k, v, out, lse, klen, docs, run_lo, run_hi, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+    klen, kstart, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc = _mask_args(m, call)
+    args = [q, k, v, out, lse, klen, kstart, docs, run_lo, run_hi, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             s_doc_b, s_doc_n, call.H_q, call.N_q, call.N_k, n_doc, call.H_q // call.H_kv, call.q_start, call.k_pos0,
             m.window, call.scale * _LOG2E, *_tune_keys(call)]
     _launch("attn_fwd", call.N_q, call.B * call.H_q, args, _constexprs(call, m) | {"TMA_OK": tma_ok(call)})
@@ -299,14 +310,14 @@ def _backward_here(call: AttentionCall, m: KernelMask, out: Tensor, lse: Tensor,
         out, d_out, d_lse, delta, *out.stride(), *d_out.stride(), call.H_q, call.N_q, HEAD_DV=call.D_v,
         BLOCK_DV=_pow2(call.D_v), HAS_DLSE=d_lse is not lse, BLOCK_M=rows)
     dq, dk, dv = (torch.empty(t.shape, dtype=grad_dtype or t.dtype, device=t.device) for t in (q, k, v))
-    klen, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc = _mask_args(m, call)
+    klen, kstart, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc = _mask_args(m, call)
     common = [call.q_start, call.k_pos0, m.window, call.scale * _LOG2E, call.scale, *_tune_keys(call)]
     flags = _constexprs(call, m)
-    args = [q, k, v, d_out, lse, delta, dk, dv, klen, docs, run_lo, run_hi, *q.stride(), *k.stride(), *v.stride(),
-            *d_out.stride(), *dk.stride(), *dv.stride(), s_doc_b, s_doc_n, call.H_q, call.H_kv, call.N_q, call.N_k,
-            n_doc, call.H_q // call.H_kv, *common]
+    args = [q, k, v, d_out, lse, delta, dk, dv, klen, kstart, docs, run_lo, run_hi, *q.stride(), *k.stride(),
+            *v.stride(), *d_out.stride(), *dk.stride(), *dv.stride(), s_doc_b, s_doc_n, call.H_q, call.H_kv, call.N_q,
+            call.N_k, n_doc, call.H_q // call.H_kv, *common]
     _launch("attn_bwd_dkdv", call.N_k, call.B * call.H_kv, args, flags)
-    args = [q, k, v, d_out, lse, delta, dq, klen, docs, run_lo, run_hi, *q.stride(), *k.stride(), *v.stride(),
+    args = [q, k, v, d_out, lse, delta, dq, klen, kstart, docs, run_lo, run_hi, *q.stride(), *k.stride(), *v.stride(),
             *d_out.stride(), *dq.stride(), s_doc_b, s_doc_n, call.H_q, call.N_q, call.N_k, n_doc,
             call.H_q // call.H_kv, *common]
     _launch("attn_bwd_dq", call.N_q, call.B * call.H_q, args, flags)

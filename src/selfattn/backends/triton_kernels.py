@@ -15,9 +15,10 @@ How these kernels differ from the oracle (``selfattn.reference``)
 * Backward without atomics: one program per key block accumulates dK and dV over every query block *and over the
   query heads that share the key/value head* (grouped-query attention without copying K or V); a second kernel per
   query block computes dQ. Every sum runs in a fixed order, so results are bitwise repeatable.
-* Masks are arguments, not code: causal / sliding window (positions, bottom-right by default), key lengths per batch
-  element, and per-position document ids. Key (or query) blocks that the mask hides entirely are never visited;
-  blocks it shows entirely run without evaluating the mask; only the blocks on a boundary evaluate it.
+* Masks are arguments, not code: causal / sliding window (positions, bottom-right by default), a range of real keys
+  per batch element (start and length: left and right padding), and per-position document ids. Key (or query) blocks
+  that the mask hides entirely are never visited; blocks it shows entirely run without evaluating the mask; only the
+  blocks on a boundary evaluate it.
 
 Positions: query row i is at ``q_pos0 + i``, key j at ``k_pos0 + j`` (``AttentionCall.q_start`` / ``k_pos0``).
 """
@@ -58,7 +59,7 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 def _visible(q_pos, k_pos, q_doc, k_doc, q_ok, k_ok, window,
              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOC: tl.constexpr):
     """May the query see the key? Arguments broadcast to the tile (queries x keys or keys x queries).
-    q_ok: the row exists (and has a document); k_ok: the key exists and is within the key length."""
+    q_ok: the row exists (and has a document); k_ok: the key exists and is in its batch element's key range."""
     keep = q_ok & k_ok
     if CAUSAL:
         keep = keep & (k_pos <= q_pos)
@@ -82,13 +83,13 @@ def _span(lo, hi, full_lo_raw, full_hi_raw, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _key_span(b, q_first, q_last, q_pos, q_in, N_k, klen, k_pos0, window, RUN_LO, RUN_HI, s_doc_b, s_doc_n,
+def _key_span(b, q_first, q_last, q_pos, q_in, N_k, kstart, klen, k_pos0, window, RUN_LO, RUN_HI, s_doc_b, s_doc_n,
               N_DOC, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
               DOC_RUNS: tl.constexpr):
     """Key indices a block of queries (positions q_first..q_last) may see, and the middle part it sees entirely."""
-    lo = 0
+    lo = kstart  # keys before the start (left padding) are never visited
     hi = tl.minimum(N_k, klen)
-    full_lo_raw = 0
+    full_lo_raw = kstart
     full_hi_raw = hi
     if CAUSAL:  # k_pos <= q_pos
         hi = tl.minimum(hi, q_last - k_pos0 + 1)
@@ -108,17 +109,19 @@ def _key_span(b, q_first, q_last, q_pos, q_in, N_k, klen, k_pos0, window, RUN_LO
 
 
 @triton.jit
-def _query_rows(b, start_m, offs_m, q_in, q_pos0, N_q, N_k, KLEN, DOC, RUN_LO, RUN_HI, s_doc_b, s_doc_n, N_DOC,
+def _query_rows(b, start_m, offs_m, q_in, q_pos0, N_q, N_k, KLEN, KSTART, DOC, RUN_LO, RUN_HI, s_doc_b, s_doc_n, N_DOC,
                 k_pos0, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, HAS_LEN: tl.constexpr, HAS_DOC: tl.constexpr, DOC_RUNS: tl.constexpr):
     """What one block of query rows needs to walk its keys (the forward and the dQ kernel share it): the rows'
-    positions, documents and validity, the key length of batch element b, and the key span to visit."""
+    positions, documents and validity, the key range [kstart, klen) of batch element b, and the key span to visit."""
     q_pos = q_pos0 + offs_m
     q_first = q_pos0 + start_m
     q_last = q_pos0 + tl.minimum(start_m + BLOCK_M, N_q) - 1
     klen = N_k
+    kstart = 0
     if HAS_LEN:
         klen = tl.load(KLEN + b)
+        kstart = tl.load(KSTART + b)
     q_doc = offs_m
     q_ok = q_in
     doc_base = DOC
@@ -126,10 +129,10 @@ def _query_rows(b, start_m, offs_m, q_in, q_pos0, N_q, N_k, KLEN, DOC, RUN_LO, R
         doc_base = DOC + b * s_doc_b
         q_ok = q_in & (q_pos >= 0) & (q_pos < N_DOC)  # a query outside the ids belongs to no document
         q_doc = tl.load(doc_base + q_pos * s_doc_n, mask=q_ok, other=0)
-    lo, hi, full_lo, full_hi = _key_span(b, q_first, q_last, q_pos, q_in, N_k, klen, k_pos0, window, RUN_LO,
+    lo, hi, full_lo, full_hi = _key_span(b, q_first, q_last, q_pos, q_in, N_k, kstart, klen, k_pos0, window, RUN_LO,
                                          RUN_HI, s_doc_b, s_doc_n, N_DOC, BLOCK_N, CAUSAL, WINDOW, HAS_DOC,
                                          DOC_RUNS)
-    return q_pos, q_doc, q_ok, doc_base, klen, lo, hi, full_lo, full_hi
+    return q_pos, q_doc, q_ok, doc_base, kstart, klen, lo, hi, full_lo, full_hi
 
 
 @triton.jit
@@ -150,7 +153,7 @@ def _program(n_rows, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd, svn, svd, s_doc_n,
-               start, end, N_k, klen, k_pos0, window, qk_scale,
+               start, end, N_k, kstart, klen, k_pos0, window, qk_scale,
                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
@@ -170,7 +173,7 @@ def _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, s
             k_doc = offs_n
             if HAS_DOC:
                 k_doc = tl.load(doc_base + (k_pos0 + offs_n) * s_doc_n, mask=in_k, other=0)
-            k_ok = in_k & (offs_n < klen)
+            k_ok = in_k & (offs_n >= kstart) & (offs_n < klen)
             keep = _visible(q_pos[:, None], (k_pos0 + offs_n)[None, :], q_doc[:, None], k_doc[None, :],
                             q_ok[:, None], k_ok[None, :], window, CAUSAL, WINDOW, HAS_DOC)
             s = tl.where(keep, s, float("-inf"))
@@ -188,7 +191,7 @@ def _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, s
 
 
 @_kernel
-def attn_fwd(Q, K, V, OUT, LSE, KLEN, DOC, RUN_LO, RUN_HI,
+def attn_fwd(Q, K, V, OUT, LSE, KLEN, KSTART, DOC, RUN_LO, RUN_HI,
              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, s_doc_b, s_doc_n,
              H_q, N_q, N_k, N_DOC, GROUP, q_pos0, k_pos0, window, qk_scale, TUNE_N_Q, TUNE_N_K,
              HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -210,8 +213,8 @@ def attn_fwd(Q, K, V, OUT, LSE, KLEN, DOC, RUN_LO, RUN_HI,
     offs_dv = tl.arange(0, BLOCK_DV)
     q_in = offs_m < N_q
     q = _tile(Q + b * sqb + h * sqh, offs_m, sqn, sqd, N_q, HEAD_D, BLOCK_D, True)
-    q_pos, q_doc, q_ok, doc_base, klen, lo, hi, full_lo, full_hi = _query_rows(
-        b, start_m, offs_m, q_in, q_pos0, N_q, N_k, KLEN, DOC, RUN_LO, RUN_HI, s_doc_b, s_doc_n, N_DOC, k_pos0,
+    q_pos, q_doc, q_ok, doc_base, kstart, klen, lo, hi, full_lo, full_hi = _query_rows(
+        b, start_m, offs_m, q_in, q_pos0, N_q, N_k, KLEN, KSTART, DOC, RUN_LO, RUN_HI, s_doc_b, s_doc_n, N_DOC, k_pos0,
         window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_LEN, HAS_DOC, DOC_RUNS)
 
     if TMA:
@@ -228,14 +231,14 @@ def attn_fwd(Q, K, V, OUT, LSE, KLEN, DOC, RUN_LO, RUN_HI,
     for part in tl.static_range(3):  # boundary blocks, fully visible blocks, boundary blocks
         if part == 1:
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd,
-                                       svn, svd, s_doc_n, full_lo, full_hi, N_k, klen, k_pos0, window, qk_scale,
+                                       svn, svd, s_doc_n, full_lo, full_hi, N_k, kstart, klen, k_pos0, window, qk_scale,
                                        HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOW,
                                        HAS_DOC, PRECISION, UPCAST, TMA)
         else:
             start = lo if part == 0 else full_hi
             end = full_lo if part == 0 else hi
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd,
-                                       svn, svd, s_doc_n, start, end, N_k, klen, k_pos0, window, qk_scale,
+                                       svn, svd, s_doc_n, start, end, N_k, kstart, klen, k_pos0, window, qk_scale,
                                        HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW,
                                        HAS_DOC, PRECISION, UPCAST, TMA)
 
@@ -327,7 +330,7 @@ def _dkdv_inner(dk, dv, k, v, offs_n, k_ok, k_doc, q_base, do_base, doc_base, LS
 
 
 @_kernel
-def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KLEN, DOC, RUN_LO, RUN_HI,
+def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KLEN, KSTART, DOC, RUN_LO, RUN_HI,
                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
                   sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, s_doc_b, s_doc_n,
                   H_q, H_kv, N_q, N_k, N_DOC, GROUP, q_pos0, k_pos0, window, qk_scale, sm_scale, TUNE_N_Q, TUNE_N_K,
@@ -359,10 +362,11 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KLEN, DOC, RUN_LO, RUN_HI,
     k_ok = in_k
     if HAS_LEN:
         klen = tl.load(KLEN + b)
-        k_ok = in_k & (offs_n < klen)
-        if start_n >= klen:
+        kstart = tl.load(KSTART + b)
+        k_ok = in_k & (offs_n >= kstart) & (offs_n < klen)
+        if (start_n >= klen) | (start_n + BLOCK_N <= kstart):  # no real key in this block: no query sees it
             hi = 0
-        if start_n + BLOCK_N > klen:  # padding keys in this block: every query block needs the mask
+        if (start_n < kstart) | (start_n + BLOCK_N > klen):  # padding keys in this block: every query needs the mask
             full_lo_raw = N_q
     if CAUSAL:  # q_pos >= k_pos
         lo = tl.maximum(lo, k_first - q_pos0)
@@ -412,7 +416,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KLEN, DOC, RUN_LO, RUN_HI,
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd, svn, svd, s_doc_n,
-              start, end, N_k, klen, k_pos0, window, qk_scale,
+              start, end, N_k, kstart, klen, k_pos0, window, qk_scale,
               HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
               HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -427,7 +431,7 @@ def _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_bas
             k_doc = offs_n
             if HAS_DOC:
                 k_doc = tl.load(doc_base + (k_pos0 + offs_n) * s_doc_n, mask=in_k, other=0)
-            k_ok = in_k & (offs_n < klen)
+            k_ok = in_k & (offs_n >= kstart) & (offs_n < klen)
             keep = _visible(q_pos[:, None], (k_pos0 + offs_n)[None, :], q_doc[:, None], k_doc[None, :],
                             q_ok[:, None], k_ok[None, :], window, CAUSAL, WINDOW, HAS_DOC)
             p = tl.where(keep, p, 0.0)
@@ -438,7 +442,7 @@ def _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_bas
 
 
 @_kernel
-def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KLEN, DOC, RUN_LO, RUN_HI,
+def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KLEN, KSTART, DOC, RUN_LO, RUN_HI,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
                 sdqb, sdqh, sdqn, sdqd, s_doc_b, s_doc_n,
                 H_q, N_q, N_k, N_DOC, GROUP, q_pos0, k_pos0, window, qk_scale, sm_scale, TUNE_N_Q, TUNE_N_K,
@@ -459,8 +463,8 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KLEN, DOC, RUN_LO, RUN_HI,
     q = _tile(Q + b * sqb + h * sqh, offs_m, sqn, sqd, N_q, HEAD_D, BLOCK_D, True)
     do = _tile(DO + b * sdob + h * sdoh, offs_m, sdon, sdod, N_q, HEAD_DV, BLOCK_DV, True)
     lse, delta = _row_stats(LSE, DELTA, pid_bh.to(tl.int64) * N_q, offs_m, N_q)
-    q_pos, q_doc, q_ok, doc_base, klen, lo, hi, full_lo, full_hi = _query_rows(
-        b, start_m, offs_m, q_in, q_pos0, N_q, N_k, KLEN, DOC, RUN_LO, RUN_HI, s_doc_b, s_doc_n, N_DOC, k_pos0,
+    q_pos, q_doc, q_ok, doc_base, kstart, klen, lo, hi, full_lo, full_hi = _query_rows(
+        b, start_m, offs_m, q_in, q_pos0, N_q, N_k, KLEN, KSTART, DOC, RUN_LO, RUN_HI, s_doc_b, s_doc_n, N_DOC, k_pos0,
         window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_LEN, HAS_DOC, DOC_RUNS)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
@@ -468,13 +472,13 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KLEN, DOC, RUN_LO, RUN_HI,
     for part in tl.static_range(3):
         if part == 1:
             dq = _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd, svn, svd,
-                           s_doc_n, full_lo, full_hi, N_k, klen, k_pos0, window, qk_scale, HEAD_D, HEAD_DV,
+                           s_doc_n, full_lo, full_hi, N_k, kstart, klen, k_pos0, window, qk_scale, HEAD_D, HEAD_DV,
                            BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST)
         else:
             start = lo if part == 0 else full_hi
             end = full_lo if part == 0 else hi
             dq = _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd, svn, svd,
-                           s_doc_n, start, end, N_k, klen, k_pos0, window, qk_scale, HEAD_D, HEAD_DV,
+                           s_doc_n, start, end, N_k, kstart, klen, k_pos0, window, qk_scale, HEAD_D, HEAD_DV,
                            BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,

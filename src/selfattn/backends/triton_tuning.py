@@ -126,7 +126,7 @@ def compile_for(name: str, *, arch: int = 90, dtype: str = "bf16", head_dim: int
             signature[arg] = "*" + dtype
         elif arg in ("LSE", "DELTA", "DLSE"):
             signature[arg] = "*fp32"
-        elif arg in ("KLEN", "RUN_LO", "RUN_HI"):
+        elif arg in ("KLEN", "KSTART", "RUN_LO", "RUN_HI"):
             signature[arg] = "*i32"
         elif arg == "DOC":
             signature[arg] = "*i64"

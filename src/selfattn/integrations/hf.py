@@ -11,9 +11,11 @@ transformers' own caches for generation. ``output_attentions=True`` returns the 
 
 Masks: transformers hands the layer either None plus ``is_causal`` (no padding) or a 4-D bool mask (True = attend)
 of shape (B, 1, N_q, N_k). None becomes ``causal=True`` — bottom-right aligned, which is what a KV cache needs. A bool
-mask is recognised, when it is one, as "key mask" or "causal & key mask" (padding on the left or the right) and passed
-as a ready-made mask, so the tiled backends skip whole blocks without reading N_q x N_k values; any other pattern is
-passed as the dense bool mask. A float mask is an additive bias.
+mask is recognised, when it is exactly one, as "keys", "causal & keys" or "sliding_window(w) & keys" (the window of
+Mistral, Qwen2, Gemma-3 layers, read off the mask itself), where "keys" is ``masks.key_padding(lengths)`` for right
+padding and ``masks.key_range(starts, ends)`` for left padding (batched generation) or both; these ready-made masks
+run on the Triton kernels on a GPU and let every tiled backend skip whole blocks without reading N_q x N_k values. Any
+other pattern is passed as the dense bool mask. A float mask is an additive bias.
 
 Differences from transformers' eager attention: a query row whose keys are all masked (a left-padding position)
 gets zeros, not a uniform average; dropout is not supported (``model.eval()``, or ``attention_dropout=0``).
@@ -96,19 +98,31 @@ def _weights_requested(module, kwargs) -> bool:
 
 # --------------------------------------------------------------------------------------------- transformers' masks
 
-_last: list = [None, None]  # (weakref to the last bool mask, its selfattn mask): the same mask serves every layer
+# The last few bool masks recognised, (weakref, version, selfattn mask), newest last: every layer of a kind passes the
+# same tensor, and models that alternate sliding-window and full layers (Gemma-3) pass two.
+_recent: list = []
+_RECENT = 4
 
 
 def structured_mask(mask: Tensor) -> masks.Mask | Tensor:
-    """A (B or 1, 1, N_q, N_k) bool mask (True = attend) as ``key_mask(valid)`` or ``causal() & key_mask(valid)``
-    when it is exactly one of those (padding on either side), else the tensor itself (a dense mask)."""
+    """A (B or 1, 1, N_q, N_k) bool mask (True = attend) as ``keys``, ``causal() & keys`` or
+    ``sliding_window(w) & keys`` with ``keys = key_mask(valid)`` when it is exactly one of those, else the tensor
+    itself (a dense mask)."""
     if torch.compiler.is_compiling():
         return mask  # reading the mask's values would break the graph; it travels dense through the custom op
-    if _last[0] is not None and _last[0]() is mask:
-        return _last[1]
+    version = _version(mask)
+    for ref, seen, result in _recent:
+        if ref() is mask and seen == version:
+            return result
     result = _recognise(mask)
-    _last[:] = [weakref.ref(mask), result]
+    _recent.append((weakref.ref(mask), version, result))
+    del _recent[:-_RECENT]
     return result
+
+
+def _version(t: Tensor) -> int:
+    """The tensor's in-place version (a mask edited in place is recognised again); inference tensors have none."""
+    return -1 if t.is_inference() else t._version
 
 
 def _recognise(mask: Tensor) -> masks.Mask | Tensor:
@@ -122,17 +136,37 @@ def _recognise(mask: Tensor) -> masks.Mask | Tensor:
     causal = masks.causal().dense(1, 1, N_q, N_k, mask.device)  # bottom-right: the queries are the newest tokens
     if torch.equal(mask, (by_key & causal).expand_as(mask)):
         return masks.causal() & key_mask(valid)
+    window = _window(mask)
+    if window is not None and torch.equal(mask, (by_key & window.dense(1, 1, N_q, N_k, mask.device)).expand_as(mask)):
+        return window & key_mask(valid)
     return mask
+
+
+def _window(mask: Tensor) -> masks.Mask | None:
+    """The sliding window a (B, 1, N_q, N_k) mask would be, if it is one: one more than the largest distance
+    q_pos − k_pos of a visible pair (bottom-right positions); None when no pair looks back from its diagonal."""
+    N_q, N_k = mask.shape[2], mask.shape[3]
+    first = mask.view(torch.uint8).argmax(-1)  # (B, 1, N_q): each row's first visible key (a view: no N² copy)
+    q_pos = torch.arange(N_k - N_q, N_k, device=mask.device)
+    largest = torch.where(mask.any(-1), q_pos - first, -1).amax().item()
+    return masks.sliding_window(int(largest) + 1) if largest >= 0 else None
 
 
 def key_mask(valid: Tensor) -> masks.Mask:
     """Key j of batch element b is visible when ``valid[b, j]`` (padding anywhere: left, right, both).
-    Right padding becomes ``masks.key_padding(lengths)``; otherwise a Mask with an exact block classifier."""
-    lengths = valid.sum(-1)  # (B,)
-    if torch.equal(valid, torch.arange(valid.shape[-1], device=valid.device)[None] < lengths[:, None]):
-        return masks.key_padding(lengths)
-    counts = torch.nn.functional.pad(valid.long().cumsum(-1), (1, 0))  # (B, N_k + 1): valid keys before each index
+    Right padding becomes ``masks.key_padding(lengths)``, one run of real keys per batch element (left padding, or
+    both sides) ``masks.key_range(starts, ends)``: ready-made masks the kernels take. Anything else becomes a Mask
+    with an exact block classifier (no kernel form)."""
     n = valid.shape[-1]
+    positions = torch.arange(n, device=valid.device)[None]  # (1, N_k)
+    lengths = valid.sum(-1)  # (B,)
+    if torch.equal(valid, positions < lengths[:, None]):
+        return masks.key_padding(lengths)
+    starts = torch.where(lengths > 0, valid.int().argmax(-1), n)  # (B,) first real key; N_k when there is none
+    ends = starts + lengths
+    if torch.equal(valid, (positions >= starts[:, None]) & (positions < ends[:, None])):
+        return masks.key_range(starts, None if bool((ends == n).all()) else ends)
+    counts = torch.nn.functional.pad(valid.long().cumsum(-1), (1, 0))  # (B, N_k + 1): valid keys before each index
 
     def mask_mod(b, h, q, k):
         return valid.to(k.device)[b, k.clamp(0, n - 1)] & (k >= 0) & (k < n)
