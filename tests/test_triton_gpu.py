@@ -95,7 +95,7 @@ def test_chosen_by_default_for_cuda_tensors():
 
 TMA = [pytest.param(n, kind, id=_id(n, kind)) for n, kind in
        [((113, 203), "causal"), ((1024, 1023), "none"), ((1023, 1024), "causal+padding"),
-        ((2048, 2048), "window&document&padding")]]
+        ((2048, 2048), "window&document&padding"), ((1023, 1024), "causal+left-padding")]]
 
 
 @pytest.mark.parametrize("seqlens, kind", TMA)

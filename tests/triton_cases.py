@@ -150,6 +150,7 @@ TMA_CASES = [  # head dims that are powers of two, fp16/bf16: the layouts the TM
     ((1, 2, 1, 53, 37, 64, 32), "causal", BF16),  # N_q > N_k: rows that see nothing; D != D_v
     ((2, 2, 1, 60, 60, 32, 32), "window&document&padding", BF16),
     ((3, 2, 1, 45, 61, 16, 16), "padding", F16),
+    ((3, 2, 2, 40, 57, 32, 32), "causal+left-padding", BF16),  # the key span starts past the first tiles
 ]
 
 
