@@ -53,6 +53,7 @@ MASKS = {
                                            causal=True),
     "documents": lambda B, N, g: dict(mask=masks.document(torch.sort(torch.randint(0, 4, (N,), generator=g)).values)
                                       & masks.causal()),
+    "bias": lambda B, N, g: dict(bias=torch.randn(1, 4, 173, N, generator=g, dtype=torch.float64), causal=True),
 }
 
 
@@ -66,7 +67,8 @@ def test_default_backend_matches_the_oracle(device, dtype, kind, served):
                      for h, n in ((H_q, N_q), (H_kv, N_k), (H_kv, N_k)))
     kwargs = MASKS[kind](B, N_k, g)
     q, k, v = (t.to(device, dtype).requires_grad_() for t in (q64, k64, v64))
-    out = selfattn.attention(q, k, v, **kwargs)
+    fast_kwargs = {n: t.to(device, dtype) if n == "bias" else t for n, t in kwargs.items()}
+    out = selfattn.attention(q, k, v, **fast_kwargs)
     _only(served, device)
     d_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad(out, (q, k, v), d_out.to(device, dtype))
@@ -75,8 +77,9 @@ def test_default_backend_matches_the_oracle(device, dtype, kind, served):
     oracle = reference.attention(*oracle_in, **kwargs)
     oracle_grads = torch.autograd.grad(oracle, oracle_in, d_out)
     low = [t.detach().to(dtype) for t in (q64, k64, v64)]
-    naive = testing.naive(*low, **kwargs)
-    naive_grads = testing.naive_grads_from_out(*low, d_out.to(dtype), **kwargs)
+    low_kwargs = {n: t.to(dtype) if n == "bias" else t for n, t in kwargs.items()}
+    naive = testing.naive(*low, **low_kwargs)
+    naive_grads = testing.naive_grads_from_out(*low, d_out.to(dtype), **low_kwargs)
     testing.check_against_oracle(out.detach().cpu(), naive, oracle, what=f"out {kind} on {device}")
     for name, got, n, o in zip("qkv", grads, naive_grads, oracle_grads, strict=True):
         testing.check_against_oracle(got.cpu(), n, o, factor=3.0, what=f"d{name} {kind} on {device}")

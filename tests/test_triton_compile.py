@@ -18,7 +18,11 @@ ALL_MASKS = dict(CAUSAL=True, WINDOW=True, HAS_LEN=True, HAS_DOC=True, DOC_RUNS=
     ("attn_bwd_dq", 90, "fp16", 96, ALL_MASKS),
     ("attn_bwd_delta", 90, "bf16", 128, {}),
     ("attn_fwd", 90, "bf16", 128, dict(ALL_MASKS, TMA_OK=True, TMA=True)),
-], ids=["fwd-sm90-causal", "fwd-sm80-masks", "dkdv-sm90-masks", "dq-sm90-masks-D96", "delta-sm90", "fwd-sm90-tma"])
+    ("attn_fwd", 90, "fp16", 64, dict(CAUSAL=True, HAS_BIAS=True)),
+    ("attn_bwd_dkdv", 90, "bf16", 128, dict(CAUSAL=True, HAS_BIAS=True)),
+    ("attn_bwd_dq", 90, "bf16", 128, dict(ALL_MASKS, HAS_BIAS=True, BIAS_GRAD=True)),
+], ids=["fwd-sm90-causal", "fwd-sm80-masks", "dkdv-sm90-masks", "dq-sm90-masks-D96", "delta-sm90", "fwd-sm90-tma",
+        "fwd-sm90-bias", "dkdv-sm90-bias", "dq-sm90-bias-grad"])
 def test_kernels_compile_for_gpu_targets(name, arch, dtype, head_dim, flags):
     from selfattn.backends import triton_tuning
 

@@ -56,7 +56,8 @@ MASKS = [pytest.param(n, kind, dt, id=_id(n, kind, dt))
          for n, kind, dt in itertools.product([(113, 203), (1023, 1024), (2048, 2048)],
                                               ("window", "padding", "causal+padding", "document",
                                                "document-scattered", "window&document&padding", "left-padding",
-                                               "causal+left-padding", "window&key-range"), DTYPES)]
+                                               "causal+left-padding", "window&key-range", "bias", "bias+causal"),
+                                              DTYPES)]
 
 
 @pytest.mark.parametrize("seqlens, kind, dtype", MASKS)

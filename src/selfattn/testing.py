@@ -23,8 +23,9 @@ def naive(q, k, v, *, scale=None, mask=None, bias=None, causal=False) -> Tensor:
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D) if scale is None else scale)
-    if bias is not None:
-        s = s + bias.to(s.dtype)
+    if bias is not None:  # −inf entries (a float mask) hide their keys like a mask does, so autograd stays finite
+        hidden = torch.isneginf(bias)
+        s = (s + bias.masked_fill(hidden, 0.0).to(s.dtype)).masked_fill(hidden, -math.inf)
     visible = reference.dense_visible(mask, causal, B, H_q, N_q, N_k, q.device)
     if visible is not None:
         s = s.masked_fill(~visible, -math.inf)

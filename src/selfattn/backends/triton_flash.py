@@ -3,10 +3,11 @@
 What it serves: fp16 / bf16 / fp32, head dims up to 256 (any size: padded to a power of two inside the kernel),
 grouped-query attention without copying K/V, and the ready-made masks of ``selfattn.masks`` joined by ``&``:
 ``causal()``, ``sliding_window(w)``, ``key_padding(lengths)``, ``key_range(starts, ends)`` (left padding),
-``document(doc_ids)`` (packed sequences). A mask is
-recognised by its ``Mask.spec`` and turned into kernel arguments (``KernelMask``); a custom ``mask_mod``, an ``|`` of
-masks, a dense bool tensor or an additive bias are refused with the reason, and the chooser goes on to the next
-backend (nothing silently changes meaning).
+``document(doc_ids)`` (packed sequences). A mask is recognised by its ``Mask.spec`` and turned into kernel arguments
+(``KernelMask``); a custom ``mask_mod``, an ``|`` of masks or a dense bool tensor are refused with the reason, and the
+chooser goes on to the next backend (nothing silently changes meaning). An additive ``bias`` (ALiBi, T5's position
+bias, a float mask with −inf entries) is read in place through its broadcast strides, tile by tile; when it requires
+grad, the dQ kernel writes dS as its gradient (O(N_q·N_k), like the bias itself).
 
 Triton is imported when a call runs, never when selfattn is imported, and the GPU is not probed at import.
 
@@ -254,8 +255,24 @@ def _mask_args(m: KernelMask, call: AttentionCall):
     return klen, kstart, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc
 
 
+def _bias_args(call: AttentionCall) -> list:
+    """The bias as a (B, H_q, N_q, N_k) view (stride 0 where it broadcasts: nothing is copied) and its strides."""
+    if call.bias is None:
+        return [call.q, 0, 0, 0, 0]  # never read: HAS_BIAS switches the loads off
+    bias = call.bias.detach()
+    bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(call.B, call.H_q, call.N_q, call.N_k)
+    return [bias, *bias.stride()]
+
+
+def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
+    """A (B, H_q, N_q, N_k) gradient summed over the dimensions ``like`` broadcasts, in ``like``'s shape."""
+    shape4 = (1,) * (4 - like.dim()) + tuple(like.shape)
+    dims = [i for i, n in enumerate(shape4) if n == 1 and grad.shape[i] != 1]
+    return (grad.sum(dims, keepdim=True) if dims else grad).reshape(like.shape).to(like.dtype)
+
+
 def _constexprs(call: AttentionCall, m: KernelMask) -> dict:
-    return dict(
+    return dict(HAS_BIAS=call.bias is not None,
         HEAD_D=call.D, HEAD_DV=call.D_v, BLOCK_D=_pow2(call.D), BLOCK_DV=_pow2(call.D_v),
         CAUSAL=m.causal, WINDOW=m.window > 0, HAS_LEN=m.key_lengths is not None, HAS_DOC=m.doc_ids is not None,
         DOC_RUNS=m.runs is not None, PRECISION="ieee" if call.dtype == torch.float32 else "tf32",
@@ -283,21 +300,23 @@ def _forward_here(call: AttentionCall, m: KernelMask, out_dtype: torch.dtype | N
     out = torch.empty(call.B, call.H_q, call.N_q, call.D_v, dtype=out_dtype or call.dtype, device=call.device)
     lse = torch.empty(call.B, call.H_q, call.N_q, dtype=torch.float32, device=call.device)
     klen, kstart, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc = _mask_args(m, call)
-    args = [q, k, v, out, lse, klen, kstart, docs, run_lo, run_hi, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            s_doc_b, s_doc_n, call.H_q, call.N_q, call.N_k, n_doc, call.H_q // call.H_kv, call.q_start, call.k_pos0,
-            m.window, call.scale * _LOG2E, *_tune_keys(call)]
+    bias, *bias_strides = _bias_args(call)
+    args = [q, k, v, out, lse, klen, kstart, docs, run_lo, run_hi, bias, *q.stride(), *k.stride(), *v.stride(),
+            *out.stride(), s_doc_b, s_doc_n, *bias_strides, call.H_q, call.N_q, call.N_k, n_doc,
+            call.H_q // call.H_kv, call.q_start, call.k_pos0, m.window, call.scale * _LOG2E, *_tune_keys(call)]
     _launch("attn_fwd", call.N_q, call.B * call.H_q, args, _constexprs(call, m) | {"TMA_OK": tma_ok(call)})
     return out, lse
 
 
 def _backward(call: AttentionCall, m: KernelMask, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Tensor | None,
-              grad_dtype: torch.dtype | None = None):
+              grad_dtype: torch.dtype | None = None, bias_grad: bool = False):
+    """(dq, dk, dv, dbias): dbias (B, H_q, N_q, N_k) float32 with ``bias_grad``, else None."""
     with _on(call.device):
-        return _backward_here(call, m, out, lse, d_out, d_lse, grad_dtype)
+        return _backward_here(call, m, out, lse, d_out, d_lse, grad_dtype, bias_grad)
 
 
 def _backward_here(call: AttentionCall, m: KernelMask, out: Tensor, lse: Tensor, d_out: Tensor,
-                   d_lse: Tensor | None, grad_dtype: torch.dtype | None):
+                   d_lse: Tensor | None, grad_dtype: torch.dtype | None, bias_grad: bool):
     q, k, v = call.q, call.k, call.v
     # delta_i = Σ_d dO·O (the softmax Jacobian's row term). A gradient flowing into lse adds P·d_lse to dS, which is
     # the same as subtracting d_lse from delta.
@@ -313,15 +332,19 @@ def _backward_here(call: AttentionCall, m: KernelMask, out: Tensor, lse: Tensor,
     klen, kstart, docs, run_lo, run_hi, s_doc_b, s_doc_n, n_doc = _mask_args(m, call)
     common = [call.q_start, call.k_pos0, m.window, call.scale * _LOG2E, call.scale, *_tune_keys(call)]
     flags = _constexprs(call, m)
-    args = [q, k, v, d_out, lse, delta, dk, dv, klen, kstart, docs, run_lo, run_hi, *q.stride(), *k.stride(),
-            *v.stride(), *d_out.stride(), *dk.stride(), *dv.stride(), s_doc_b, s_doc_n, call.H_q, call.H_kv, call.N_q,
-            call.N_k, n_doc, call.H_q // call.H_kv, *common]
+    bias, *bias_strides = _bias_args(call)
+    args = [q, k, v, d_out, lse, delta, dk, dv, klen, kstart, docs, run_lo, run_hi, bias, *q.stride(), *k.stride(),
+            *v.stride(), *d_out.stride(), *dk.stride(), *dv.stride(), s_doc_b, s_doc_n, *bias_strides, call.H_q,
+            call.H_kv, call.N_q, call.N_k, n_doc, call.H_q // call.H_kv, *common]
     _launch("attn_bwd_dkdv", call.N_k, call.B * call.H_kv, args, flags)
-    args = [q, k, v, d_out, lse, delta, dq, klen, kstart, docs, run_lo, run_hi, *q.stride(), *k.stride(), *v.stride(),
-            *d_out.stride(), *dq.stride(), s_doc_b, s_doc_n, call.H_q, call.N_q, call.N_k, n_doc,
-            call.H_q // call.H_kv, *common]
-    _launch("attn_bwd_dq", call.N_q, call.B * call.H_q, args, flags)
-    return dq, dk, dv
+    # dS is the bias's gradient: written whole (O(N_q·N_k), like the bias), zeros where no block was visited
+    dbias = (torch.zeros(call.B, call.H_q, call.N_q, call.N_k, dtype=torch.float32, device=call.device)
+             if bias_grad else None)
+    args = [q, k, v, d_out, lse, delta, dq, klen, kstart, docs, run_lo, run_hi, bias,
+            dbias if bias_grad else call.q, *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *dq.stride(),
+            s_doc_b, s_doc_n, *bias_strides, call.H_q, call.N_q, call.N_k, n_doc, call.H_q // call.H_kv, *common]
+    _launch("attn_bwd_dq", call.N_q, call.B * call.H_q, args, flags | {"BIAS_GRAD": bias_grad})
+    return dq, dk, dv, dbias
 
 
 _LOG2E = 1.4426950408889634  # 1/ln 2: the scale is multiplied by it once so the kernels use exp2
@@ -329,21 +352,22 @@ _LOG2E = 1.4426950408889634  # 1/ln 2: the scale is multiplied by it once so the
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, call: AttentionCall, m: KernelMask):
+    def forward(ctx, q, k, v, bias, call: AttentionCall, m: KernelMask):
         out, lse = _forward(call, m)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.call, ctx.kmask = call, m
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, bias, out, lse = ctx.saved_tensors
         if d_out is None:
             d_out = torch.zeros_like(out)
-        call = dataclasses.replace(ctx.call, q=q, k=k, v=v)
-        dq, dk, dv = _backward(call, ctx.kmask, out, lse, d_out, d_lse)
-        return dq, dk, dv, None, None
+        call = dataclasses.replace(ctx.call, q=q, k=k, v=v, bias=bias)
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = _backward(call, ctx.kmask, out, lse, d_out, d_lse, bias_grad=bias_grad)
+        return dq, dk, dv, (_sum_to(dbias, bias) if bias_grad else None), None, None
 
 
 # --------------------------------------------------------------------------------------------------------- backend
@@ -374,7 +398,7 @@ class TritonBackend(Backend):
             out = call.q.new_zeros(call.B, call.H_q, call.N_q, call.D_v)
             return out, torch.full(out.shape[:-1], -math.inf, device=call.device)
         if call.needs_grad:
-            return _Attention.apply(call.q, call.k, call.v, call, m)
+            return _Attention.apply(call.q, call.k, call.v, call.bias, call, m)
         return _forward(call, m)
 
     def forward_block(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
@@ -392,7 +416,7 @@ class TritonBackend(Backend):
             if call.q.numel() == 0 or call.k.numel() == 0:
                 return tuple(torch.zeros(t.shape, device=t.device) for t in (call.q, call.k, call.v))
             return _backward(call, kernel_mask(call), out, lse.float().contiguous(), d_out.to(call.dtype), None,
-                             grad_dtype=torch.float32)
+                             grad_dtype=torch.float32)[:3]
 
 
 BACKEND = TritonBackend(
@@ -403,6 +427,6 @@ BACKEND = TritonBackend(
     auto_devices=frozenset({"cuda"}),
     dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
     head_dims=(1, MAX_HEAD_DIM),
-    supports_bias=False,
+    supports_bias=True,
     supports_blocks=True,
 )

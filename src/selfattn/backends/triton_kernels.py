@@ -19,6 +19,9 @@ How these kernels differ from the oracle (``selfattn.reference``)
   per batch element (start and length: left and right padding), and per-position document ids. Key (or query) blocks
   that the mask hides entirely are never visited; blocks it shows entirely run without evaluating the mask; only the
   blocks on a boundary evaluate it.
+* An additive bias is loaded tile by tile next to the scores (stride 0 where it broadcasts) and added in log2 units;
+  since it may hold −inf, every block then guards the running maximum as the masked blocks do. Its gradient is dS,
+  which the dQ kernel stores when asked (BIAS_GRAD).
 
 Positions: query row i is at ``q_pos0 + i``, key j at ``k_pos0 + j`` (``AttentionCall.q_start`` / ``k_pos0``).
 """
@@ -136,6 +139,14 @@ def _query_rows(b, start_m, offs_m, q_in, q_pos0, N_q, N_k, KLEN, KSTART, DOC, R
 
 
 @triton.jit
+def _bias(bias_rows, cols, sbn, rows_ok, cols_ok):
+    """The additive bias of a tile in log2 units (as the scores), float32; bias_rows points at each row's start.
+    Broadcast dimensions have stride 0, so a (1, H, N_q, N_k) or (B, 1, N_q, N_k) bias is read in place."""
+    b = tl.load(bias_rows + cols * sbn, mask=rows_ok & cols_ok, other=0.0)
+    return b.to(tl.float32) * LOG2E
+
+
+@triton.jit
 def _program(n_rows, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
     """(tile, batch·head) of this program in a 1-D grid (no 65535 limit on B·H). Tiles of one head run next to each
     other (they share K/V in L2); with HEAVY_LAST (causal: the last query tiles see the most keys) they run heaviest
@@ -153,10 +164,11 @@ def _program(n_rows, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd, svn, svd, s_doc_n,
-               start, end, N_k, kstart, klen, k_pos0, window, qk_scale,
+               start, end, N_k, kstart, klen, k_pos0, window, qk_scale, bias_rows, q_in, sbn,
                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-               HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+               HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
     # TMA: k_base / v_base are tensor descriptors of this head's (N_k, D) keys and values; Hopper's copy engine
     # fetches whole tiles into shared memory (rows past N_k read as zeros) while the warps compute.
     for start_n in range(start, end, BLOCK_N):
@@ -168,6 +180,8 @@ def _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, s
             k = _tile(k_base, offs_n, skn, skd, N_k, HEAD_D, BLOCK_D, MASKED)  # unmasked blocks lie inside [0, N_k)
             v = _tile(v_base, offs_n, svn, svd, N_k, HEAD_DV, BLOCK_DV, MASKED)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if HAS_BIAS:
+            s += _bias(bias_rows, offs_n[None, :], sbn, q_in[:, None], (offs_n < N_k)[None, :])
         if MASKED:
             in_k = offs_n < N_k
             k_doc = offs_n
@@ -178,8 +192,8 @@ def _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, s
                             q_ok[:, None], k_ok[None, :], window, CAUSAL, WINDOW, HAS_DOC)
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:  # a row that has seen nothing yet keeps m = −inf; subtract 0 instead so exp2 gives 0, not NaN
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if MASKED or HAS_BIAS:  # a row that has seen nothing yet (or only −inf biases) keeps m = −inf; subtract 0
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # instead so exp2 gives 0, not NaN
         else:
             m_use = m_new
         p = tl.math.exp2(s - m_use[:, None])
@@ -191,13 +205,14 @@ def _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, s
 
 
 @_kernel
-def attn_fwd(Q, K, V, OUT, LSE, KLEN, KSTART, DOC, RUN_LO, RUN_HI,
+def attn_fwd(Q, K, V, OUT, LSE, KLEN, KSTART, DOC, RUN_LO, RUN_HI, BIAS,
              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, s_doc_b, s_doc_n,
+             sbb, sbh, sbm, sbn,
              H_q, N_q, N_k, N_DOC, GROUP, q_pos0, k_pos0, window, qk_scale, TUNE_N_Q, TUNE_N_K,
              HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_LEN: tl.constexpr, HAS_DOC: tl.constexpr,
-             DOC_RUNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA_OK: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
+             DOC_RUNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+             TMA_OK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
     """Grid (cdiv(N_q, BLOCK_M)·B·H_q,). OUT (B, H_q, N_q, D_v) in its dtype; LSE (B, H_q, N_q) float32.
 
     TMA (a tuning choice, allowed when the host found TMA_OK: unit last strides, 16-byte aligned rows, D = BLOCK_D):
@@ -225,6 +240,7 @@ def attn_fwd(Q, K, V, OUT, LSE, KLEN, KSTART, DOC, RUN_LO, RUN_HI,
     else:
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
+    bias_rows = BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm  # (BLOCK_M, 1); read only with HAS_BIAS
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
@@ -232,15 +248,15 @@ def attn_fwd(Q, K, V, OUT, LSE, KLEN, KSTART, DOC, RUN_LO, RUN_HI,
         if part == 1:
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd,
                                        svn, svd, s_doc_n, full_lo, full_hi, N_k, kstart, klen, k_pos0, window, qk_scale,
-                                       HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOW,
-                                       HAS_DOC, PRECISION, UPCAST, TMA)
+                                       bias_rows, q_in, sbn, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, False,
+                                       CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST, TMA, HAS_BIAS)
         else:
             start = lo if part == 0 else full_hi
             end = full_lo if part == 0 else hi
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd,
                                        svn, svd, s_doc_n, start, end, N_k, kstart, klen, k_pos0, window, qk_scale,
-                                       HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW,
-                                       HAS_DOC, PRECISION, UPCAST, TMA)
+                                       bias_rows, q_in, sbn, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, True,
+                                       CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST, TMA, HAS_BIAS)
 
     seen = l_i > 0.0  # False for rows that see no key: their output is 0 and their lse −inf
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -301,9 +317,10 @@ def _tile(base, rows, stride_r, stride_c, n_rows, N_COLS: tl.constexpr, BLOCK_C:
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, offs_n, k_ok, k_doc, q_base, do_base, doc_base, LSE, DELTA, row0,
                 sqn, sqd, sdon, sdod, s_doc_n, start, end, N_q, N_DOC, q_pos0, k_pos0, window, qk_scale,
+                bias_cols, in_k, sbm,
                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_q = offs_m < N_q
@@ -311,6 +328,8 @@ def _dkdv_inner(dk, dv, k, v, offs_n, k_ok, k_doc, q_base, do_base, doc_base, LS
         do = _tile(do_base, offs_m, sdon, sdod, N_q, HEAD_DV, BLOCK_DV, MASKED)
         lse, delta = _row_stats(LSE, DELTA, row0, offs_m, N_q)
         s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M): keys are the rows here
+        if HAS_BIAS:
+            s_t += _bias(bias_cols, offs_m[None, :], sbm, in_k[:, None], in_q[None, :])
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
             q_pos = q_pos0 + offs_m
@@ -330,13 +349,13 @@ def _dkdv_inner(dk, dv, k, v, offs_n, k_ok, k_doc, q_base, do_base, doc_base, LS
 
 
 @_kernel
-def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KLEN, KSTART, DOC, RUN_LO, RUN_HI,
+def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KLEN, KSTART, DOC, RUN_LO, RUN_HI, BIAS,
                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
-                  sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, s_doc_b, s_doc_n,
+                  sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, s_doc_b, s_doc_n, sbb, sbh, sbm, sbn,
                   H_q, H_kv, N_q, N_k, N_DOC, GROUP, q_pos0, k_pos0, window, qk_scale, sm_scale, TUNE_N_Q, TUNE_N_K,
                   HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_LEN: tl.constexpr, HAS_DOC: tl.constexpr,
-                  DOC_RUNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  DOC_RUNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(N_k, BLOCK_N)·B·H_kv,). dK, dV of one key block, summed over all query heads of its group."""
     tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "tl.dot needs inner dimensions of at least 16")
@@ -394,19 +413,20 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KLEN, KSTART, DOC, RUN_LO, RU
         row0 = (b * H_q + h) * N_q
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
+        bias_cols = BIAS + b * sbb + h * sbh + offs_n[:, None] * sbn  # (BLOCK_N, 1); read only with HAS_BIAS
         for part in tl.static_range(3):
             if part == 1:
                 dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, k_ok, k_doc, q_base, do_base, doc_base, LSE, DELTA,
                                      row0, sqn, sqd, sdon, sdod, s_doc_n, full_lo, full_hi, N_q, N_DOC, q_pos0,
-                                     k_pos0, window, qk_scale, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, False,
-                                     CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST)
+                                     k_pos0, window, qk_scale, bias_cols, in_k, sbm, HEAD_D, HEAD_DV, BLOCK_M,
+                                     BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST, HAS_BIAS)
             else:
                 start = lo if part == 0 else full_hi
                 end = full_lo if part == 0 else hi
                 dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, k_ok, k_doc, q_base, do_base, doc_base, LSE, DELTA,
                                      row0, sqn, sqd, sdon, sdod, s_doc_n, start, end, N_q, N_DOC, q_pos0,
-                                     k_pos0, window, qk_scale, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, True,
-                                     CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST)
+                                     k_pos0, window, qk_scale, bias_cols, in_k, sbm, HEAD_D, HEAD_DV, BLOCK_M,
+                                     BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST, HAS_BIAS)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=in_k[:, None] & (offs_d[None, :] < HEAD_D))
@@ -416,15 +436,18 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KLEN, KSTART, DOC, RUN_LO, RU
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd, svn, svd, s_doc_n,
-              start, end, N_k, kstart, klen, k_pos0, window, qk_scale,
+              start, end, N_k, kstart, klen, k_pos0, window, qk_scale, bias_rows, q_in, sbn, dbias_rows,
               HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-              HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+              HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BIAS_GRAD: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _tile(k_base, offs_n, skn, skd, N_k, HEAD_D, BLOCK_D, MASKED)  # unmasked blocks lie inside [0, N_k)
         v = _tile(v_base, offs_n, svn, svd, N_k, HEAD_DV, BLOCK_DV, MASKED)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        if HAS_BIAS:
+            s += _bias(bias_rows, offs_n[None, :], sbn, q_in[:, None], (offs_n < N_k)[None, :])
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             in_k = offs_n < N_k
@@ -437,20 +460,23 @@ def _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_bas
             p = tl.where(keep, p, 0.0)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
+        if BIAS_GRAD:  # d(loss)/d(bias) is dS itself; blocks never visited keep the zeros they start with
+            tl.store(dbias_rows + offs_n[None, :], ds, mask=q_in[:, None] & (offs_n < N_k)[None, :])
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
     return dq
 
 
 @_kernel
-def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KLEN, KSTART, DOC, RUN_LO, RUN_HI,
+def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KLEN, KSTART, DOC, RUN_LO, RUN_HI, BIAS, DBIAS,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
-                sdqb, sdqh, sdqn, sdqd, s_doc_b, s_doc_n,
+                sdqb, sdqh, sdqn, sdqd, s_doc_b, s_doc_n, sbb, sbh, sbm, sbn,
                 H_q, N_q, N_k, N_DOC, GROUP, q_pos0, k_pos0, window, qk_scale, sm_scale, TUNE_N_Q, TUNE_N_K,
                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_LEN: tl.constexpr, HAS_DOC: tl.constexpr,
-                DOC_RUNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(N_q, BLOCK_M)·B·H_q,). dQ of one query block: the same key ranges as the forward."""
+                DOC_RUNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(N_q, BLOCK_M)·B·H_q,). dQ of one query block: the same key ranges as the forward. With BIAS_GRAD
+    it also writes dS into DBIAS (B, H_q, N_q, N_k) float32, contiguous (summed over broadcast dims by the host)."""
     tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "tl.dot needs inner dimensions of at least 16")
     pid_m, pid_bh = _program(N_q, BLOCK_M, CAUSAL)
     b = (pid_bh // H_q).to(tl.int64)
@@ -468,18 +494,22 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KLEN, KSTART, DOC, RUN_LO, RUN_HI,
         window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, HAS_LEN, HAS_DOC, DOC_RUNS)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
+    bias_rows = BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm  # (BLOCK_M, 1); read only with HAS_BIAS
+    dbias_rows = DBIAS + (pid_bh.to(tl.int64) * N_q + offs_m[:, None]) * N_k  # written only with BIAS_GRAD
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for part in tl.static_range(3):
         if part == 1:
             dq = _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd, svn, svd,
-                           s_doc_n, full_lo, full_hi, N_k, kstart, klen, k_pos0, window, qk_scale, HEAD_D, HEAD_DV,
-                           BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST)
+                           s_doc_n, full_lo, full_hi, N_k, kstart, klen, k_pos0, window, qk_scale, bias_rows, q_in,
+                           sbn, dbias_rows, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOW,
+                           HAS_DOC, PRECISION, UPCAST, HAS_BIAS, BIAS_GRAD)
         else:
             start = lo if part == 0 else full_hi
             end = full_lo if part == 0 else hi
             dq = _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_base, skn, skd, svn, svd,
-                           s_doc_n, start, end, N_k, kstart, klen, k_pos0, window, qk_scale, HEAD_D, HEAD_DV,
-                           BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST)
+                           s_doc_n, start, end, N_k, kstart, klen, k_pos0, window, qk_scale, bias_rows, q_in,
+                           sbn, dbias_rows, HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOW,
+                           HAS_DOC, PRECISION, UPCAST, HAS_BIAS, BIAS_GRAD)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=q_in[:, None] & (offs_d[None, :] < HEAD_D))

@@ -17,7 +17,8 @@ import triton
 
 from selfattn.backends import triton_kernels as tk
 
-_KEY = ["TUNE_N_Q", "TUNE_N_K", "HEAD_D", "HEAD_DV", "CAUSAL", "WINDOW", "HAS_LEN", "HAS_DOC", "PRECISION"]
+_KEY = ["TUNE_N_Q", "TUNE_N_K", "HEAD_D", "HEAD_DV", "CAUSAL", "WINDOW", "HAS_LEN", "HAS_DOC", "PRECISION", "HAS_BIAS",
+        "BIAS_GRAD", "TMA_OK"]  # each kernel is keyed on those of its arguments
 
 
 @functools.cache
@@ -94,7 +95,7 @@ def _configs(name: str) -> list:
 @functools.cache
 def tuned(name: str):
     configs = _configs(name)
-    key = _KEY + (["TMA_OK"] if name == "attn_fwd" else [])  # a TMA choice must not serve a layout without it
+    key = [k for k in _KEY if k in getattr(tk, name).arg_names]  # TMA_OK: a TMA choice must not serve other layouts
     # cache_results: the choice is kept in Triton's on-disk cache, so a new process does not tune again
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune(name)},
                            cache_results=True)(getattr(tk, name))
@@ -116,7 +117,7 @@ def compile_for(name: str, *, arch: int = 90, dtype: str = "bf16", head_dim: int
                   BLOCK_DV=max(16, triton.next_power_of_2(head_dim)), PRECISION="ieee" if dtype == "fp32" else "tf32",
                   UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n, HAS_DLSE=True)
     consts |= dict(CAUSAL=False, WINDOW=False, HAS_LEN=False, HAS_DOC=False, DOC_RUNS=False, TMA_OK=False,
-                   TMA=False) | (flags or {})
+                   TMA=False, HAS_BIAS=False, BIAS_GRAD=False) | (flags or {})
     consts = {n: c for n, c in consts.items() if n in fn.arg_names}
     signature = {}
     for arg in fn.arg_names:
@@ -124,7 +125,7 @@ def compile_for(name: str, *, arch: int = 90, dtype: str = "bf16", head_dim: int
             signature[arg] = "constexpr"
         elif arg in _POINTERS:
             signature[arg] = "*" + dtype
-        elif arg in ("LSE", "DELTA", "DLSE"):
+        elif arg in ("LSE", "DELTA", "DLSE", "BIAS", "DBIAS"):
             signature[arg] = "*fp32"
         elif arg in ("KLEN", "KSTART", "RUN_LO", "RUN_HI"):
             signature[arg] = "*i32"
