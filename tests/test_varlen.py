@@ -33,6 +33,8 @@ CASES = [  # lengths, H_q, H_kv, D, D_v, mask kind
     ([150, 129, 1, 65], 3, 1, 16, 16, "window"),
     ([300], 2, 1, 24, 24, "causal"),  # one sequence: plain causal attention
     ([5] * 40, 2, 2, 16, 16, "none"),  # many short ones
+    ([1, 300, 0, 257, 129], 4, 2, 40, 40, "causal"),  # long enough for the tiled forward to go document by document
+    ([200, 150], 2, 1, 32, 24, "window"),
 ]
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -101,6 +103,28 @@ def test_packed_mask_equals_document_ids_and_its_blocks_are_exact():
         fast = m.block_states(1, 1, N_q, N_k, bq, bk, q_pos0=q_pos0, k_pos0=k_pos0)
         exact = masks._dense_block_states(m, 1, 1, N_q, N_k, bq, bk, None, q_pos0, k_pos0)
         assert torch.equal(fast, exact), (bq, bk, N_q, q_pos0, k_pos0)
+
+
+def test_tiled_forward_goes_document_by_document_only_where_it_may():
+    """The tiled forward cuts packed self-attention into one fused-kernel problem per document (the oracle cases above
+    check its numbers); it must not where a document's positions are not one run, or queries are not at the keys'."""
+    from selfattn.backends import tiled
+
+    def bounds(cu, T=None, dtype=torch.float32, **kw):
+        T = int(cu[-1]) if T is None else T
+        q = torch.zeros(1, 2, T, 8, dtype=dtype)
+        return tiled._document_bounds(selfattn.api.make_call(q, q, q, **kw))
+
+    cu = torch.tensor([0, 200, 200, 456])
+    assert bounds(cu, mask=masks.packed(cu), causal=True) == [(0, 200), (200, 456)]
+    assert bounds(cu, mask=masks.sliding_window(7) & masks.packed(cu)) == [(0, 200), (200, 456)]
+    assert bounds(cu, mask=masks.packed(cu), dtype=torch.float64) is None  # float64: bit-identical tiles
+    short = torch.tensor([0, 100, 255])  # documents of 127.5 tokens on average: tiles holding several are cheaper
+    assert bounds(short, mask=masks.packed(short)) is None
+    scattered = torch.tensor([0] * 128 + [1] * 200 + [0] * 128)
+    assert bounds(cu, mask=masks.document(scattered)) is None  # document 0 in two runs
+    assert bounds(cu, mask=masks.packed(cu) & masks.key_padding(torch.tensor([300]))) is None
+    assert bounds(cu, mask=masks.packed(cu), bias=torch.zeros(456, 456)) is None
 
 
 def test_layers_reuse_one_mask_per_cu_seqlens_tensor():
