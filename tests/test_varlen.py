@@ -1,7 +1,12 @@
 """varlen_attention (packed sequences with cu_seqlens) against the textbook meaning of packing: every sequence
 attended on its own by the float64 oracle. Generated from the registry: every backend that can run here is tested."""
 
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +210,15 @@ def test_same_packing_given_twice_is_accepted():
     a = selfattn.varlen_attention(q, k, v, CU, cu_seqlens_k=CU.clone().to(torch.int32))
     b = selfattn.varlen_attention(q, k, v, CU)
     assert torch.equal(a, b)
+
+
+def test_benchmark_script_runs_end_to_end(tmp_path):
+    """Only the plumbing (implementations, ratios, result files); at these sizes its numbers mean nothing."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_varlen.py"
+    src = str(Path(selfattn.__file__).resolve().parents[1])
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": src})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((tmp_path / "varlen_smoke.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"varlen", "padded", "sdpa-padded", "per-sequence"}
+    assert all(r["max_diff_vs_varlen"] < 1e-5 for r in rows), rows
