@@ -48,8 +48,29 @@ DTYPES = [torch.float32, torch.bfloat16]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{len(c[0])}seqs-T{sum(c[0])}-H{c[1]}x{c[2]}-{c[5]}")
 def test_matches_each_sequence_attended_alone(backend, dtype, case):
-    lengths, H_q, H_kv, D, D_v, kind = case
-    g = torch.Generator().manual_seed(sum(lengths) * 31 + H_q)
+    check_packing(backend, dtype, *case, seed=sum(case[0]) * 31 + case[1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_packings(seed):
+    """Random numbers and lengths of sequences (empty and one-token ones likely), heads, head dims and masks, on the
+    backend chosen automatically."""
+    g = torch.Generator().manual_seed(100 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (), generator=g))]
+
+    n_seqs = int(torch.randint(1, 7, (), generator=g))
+    lengths = [pick([0, 1, 2, int(torch.randint(3, 200, (), generator=g))]) for _ in range(n_seqs)]
+    lengths[0] = max(lengths[0], 1)
+    H_kv = pick([1, 2])
+    backend = backends.choose(selfattn.api.make_call(*(torch.zeros(1, 1, 1, 8) for _ in range(3)))).name
+    check_packing(backend, torch.float32, lengths, H_kv * pick([1, 3]), H_kv, pick([8, 33, 64]), pick([8, 33]),
+                  pick(["none", "causal", "window"]), seed=seed)
+
+
+def check_packing(backend, dtype, lengths, H_q, H_kv, D, D_v, kind, *, seed):
+    g = torch.Generator().manual_seed(seed)
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     T = int(cu_seqlens[-1])
     q64 = torch.randn(T, H_q, D, generator=g, dtype=torch.float64)
