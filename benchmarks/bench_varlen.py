@@ -12,7 +12,7 @@ random lengths, forward and forward+backward:
 and prints the ratios to varlen, writes benchmarks/results/varlen.json (and varlen.png). The outputs of the real
 tokens are compared across implementations (max |difference| in the JSON).
 
-    flock /tmp/selfattn-bench.lock python benchmarks/bench_varlen.py            # 64 sequences of 64..2048 tokens
+    flock /tmp/selfattn-bench.lock python benchmarks/bench_varlen.py   # 64 sequences of 64..2048 tokens, 3 rounds
     python benchmarks/bench_varlen.py --smoke --out /tmp/x                      # plumbing only (seconds)
 """
 
@@ -84,21 +84,17 @@ def implementations(lengths: list[int], cu: torch.Tensor):
     return {"varlen": varlen, "padded": padded, "sdpa-padded": sdpa_padded, "per-sequence": per_sequence}
 
 
-def timed(f, q, k, v, mode: str, repeats: int) -> tuple[float, torch.Tensor]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        if mode == "fwd":
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = f(q, k, v)
-        else:
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            t0 = time.perf_counter()
-            out = f(qq, kk, vv)
-            out.sum().backward()
-            out = qq.grad  # compared across implementations
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def timed(f, q, k, v, mode: str) -> tuple[float, torch.Tensor]:
+    """Seconds of one run, and its output (fwd) or dQ (fwd+bwd) for the comparison across implementations."""
+    if mode == "fwd":
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = f(q, k, v)
+        return time.perf_counter() - t0, out
+    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+    t0 = time.perf_counter()
+    f(qq, kk, vv).sum().backward()
+    return time.perf_counter() - t0, qq.grad
 
 
 def main(argv=None) -> dict:
@@ -108,7 +104,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=1, help="best of this many runs per (implementation, mode)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds; each round runs every implementation once, in turn, so that a change of the "
+                        "machine's load hits them alike. Reported: the best time, and the median of the rounds' ratios")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the plumbing, the numbers mean nothing")
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -121,27 +119,31 @@ def main(argv=None) -> dict:
     q, k, v, cu = packed_inputs(lengths, args.heads, args.head_dim, torch.float32, args.seed)
     impls = implementations(lengths, cu)
     for f in implementations(lengths[:2], cu[:3]).values():  # warm-up on two sequences (thread pools, allocator)
-        timed(f, *(t[: int(cu[2])] for t in (q, k, v)), "fwd+bwd", 1)
+        timed(f, *(t[: int(cu[2])] for t in (q, k, v)), "fwd+bwd")
 
     load_before = os.getloadavg()
     rows = []
     for mode in ("fwd", "fwd+bwd"):
-        ref = None
-        for name, f in impls.items():
-            seconds, out = timed(f, q, k, v, mode, args.repeats)
-            ref = out if ref is None else ref
-            rows.append(dict(impl=name, mode=mode, seconds=seconds,
-                             max_diff_vs_varlen=(out.double() - ref.double()).abs().max().item()))
-            print(f"{mode:8s} {name:13s} {seconds:8.3f} s", flush=True)
-    base = {r["mode"]: r["seconds"] for r in rows if r["impl"] == "varlen"}
-    for r in rows:
-        r["ratio_to_varlen"] = r["seconds"] / base[r["mode"]]
+        times: dict[str, list[float]] = {name: [] for name in impls}
+        diffs: dict[str, float] = {}
+        for r in range(args.repeats):
+            ref = None
+            for name, f in impls.items():
+                seconds, out = timed(f, q, k, v, mode)
+                ref = out if ref is None else ref
+                times[name].append(seconds)
+                diffs[name] = (out.double() - ref.double()).abs().max().item()
+                print(f"{mode:8s} round {r}  {name:13s} {seconds:8.3f} s", flush=True)
+        for name, ts in times.items():
+            ratios = sorted(t / t_varlen for t, t_varlen in zip(ts, times["varlen"], strict=True))
+            rows.append(dict(impl=name, mode=mode, seconds=min(ts), rounds=ts, ratio_to_varlen=ratios[len(ratios) // 2],
+                             max_diff_vs_varlen=diffs[name]))
 
     T, N_max = sum(lengths), max(lengths)
     pairs_packed = sum(n * (n + 1) // 2 for n in lengths)
     result = dict(
         config=dict(n_seqs=args.n_seqs, lengths=lengths, T=T, N_max=N_max, heads=args.heads,
-                    head_dim=args.head_dim, dtype="float32", causal=True, repeats=args.repeats, seed=args.seed,
+                    head_dim=args.head_dim, dtype="float32", causal=True, rounds=args.repeats, seed=args.seed,
                     threads=torch.get_num_threads(), torch=torch.__version__, smoke=args.smoke),
         padding_overhead=dict(tokens_padded=len(lengths) * N_max, tokens_packed=T,
                               causal_pairs_padded_batch=len(lengths) * N_max * (N_max + 1) // 2,
@@ -151,7 +153,8 @@ def main(argv=None) -> dict:
     print(f"T = {T} packed tokens, padded batch {len(lengths)} x {N_max} = {len(lengths) * N_max} "
           f"({len(lengths) * N_max / T:.2f}x the tokens); load {load_before[0]:.2f} -> {result['load_after'][0]:.2f}")
     for r in rows:
-        print(f"{r['mode']:8s} {r['impl']:13s} {r['ratio_to_varlen']:6.2f}x varlen's time   "
+        print(f"{r['mode']:8s} {r['impl']:13s} best {r['seconds']:7.3f} s  {r['ratio_to_varlen']:6.2f}x varlen's time "
+              "(median of the rounds)  "
               f"(max |diff| of {'out' if r['mode'] == 'fwd' else 'dq'} vs varlen {r['max_diff_vs_varlen']:.1e})")
 
     args.out.mkdir(parents=True, exist_ok=True)
