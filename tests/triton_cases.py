@@ -359,3 +359,43 @@ def test_random_shapes_and_tiles(seed, monkeypatch):
     N_q, N_k = (int(torch.randint(1, 90, (), generator=g)) for _ in range(2))
     shape = (pick([1, 2]), H_kv * group, H_kv, N_q, N_k, pick([16, 24, 40]), pick([16, 32]))
     check_case(shape, pick(KINDS), pick([F32, F16]), seed=seed)
+
+
+VARLEN_CASES = [  # lengths, H_q, H_kv, D, window (None: causal only, 0: not causal), dtype
+    ([1, 20, 0, 37], 4, 2, 24, None, F16),  # an empty and a one-token sequence; GQA
+    ([30, 17, 5], 2, 2, 16, 9, F32),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("lengths, H_q, H_kv, D, window, dtype", VARLEN_CASES, ids=["causal-gqa", "window"])
+def test_varlen_attention(lengths, H_q, H_kv, D, window, dtype):
+    """Packed sequences (selfattn.varlen_attention, (T, H, D) views) against each sequence attended alone."""
+    g = torch.Generator().manual_seed(sum(lengths))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    T = int(cu[-1])
+    q, k, v = (torch.randn(T, h, D, generator=g).to(DEVICE, dtype).requires_grad_() for h in (H_q, H_kv, H_kv))
+    kw = dict(causal=True) if window is None else dict(causal=True, window=window)
+    kw_one = dict(causal=True) if window is None else dict(mask=masks.sliding_window(window))
+    out = selfattn.varlen_attention(q, k, v, cu.to(DEVICE), backend="triton", **kw)
+    bounds = [(a, b) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True) if b > a]
+
+    def per_sequence(fn, *tensors):  # (T, H, D) pieces -> (1, H, n, D) -> fn -> back to (T, H, D_v)
+        return torch.cat([fn(*(t[a:b].transpose(0, 1)[None] for t in tensors), **kw_one)[0].transpose(0, 1)
+                          for a, b in bounds])
+
+    q_r, k_r, v_r = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q_n, k_n, v_n = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out_ref = per_sequence(reference.attention, q_r, k_r, v_r)
+    out_naive = per_sequence(testing.naive, q_n, k_n, v_n)
+    testing.check_against_oracle(out, out_naive, out_ref, what="triton varlen out")
+    d_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    got = torch.autograd.grad(out, (q, k, v), d_out.to(dtype))
+    ref = torch.autograd.grad(out_ref, (q_r, k_r, v_r), d_out)
+    naive = torch.autograd.grad(out_naive, (q_n, k_n, v_n), d_out.to(dtype))
+    v_q = v_r.detach().repeat_interleave(H_q // H_kv, 1)  # (T, H_q, D)
+    dp = max(torch.einsum("ihd,jhd->hij", d_out[a:b], v_q[a:b]).abs().max().item() for a, b in bounds)
+    big = max(t.abs().max().item() for t in (q_r, k_r)) * D**-0.5 * dp
+    for name, a, r, n in zip("qkv", got, ref, naive, strict=True):  # floor relative to |dP| (see check_case)
+        testing.check_against_oracle(a, n, r, factor=3.0, what=f"triton varlen d{name}",
+                                     floor=testing.floor_for(dtype, max(big, r.abs().max().item())))

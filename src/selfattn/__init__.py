@@ -11,6 +11,8 @@ from selfattn import masks
 from selfattn.api import attention, attention_weights
 from selfattn.backends import BackendError
 from selfattn.nn import MultiHeadAttention, SelfAttention
+from selfattn.varlen import varlen_attention
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_weights", "masks", "BackendError", "SelfAttention", "MultiHeadAttention"]
+__all__ = ["attention", "attention_weights", "masks", "BackendError", "SelfAttention", "MultiHeadAttention",
+           "varlen_attention"]

@@ -7,6 +7,7 @@ Shape legend (used everywhere in selfattn)
           reads key/value head h // (H_q // H_kv); K and V are never copied)
     N_q   query positions;  N_k key/value positions (they may differ)
     D     head dim of queries and keys (d_k);  D_v head dim of values (may differ from D)
+    T     packed tokens: sequences of different lengths end to end, described by cu_seqlens (selfattn.varlen)
 
     q (B, H_q, N_q, D)   k (B, H_kv, N_k, D)   v (B, H_kv, N_k, D_v)   ->   out (B, H_q, N_q, D_v)
 

@@ -260,6 +260,10 @@ def document(doc_ids: Tensor) -> Mask:
     doc_ids = _int_tensor("document(doc_ids)", doc_ids, dim=None)
     if doc_ids.dim() not in (1, 2):
         raise ValueError(f"document(doc_ids): expected shape (N_k,) or (B, N_k), got {tuple(doc_ids.shape)}")
+    return _document(doc_ids, "document", _range_minmax)
+
+
+def _document(doc_ids: Tensor, name: str, range_minmax) -> Mask:
     ids = doc_ids if doc_ids.dim() == 2 else doc_ids[None]  # (B or 1, N_k)
     n = ids.shape[-1]
 
@@ -272,14 +276,14 @@ def document(doc_ids: Tensor) -> Mask:
     def block_fn(B, H, q_lo, q_hi, k_lo, k_hi):
         d = ids.to(q_lo.device)
         big = torch.iinfo(d.dtype).max
-        lo_q, hi_q = _range_minmax(d, q_lo[:, 0], q_hi[:, 0], big)  # (Bd, nQ)
-        lo_k, hi_k = _range_minmax(d, k_lo[0], k_hi[0], big)  # (Bd, nK)
+        lo_q, hi_q = range_minmax(d, q_lo[:, 0], q_hi[:, 0], big)  # (Bd, nQ)
+        lo_k, hi_k = range_minmax(d, k_lo[0], k_hi[0], big)  # (Bd, nK)
         any_ = (lo_q[:, :, None] <= hi_k[:, None, :]) & (lo_k[:, None, :] <= hi_q[:, :, None])
         all_ = (lo_q == hi_q)[:, :, None] & (lo_k == hi_k)[:, None, :] & (lo_q[:, :, None] == lo_k[:, None, :])
         all_ &= ((q_lo >= 0) & (q_hi <= n))[None]  # query positions outside the ids belong to no document
         return _state(any_, all_)[:, None]
 
-    return Mask(mask_mod, "document", block_fn, ("document", doc_ids))
+    return Mask(mask_mod, name, block_fn, ("document", doc_ids))
 
 
 def _range_minmax(ids: Tensor, lo: Tensor, hi: Tensor, big: int):
@@ -294,6 +298,65 @@ def _range_minmax(ids: Tensor, lo: Tensor, hi: Tensor, big: int):
             out_min[:, j] = seg.min(-1).values
             out_max[:, j] = seg.max(-1).values
     return out_min, out_max
+
+
+def _sorted_range_minmax(ids: Tensor, lo: Tensor, hi: Tensor, big: int):
+    """``_range_minmax`` for ids that never decrease along positions: the ends of each range, no loop."""
+    n = ids.shape[-1]
+    a, c = lo.clamp(0, n), hi.clamp(0, n)
+    empty = (c <= a)[None]
+    first = ids[:, a.clamp(max=max(n - 1, 0))]  # (Bd, ranges)
+    last = ids[:, (c - 1).clamp(min=0)]
+    return first.masked_fill(empty, big), last.masked_fill(empty, -big)
+
+
+def packed(cu_seqlens: Tensor, total: int | None = None) -> Mask:
+    """Packed sequences described FlashAttention's way: sequence s holds positions ``cu_seqlens[s]`` to
+    ``cu_seqlens[s + 1] - 1``, and a query sees only keys of its own sequence. The same mask as
+    ``document(ids)`` with ``ids[pos]`` = the sequence of ``pos`` (so every backend and kernel takes it), built on
+    cu_seqlens' device without a loop over sequences; its blocks are classified from the ends of each block alone.
+
+    ``cu_seqlens`` is a 1-D integer tensor (n_seqs + 1,) with ``cu_seqlens[0] == 0``, never decreasing (a sequence
+    may be empty); the total length is ``cu_seqlens[-1]``. Combine with ``causal()`` or ``sliding_window(w)`` for
+    causal attention within each sequence. ``total`` (the number of packed positions, T) is checked against
+    ``cu_seqlens[-1]``; give it to avoid reading that value back from a GPU (and under ``torch.compile``, where the
+    values are not checked). ``selfattn.varlen_attention`` builds (and remembers) this mask for you.
+
+        >>> packed(torch.tensor([0, 2, 5])).dense(1, 1, 5, 5)[0, 0].int()
+        tensor([[1, 1, 0, 0, 0],
+                [1, 1, 0, 0, 0],
+                [0, 0, 1, 1, 1],
+                [0, 0, 1, 1, 1],
+                [0, 0, 1, 1, 1]], dtype=torch.int32)
+    """
+    cu = _int_tensor("packed(cu_seqlens)", cu_seqlens, dim=1)
+    if cu.numel() == 0:
+        raise ValueError("packed(cu_seqlens): cu_seqlens is empty; it needs n_seqs + 1 entries, starting with 0 "
+                         "(e.g. tensor([0, 5, 12]) for sequences of 5 and 7 tokens)")
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 0):
+        raise TypeError(f"packed(cu_seqlens, total): total must be an int >= 0 (the packed length T), got {total!r}")
+    if not torch.compiler.is_compiling():  # reading the values would break a graph
+        check_cu_seqlens(cu, total)
+    T = int(cu[-1]) if total is None else total
+    pos = torch.arange(T, device=cu.device)  # (T,)
+    ids = torch.searchsorted(cu[1:], pos, right=True)  # (T,) sequence of each position; empty sequences get none
+    return _document(ids, f"packed({cu.numel() - 1} seqs)", _sorted_range_minmax)
+
+
+def check_cu_seqlens(cu_seqlens: Tensor, total: int | None = None, where: str = "packed(cu_seqlens)") -> None:
+    """Raise ValueError unless cu_seqlens starts at 0, never decreases and (if given) ends at ``total``."""
+    cu = cu_seqlens.detach().cpu()
+    if int(cu[0]) != 0:
+        raise ValueError(f"{where}: cu_seqlens must start at 0, got cu_seqlens[0] = {int(cu[0])}; prepend a 0 "
+                         "(cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))")
+    steps = cu[1:] - cu[:-1]
+    if (steps < 0).any():
+        s = int(torch.nonzero(steps < 0)[0, 0])
+        raise ValueError(f"{where}: cu_seqlens must never decrease (each entry is the previous one plus a sequence "
+                         f"length), got cu_seqlens[{s}] = {int(cu[s])} > cu_seqlens[{s + 1}] = {int(cu[s + 1])}")
+    if total is not None and int(cu[-1]) != total:
+        raise ValueError(f"{where}: cu_seqlens[-1] = {int(cu[-1])} must equal the number of packed positions "
+                         f"T = {total}; cu_seqlens has {cu.numel() - 1} sequences covering {int(cu[-1])} tokens")
 
 
 def from_tensor(mask: Tensor, N_q: int, N_k: int) -> Mask:

@@ -50,6 +50,12 @@ BLOCK_K = 256  # keys per tile: the granularity at which masked regions are skip
 # slow on short runs (measured: 75 ms per 256-row call of a sliding window), so only no mask and plain causal use it.
 KERNEL_BACKWARD_MIN_HEADS = 2
 
+# Packed sequences (a document mask whose documents are contiguous, & causal or a sliding window, queries aligned
+# with keys): the forward runs the fused kernel document by document, as if each were its own call (a causal one is
+# then one kernel call that skips its upper triangle itself), when the documents average at least this many tokens.
+# Shorter ones are cheaper as tiles that hold several documents (fewer kernel calls).
+DOCUMENT_SPLIT_MIN_MEAN = 128
+
 # Tiles computed since the last reset, by phase ("forward", "backward"): lets tests check that skipping skips.
 TILE_COUNTS: Counter = Counter()
 _COUNT_LOCK = threading.Lock()
@@ -252,6 +258,9 @@ def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = 
     dtype, −inf for rows that see no key)."""
     acc = _acc_dtype(call.dtype)
     out_dtype = acc if out_dtype is None else out_dtype
+    bounds = _document_bounds(call) if block_q is None else None
+    if bounds is not None:
+        return _forward_by_document(call, bounds, out_dtype)
     block_q = (BLOCK_Q if call.dtype == torch.float64 else kernel_block_q(call)) if block_q is None else block_q
     plan = _plan(call, block_q, block_k)
     g = plan.group
@@ -293,6 +302,54 @@ def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = 
             rows_o.copy_(o.reshape(rows_o.shape))
             rows_l.copy_(l_.reshape(rows_l.shape))
     _count("forward", n_tiles)
+    return out, lse
+
+
+def _document_bounds(call: AttentionCall) -> list[tuple[int, int]] | None:
+    """[(start, end)] of each document when the call is packed self-attention that can run document by document:
+    the mask is one ``document`` mask with sorted ids (so each document is one run of positions) joined only with
+    ``causal`` / ``sliding_window`` (which look at q_idx − kv_idx alone, so they mean the same inside a document
+    cut out), no bias, queries at the keys' positions; the documents average DOCUMENT_SPLIT_MIN_MEAN tokens or more.
+    float64 keeps the tile path (its backward recomputes the forward's scores bit for bit, tile by tile)."""
+    c = call
+    if (c.mask is None or c.mask.spec is None or c.bias is not None or c.dtype == torch.float64
+            or c.N_q != c.N_k or c.q_start != 0 or c.k_pos0 != 0):
+        return None
+    leaves = _leaves(c.mask.spec)
+    docs = [leaf for leaf in leaves if leaf[0] == "document"]
+    if len(docs) != 1 or any(leaf[0] not in ("document", "causal", "sliding_window") for leaf in leaves):
+        return None
+    ids = docs[0][1]
+    ids = ids if ids.dim() == 1 else ids[0] if ids.shape[0] == 1 else None
+    if ids is None or ids.shape[0] != c.N_k:
+        return None
+    step = ids[1:] - ids[:-1]
+    if bool((step < 0).any()):
+        return None
+    cuts = torch.nonzero(step).flatten().add_(1).tolist()  # where a new document starts
+    if c.N_k < DOCUMENT_SPLIT_MIN_MEAN * (len(cuts) + 1):
+        return None
+    edges = [0, *cuts, c.N_k]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def _leaves(spec: tuple) -> list[tuple]:
+    if spec[0] == "and":
+        return _leaves(spec[1]) + _leaves(spec[2])
+    return [spec]
+
+
+def _forward_by_document(call: AttentionCall, bounds: list[tuple[int, int]], out_dtype):
+    """``_forward`` of each document on its own, written into one (out, lse): a document sees only itself."""
+    within = [masks.from_spec(leaf) for leaf in _leaves(call.mask.spec) if leaf[0] != "document"]
+    mask = within[0] if within else None
+    for m in within[1:]:
+        mask = mask & m
+    out = torch.empty(call.B, call.H_q, call.N_q, call.D_v, dtype=out_dtype, device=call.device)
+    lse = torch.empty(call.B, call.H_q, call.N_q, dtype=_acc_dtype(call.dtype), device=call.device)
+    for a, b in bounds:
+        doc = AttentionCall(call.q[:, :, a:b], call.k[:, :, a:b], call.v[:, :, a:b], call.scale, mask)
+        out[:, :, a:b], lse[:, :, a:b] = _forward(doc, out_dtype=out_dtype)
     return out, lse
 
 
