@@ -188,3 +188,20 @@ def test_hugging_face_llama_matches_sdpa(device, padding, served):
     valid = am.bool()  # positions of padding tokens are not compared (their rows differ by convention)
     err = testing.max_error(got[valid], want[valid]) / want[valid].abs().max().item()
     assert err <= 1e-5, f"logits differ from sdpa by {err:.2e} (relative)"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_sequences_match_each_sequence_alone(device, served):
+    g = torch.Generator().manual_seed(6)
+    lengths = [131, 1, 0, 260, 77]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32).to(device)
+    q, k, v = (torch.randn(sum(lengths), h, 64, generator=g).to(device, torch.bfloat16) for h in (4, 2, 2))
+    out = selfattn.varlen_attention(q, k, v, cu, causal=True)  # (T, H_q, D)
+    _only(served, device)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        if a == b:
+            continue
+        one = [t[a:b].transpose(0, 1)[None] for t in (q, k, v)]  # (1, H, n, D)
+        want = reference.attention(*(t.double().cpu() for t in one), causal=True)[0].transpose(0, 1)
+        naive = testing.naive(*(t.cpu() for t in one), causal=True)[0].transpose(0, 1)
+        testing.check_against_oracle(out[a:b].cpu(), naive, want, what=f"sequence {a}:{b} on {device}")

@@ -243,3 +243,17 @@ def test_benchmark_script_runs_end_to_end(tmp_path):
     rows = json.loads((tmp_path / "varlen_smoke.json").read_text())["rows"]
     assert {r["impl"] for r in rows} == {"varlen", "padded", "sdpa-padded", "per-sequence"}
     assert all(r["max_diff_vs_varlen"] < 1e-5 for r in rows), rows
+
+
+def test_inference_mode_tensors():
+    """Inference tensors have no version counter: the mask is built for each call, and a change in place is seen."""
+    with torch.inference_mode():
+        cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+        q = torch.randn(10, 2, 16)
+        first = selfattn.varlen_attention(q, q, q, cu, causal=True)
+        cu[1] = 5
+        second = selfattn.varlen_attention(q, q, q, cu, causal=True)
+        bhnd = [q[a:b].transpose(0, 1)[None].double() for a, b in ((0, 5), (5, 10))]  # (1, H, n, D) each
+        want = torch.cat([reference.attention(x, x, x, causal=True)[0].transpose(0, 1) for x in bhnd])
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(second.double(), want, rtol=1e-5, atol=1e-5)

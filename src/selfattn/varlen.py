@@ -100,8 +100,8 @@ def packed_mask(cu_seqlens: Tensor, T: int, device: torch.device | str | None = 
         raise TypeError(f"cu_seqlens must be an integer torch.Tensor (n_seqs + 1,), got {type(cu_seqlens).__name__};"
                         " build it with torch.tensor([0, len_0, len_0 + len_1, ...], dtype=torch.int32)")
     device = torch.device(device) if device is not None else cu_seqlens.device
-    if torch.compiler.is_compiling():
-        return _build(cu_seqlens, T, device, causal, window)
+    if torch.compiler.is_compiling() or cu_seqlens.is_inference():  # an inference tensor has no version counter,
+        return _build(cu_seqlens, T, device, causal, window)  # so a change in place could not be seen: build anew
     key = (T, str(device), causal, window, cu_seqlens._version)
     per_tensor = _MASKS.get(cu_seqlens)
     if per_tensor is None:
