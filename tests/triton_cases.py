@@ -339,7 +339,7 @@ def test_blocks_merged_by_lse_equal_the_whole(kind):
 
 
 KINDS = ["none", "causal", "window", "padding", "causal+padding", "document", "document-scattered",
-         "window&document&padding", "left-padding", "causal+left-padding", "window&key-range"]
+         "window&document&padding", "left-padding", "causal+left-padding", "window&key-range", "bias", "bias+causal"]
 
 
 @interpreted
