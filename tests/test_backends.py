@@ -5,6 +5,7 @@ it can serve the case; a refusal is a skip whose reason `pytest -ra` prints.
 """
 
 import dataclasses
+import math
 import itertools
 import zlib
 
@@ -103,6 +104,44 @@ def test_forward_and_backward_match_the_oracle(backend, dtype, shape, kind, seed
         for name, a, r, n, n_o in zip("qkv", grads, grads_ref, grads_naive, grads_naive_o, strict=True):
             worse = n if testing.max_error(n, r) >= testing.max_error(n_o, r) else n_o
             testing.check_against_oracle(a, worse, r, factor=3.0, what=f"{backend} d{name}")
+
+
+@pytest.mark.parametrize("backend", backends.names())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias_shape", [(2, 1, 130, 270), (1, 4, 130, 270), (130, 270)], ids=str)
+def test_bias_gradient(backend, dtype, bias_shape):
+    """d(loss)/d(bias) = dS summed over the dimensions the bias broadcasts, with −inf entries and a dead row, on
+    every backend that serves a bias that requires grad (3x the naive error)."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{bias_shape}{dtype}".encode()))
+    q64, k64, v64 = (torch.randn(2, h, n, 32, generator=g, dtype=torch.float64) for h, n in ((4, 130), (2, 270),
+                                                                                             (2, 270)))
+    b64 = torch.randn(bias_shape, generator=g, dtype=torch.float64)
+    b64[..., 5, :] = -math.inf
+    b64[b64 > 2.0] = -math.inf
+    d_out = torch.randn(2, 4, 130, 32, generator=g, dtype=torch.float64)
+    low = [t.to(dtype).requires_grad_() for t in (q64, k64, v64, b64)]
+    call = selfattn.api.make_call(*low[:3], bias=low[3], causal=True)
+    reasons = backends.get(backend).not_supported_reasons(call)
+    if reasons:
+        pytest.skip(f"{backend} does not serve this case: {'; '.join(reasons)}")
+    testing.poison_allocator()
+    fast = torch.autograd.grad(selfattn.attention(*low[:3], bias=low[3], causal=True, backend=backend), low,
+                               d_out.to(dtype))
+    naive_in = [t.detach().clone().requires_grad_() for t in low]
+    naive = torch.autograd.grad(testing.naive(*naive_in[:3], bias=naive_in[3], causal=True), naive_in,
+                                d_out.to(dtype))
+    ref_in = [t.clone().requires_grad_() for t in (q64, k64, v64, b64)]
+    ref = torch.autograd.grad(reference.attention(*ref_in[:3], bias=ref_in[3], causal=True), ref_in, d_out)
+    with torch.no_grad():  # the naive gradient's other textbook form (δ from O); the yardstick is the worse
+        naive_o = testing.naive_grads_from_out(*low[:3], d_out.to(dtype), bias=low[3], causal=True)
+    assert fast[3].shape == bias_shape and fast[3].dtype == dtype
+    # dS = P·(dP − δ) cancels: its rounding is relative to |dP| (tests/triton_cases.py), so the floor is eps there
+    dp = (d_out @ v64.repeat_interleave(2, 1).transpose(-2, -1)).abs().max().item()
+    big = q64.abs().max().item() * k64.abs().max().item() / 32**0.5 * dp
+    for name, a, n, n_o, r in zip(["dq", "dk", "dv", "dbias"], fast, naive, (*naive_o, None), ref, strict=True):
+        worse = n if n_o is None or testing.max_error(n, r) >= testing.max_error(n_o, r) else n_o
+        testing.check_against_oracle(a, worse, r, factor=3.0, what=f"{backend} {name} {bias_shape} {dtype}",
+                                     floor=testing.floor_for(dtype, max(big, r.abs().max().item())))
 
 
 @pytest.mark.parametrize("backend", backends.names())

@@ -81,11 +81,17 @@ def test_tiled_is_the_default_for_cpu_tensors():
     assert backends.choose(call).name == "tiled"
 
 
-def test_bias_that_requires_grad_is_refused_with_a_reason():
-    q = torch.randn(1, 1, 4, 8, requires_grad=True)
-    bias = torch.zeros(1, 1, 4, 4, requires_grad=True)
-    with pytest.raises(backends.BackendError, match="bias.detach"):
-        selfattn.attention(q, q, q, bias=bias, backend="tiled")
+def test_bias_gradient_takes_the_tile_path_and_skips_masked_tiles():
+    """The fused kernel's backward hands out no dS, so a bias that requires grad runs the tile backward; tiles the
+    mask hides are skipped there too, and their share of the bias gradient is zero."""
+    q, k, v = (torch.randn(1, 4, 1024, 32, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 4, 1024, 1024, requires_grad=True)
+    out = selfattn.attention(q, k, v, bias=bias, mask=masks.sliding_window(200), backend="tiled")
+    tiled.TILE_COUNTS.clear()
+    (dbias,) = torch.autograd.grad(out.sum(), bias)
+    assert 0 < tiled.TILE_COUNTS["backward"] < 16, tiled.TILE_COUNTS  # 4x4 tiles of 256, the band touches 7
+    far = masks.sliding_window(200).dense(1, 1, 1024, 1024)
+    assert (dbias[~far.expand_as(dbias)] == 0).all()
 
 
 def test_balance_splits_the_tiles_evenly():

@@ -165,6 +165,13 @@ class Backend:
         raise NotImplementedError(f"backend {self.name!r} does not compute blocks (supports_blocks=False)")
 
 
+def sum_to_bias(grad: Tensor, bias: Tensor) -> Tensor:
+    """A (B, H_q, N_q, N_k) gradient summed over the dimensions ``bias`` broadcasts, in ``bias``'s shape and dtype."""
+    shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    dims = [i for i, n in enumerate(shape4) if n == 1 and grad.shape[i] != 1]
+    return (grad.sum(dims, keepdim=True) if dims else grad).reshape(bias.shape).to(bias.dtype)
+
+
 def merge_by_lse(outs: list[Tensor], lses: list[Tensor], dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Combine attention over disjoint key blocks into attention over their union (exact).
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from selfattn import masks
-from selfattn.backends.base import AttentionCall, Backend, merge_by_lse
+from selfattn.backends.base import AttentionCall, Backend, merge_by_lse, sum_to_bias
 
 BLOCK_Q = 256  # query rows per tile: big enough that one tile's matrix products dwarf the Python overhead
 # Query rows per call of the fused kernel when the mask is nothing or plain causal: the kernel then runs as fast as
@@ -414,8 +414,9 @@ def _workers() -> int:
 
 
 def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, block_q: int = BLOCK_Q,
-              block_k: int = BLOCK_K):
-    """(dq, dk, dv) in the accumulation dtype, given the final ``out`` and ``lse`` of every query row."""
+              block_k: int = BLOCK_K, bias_grad: bool = False):
+    """(dq, dk, dv) in the accumulation dtype, given the final ``out`` and ``lse`` of every query row; with
+    ``bias_grad`` also dS, the gradient of the bias, as (B, H_q, N_q, N_k) (O(N_q·N_k), like the bias)."""
     acc = _acc_dtype(call.dtype)
     plan = _plan(call, block_q, block_k)
     g, scale = plan.group, call.scale
@@ -423,7 +424,8 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     Z = B * H_kv
     # Rows that see no key have lse −inf; +inf there makes exp(S − lse) = 0 instead of NaN.
     lse_b = torch.where(torch.isneginf(lse), math.inf, lse.to(acc))  # (B, H_q, N_q)
-    if acc == torch.float32 and Z >= KERNEL_BACKWARD_MIN_HEADS * _workers() and kernel_block_q(call) > BLOCK_Q:
+    if (acc == torch.float32 and Z >= KERNEL_BACKWARD_MIN_HEADS * _workers() and kernel_block_q(call) > BLOCK_Q
+            and not bias_grad):  # the fused kernel does not hand out dS
         # in the inputs' dtype: the kernel accumulates half precision in float32 itself (and torch 2.13's is fast)
         out, d_out = out.to(call.dtype), d_out.to(call.dtype)
         return _kernel_backward(_plan(call, kernel_block_q(call), block_k), call.q, call.k, call.v, out, lse_b,
@@ -444,6 +446,8 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     dk = torch.zeros(B, H_kv, call.N_k, D, dtype=acc, device=call.device)
     dv = torch.zeros(B, H_kv, call.N_k, D_v, dtype=acc, device=call.device)
     dk3, dv3 = dk.view(Z, call.N_k, D), dv.view(Z, call.N_k, D_v)
+    # dS of every tile visited; each (query block, key block) tile belongs to one worker, so no two write one place
+    dbias = torch.zeros(B, H_kv, g, N_q, call.N_k, dtype=acc, device=call.device) if bias_grad else None
     states = plan.states.tolist()
     exact = acc == torch.float64
     columns = [[i for i in range(n_qb) if states[i][j] != masks.EMPTY] for j in range(n_kb)]
@@ -461,6 +465,9 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
             p = s.exp_()  # P = exp(S − lse), the forward's probabilities
             dvj.baddbmm_(p.transpose(1, 2), doi)
             ds = torch.bmm(doi, vj.transpose(1, 2)).sub_(di).mul_(p)  # dS = P∘(dP − δ)
+            if dbias is not None:
+                q0, q1 = plan.q_range(i)
+                dbias[:, :, :, q0:q1, k0:k1] = ds.view(B, H_kv, g, q1 - q0, k1 - k0)  # (Z, g·rows, bk) unfolded
             dkj.baddbmm_(ds.transpose(1, 2), qi, alpha=scale)
             if dq_rows[i] is None:
                 dq_rows[i] = torch.zeros_like(qi)
@@ -502,6 +509,8 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
         for w, part in enumerate(dq_parts):
             if part[i] is not None and not (g == 1 and w == owner[i]):
                 dq[:, :, :, q0:q1] += part[i].view(B, H_kv, g, q1 - q0, D)
+    if bias_grad:
+        return dq.view(B, call.H_q, N_q, D), dk, dv, dbias.view(B, call.H_q, N_q, call.N_k)
     return dq.view(B, call.H_q, N_q, D), dk, dv
 
 
@@ -567,32 +576,30 @@ class _TiledAttention(torch.autograd.Function):
     """One autograd Function for every variant: the call (mask, bias, positions, scale) is an argument."""
 
     @staticmethod
-    def forward(ctx, q, k, v, call: AttentionCall):
+    def forward(ctx, q, k, v, bias, call: AttentionCall):
         out, lse = _forward(call, out_dtype=q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.call = call
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, _d_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, bias, out, lse = ctx.saved_tensors
         call = ctx.call
-        call = AttentionCall(q, k, v, call.scale, call.mask, call.bias, call.causal, call.q_pos0, call.k_pos0)
-        dq, dk, dv = _backward(call, out, lse, d_out)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        call = AttentionCall(q, k, v, call.scale, call.mask, bias, call.causal, call.q_pos0, call.k_pos0)
+        if bias is None or not ctx.needs_input_grad[3]:
+            dq, dk, dv = _backward(call, out, lse, d_out)
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        dq, dk, dv, dbias = _backward(call, out, lse, d_out, bias_grad=True)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), sum_to_bias(dbias, bias), None
 
 
 @dataclass(frozen=True)
 class TiledBackend(Backend):
-    def call_reasons(self, call: AttentionCall) -> list[str]:
-        if call.bias is not None and call.bias.requires_grad and torch.is_grad_enabled():
-            return ["computes no gradient for the bias (pass bias.detach(), or backend='reference')"]
-        return []
-
     def forward(self, call: AttentionCall):
         if call.needs_grad:
-            out, lse = _TiledAttention.apply(call.q, call.k, call.v, call)
+            out, lse = _TiledAttention.apply(call.q, call.k, call.v, call.bias, call)
         else:
             out, lse = _forward(call, out_dtype=call.dtype)
         return out, lse.to(torch.float32)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from selfattn.backends.base import AttentionCall, Backend
+from selfattn.backends.base import AttentionCall, Backend, sum_to_bias
 
 MAX_HEAD_DIM = 256
 
@@ -264,13 +264,6 @@ def _bias_args(call: AttentionCall) -> list:
     return [bias, *bias.stride()]
 
 
-def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
-    """A (B, H_q, N_q, N_k) gradient summed over the dimensions ``like`` broadcasts, in ``like``'s shape."""
-    shape4 = (1,) * (4 - like.dim()) + tuple(like.shape)
-    dims = [i for i, n in enumerate(shape4) if n == 1 and grad.shape[i] != 1]
-    return (grad.sum(dims, keepdim=True) if dims else grad).reshape(like.shape).to(like.dtype)
-
-
 def _constexprs(call: AttentionCall, m: KernelMask) -> dict:
     return dict(HAS_BIAS=call.bias is not None,
         HEAD_D=call.D, HEAD_DV=call.D_v, BLOCK_D=_pow2(call.D), BLOCK_DV=_pow2(call.D_v),
@@ -367,7 +360,7 @@ class _Attention(torch.autograd.Function):
         call = dataclasses.replace(ctx.call, q=q, k=k, v=v, bias=bias)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = _backward(call, ctx.kmask, out, lse, d_out, d_lse, bias_grad=bias_grad)
-        return dq, dk, dv, (_sum_to(dbias, bias) if bias_grad else None), None, None
+        return dq, dk, dv, (sum_to_bias(dbias, bias) if bias_grad else None), None, None
 
 
 # --------------------------------------------------------------------------------------------------------- backend
