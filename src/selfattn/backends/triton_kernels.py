@@ -159,6 +159,27 @@ def _program(n_rows, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
     return tile, pid // n_tiles
 
 
+@triton.jit
+def _row_scores(q, k, offs_n, q_pos, q_doc, q_ok, q_in, doc_base, s_doc_n, N_k, kstart, klen, k_pos0, window,
+                qk_scale, bias_rows, sbn, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                HAS_DOC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """S·scale (+ bias) of a block of query rows against keys offs_n, in log2 units, (BLOCK_M, BLOCK_N); −inf where
+    the mask hides the key (evaluated in boundary blocks only). The forward and the dQ kernel share it."""
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+    if HAS_BIAS:
+        s += _bias(bias_rows, offs_n[None, :], sbn, q_in[:, None], (offs_n < N_k)[None, :])
+    if MASKED:
+        in_k = offs_n < N_k
+        k_doc = offs_n
+        if HAS_DOC:
+            k_doc = tl.load(doc_base + (k_pos0 + offs_n) * s_doc_n, mask=in_k, other=0)
+        k_ok = in_k & (offs_n >= kstart) & (offs_n < klen)
+        keep = _visible(q_pos[:, None], (k_pos0 + offs_n)[None, :], q_doc[:, None], k_doc[None, :],
+                        q_ok[:, None], k_ok[None, :], window, CAUSAL, WINDOW, HAS_DOC)
+        s = tl.where(keep, s, float("-inf"))
+    return s
+
+
 # --------------------------------------------------------------------------------------------------------- forward
 
 
@@ -179,18 +200,8 @@ def _fwd_inner(acc, l_i, m_i, q, q_pos, q_doc, q_ok, k_base, v_base, doc_base, s
         else:
             k = _tile(k_base, offs_n, skn, skd, N_k, HEAD_D, BLOCK_D, MASKED)  # unmasked blocks lie inside [0, N_k)
             v = _tile(v_base, offs_n, svn, svd, N_k, HEAD_DV, BLOCK_DV, MASKED)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        if HAS_BIAS:
-            s += _bias(bias_rows, offs_n[None, :], sbn, q_in[:, None], (offs_n < N_k)[None, :])
-        if MASKED:
-            in_k = offs_n < N_k
-            k_doc = offs_n
-            if HAS_DOC:
-                k_doc = tl.load(doc_base + (k_pos0 + offs_n) * s_doc_n, mask=in_k, other=0)
-            k_ok = in_k & (offs_n >= kstart) & (offs_n < klen)
-            keep = _visible(q_pos[:, None], (k_pos0 + offs_n)[None, :], q_doc[:, None], k_doc[None, :],
-                            q_ok[:, None], k_ok[None, :], window, CAUSAL, WINDOW, HAS_DOC)
-            s = tl.where(keep, s, float("-inf"))
+        s = _row_scores(q, k, offs_n, q_pos, q_doc, q_ok, q_in, doc_base, s_doc_n, N_k, kstart, klen, k_pos0, window,
+                        qk_scale, bias_rows, sbn, MASKED, CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST, HAS_BIAS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED or HAS_BIAS:  # a row that has seen nothing yet (or only −inf biases) keeps m = −inf; subtract 0
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # instead so exp2 gives 0, not NaN
@@ -445,19 +456,9 @@ def _dq_inner(dq, q, do, lse, delta, q_pos, q_doc, q_ok, k_base, v_base, doc_bas
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _tile(k_base, offs_n, skn, skd, N_k, HEAD_D, BLOCK_D, MASKED)  # unmasked blocks lie inside [0, N_k)
         v = _tile(v_base, offs_n, svn, svd, N_k, HEAD_DV, BLOCK_DV, MASKED)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        if HAS_BIAS:
-            s += _bias(bias_rows, offs_n[None, :], sbn, q_in[:, None], (offs_n < N_k)[None, :])
-        p = tl.math.exp2(s - lse[:, None])
-        if MASKED:
-            in_k = offs_n < N_k
-            k_doc = offs_n
-            if HAS_DOC:
-                k_doc = tl.load(doc_base + (k_pos0 + offs_n) * s_doc_n, mask=in_k, other=0)
-            k_ok = in_k & (offs_n >= kstart) & (offs_n < klen)
-            keep = _visible(q_pos[:, None], (k_pos0 + offs_n)[None, :], q_doc[:, None], k_doc[None, :],
-                            q_ok[:, None], k_ok[None, :], window, CAUSAL, WINDOW, HAS_DOC)
-            p = tl.where(keep, p, 0.0)
+        s = _row_scores(q, k, offs_n, q_pos, q_doc, q_ok, q_in, doc_base, s_doc_n, N_k, kstart, klen, k_pos0, window,
+                        qk_scale, bias_rows, sbn, MASKED, CAUSAL, WINDOW, HAS_DOC, PRECISION, UPCAST, HAS_BIAS)
+        p = tl.math.exp2(s - lse[:, None])  # hidden keys: exp2(−inf) = 0; rows that see nothing have lse = +inf
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         if BIAS_GRAD:  # d(loss)/d(bias) is dS itself; blocks never visited keep the zeros they start with
