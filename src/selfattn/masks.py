@@ -168,13 +168,21 @@ def _state(any_visible: Tensor, all_visible: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------- ready-made masks
 
 
+def _causal_blocks(B, H, q_lo, q_hi, k_lo, k_hi):
+    return _state(k_lo <= q_hi - 1, k_hi - 1 <= q_lo)
+
+
+def _causal_mod(b, h, q, k):
+    return k <= q
+
+
+_CAUSAL = Mask(_causal_mod, "causal", _causal_blocks, ("causal",))
+
+
 def causal() -> Mask:
-    """A query sees its own position and every earlier one: ``kv_idx <= q_idx`` (bottom-right aligned)."""
-
-    def block_fn(B, H, q_lo, q_hi, k_lo, k_hi):
-        return _state(k_lo <= q_hi - 1, k_hi - 1 <= q_lo)
-
-    return Mask(lambda b, h, q, k: k <= q, "causal", block_fn, ("causal",))
+    """A query sees its own position and every earlier one: ``kv_idx <= q_idx`` (bottom-right aligned).
+    (One shared object: it holds no data, and caches keyed by the mask then hit across calls.)"""
+    return _CAUSAL
 
 
 def sliding_window(window: int) -> Mask:

@@ -26,6 +26,7 @@ Shapes follow the legend of ``selfattn.api``; Z = B·H_kv is the batch of matrix
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -55,6 +56,67 @@ KERNEL_BACKWARD_MIN_HEADS = 2
 # then one kernel call that skips its upper triangle itself), when the documents average at least this many tokens.
 # Shorter ones are cheaper as tiles that hold several documents (fewer kernel calls).
 DOCUMENT_SPLIT_MIN_MEAN = 128
+
+# PyTorch's fused CPU flash kernel, (out, lse) = _FLASH(q, k, v, dropout_p, is_causal, attn_mask=, scale=); its
+# direct binding where torch has one (the op packet's Python dispatch costs a few microseconds per call)
+_FLASH = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", None) or \
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+# Half precision. The fused kernel computes bfloat16 / float16 in its own vector code, which is fast only where the
+# CPU has half-precision arithmetic (AVX512-BF16, AMX, AVX512-FP16): on an AVX2 CPU (AMD EPYC Zen 3) its backward
+# was measured 7x (bfloat16) and 11x (float16) slower than float32's, while its bfloat16 forward was as fast. So
+# each phase's schedule is measured once per dtype on first use (``half_schedule``): "native" runs the kernel in the
+# inputs' dtype, "float32" upcasts q, k, v (and dO) — O(N) copies — runs float32 and returns the inputs' dtype.
+# SELFATTN_HALF=native|float32 skips the measurement.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+_HALF_SCHEDULES: dict = {}
+_HALF_LOCK = threading.Lock()
+
+
+def half_schedule(dtype: torch.dtype) -> dict[str, str]:
+    """{"forward": s, "backward": s}, s = "native" or "float32", for ``dtype`` on this CPU (measured once)."""
+    forced = os.environ.get("SELFATTN_HALF")
+    if forced is not None:
+        if forced not in ("native", "float32"):
+            raise ValueError(f"SELFATTN_HALF must be 'native' or 'float32', got {forced!r}; unset it to measure")
+        return {"forward": forced, "backward": forced}
+    with _HALF_LOCK:
+        if dtype not in _HALF_SCHEDULES:
+            _HALF_SCHEDULES[dtype] = _measure_half(dtype)
+        return _HALF_SCHEDULES[dtype]
+
+
+def _measure_half(dtype: torch.dtype) -> dict[str, str]:
+    """Time the fused kernel's forward and backward on a small causal problem (4 heads x 512 x 64) in ``dtype``
+    and in float32, best of 3, interleaved; a phase runs natively unless that is over 1.15x float32's time."""
+    import time
+
+    fwd, bwd = _FLASH, _FLASH_BACKWARD
+    g = torch.Generator().manual_seed(0)
+    x32 = [torch.randn(1, 4, 512, 64, generator=g) for _ in range(4)]
+    best = {}
+    with torch.no_grad():
+        for _ in range(3):
+            for dt in (dtype, torch.float32):
+                q, k, v, d_out = (t.to(dt) for t in x32)
+                t0 = time.perf_counter()
+                out, lse = fwd(q, k, v, is_causal=True)[:2]
+                t1 = time.perf_counter()
+                bwd(d_out, q, k, v, out, lse, 0.0, True)
+                t2 = time.perf_counter()
+                for phase, t in (("forward", t1 - t0), ("backward", t2 - t1)):
+                    best[dt, phase] = min(best.get((dt, phase), math.inf), t)
+    return {phase: "float32" if best[dtype, phase] > 1.15 * best[torch.float32, phase] else "native"
+            for phase in ("forward", "backward")}
+
+
+def _upcast_if_slow(call: AttentionCall, phase: str) -> AttentionCall:
+    """The call in float32 when ``phase`` of its half-precision dtype runs faster that way on this CPU."""
+    if call.dtype not in HALF_DTYPES or half_schedule(call.dtype)[phase] == "native":
+        return call
+    return dataclasses.replace(call, q=call.q.float(), k=call.k.float(), v=call.v.float())
+
 
 # Tiles computed since the last reset, by phase ("forward", "backward"): lets tests check that skipping skips.
 TILE_COUNTS: Counter = Counter()
@@ -247,21 +309,22 @@ SPLIT_ITEMS_PER_CORE = 4
 def _fused_run(q: Tensor, k: Tensor, v: Tensor, scale: float, add: Tensor | None, causal: bool = False):
     """PyTorch's fused CPU flash kernel on one run of keys. q (B, H_q, R, D), k (B, H_kv, n, D), v (B, H_kv, n, D_v),
     add None or (B or 1, H_q or 1, R, n). Returns (out (B, H_q, R, D_v), lse (B, H_q, R))."""
-    D, D_v = q.shape[-1], v.shape[-1]
-    if D_v < D:  # the kernel wants one head size: zero columns of V add zero columns to the output
-        v = torch.nn.functional.pad(v, (0, D - D_v))
-    elif D < D_v:  # zero columns of q and k add nothing to the scores
-        q, k = (torch.nn.functional.pad(t, (0, D_v - D)) for t in (q, k))
-    B, H_q, R, _ = q.shape
+    B, H_q, R, D = q.shape
+    D_v = v.shape[-1]
+    if D_v != D:
+        if D_v < D:  # the kernel wants one head size: zero columns of V add zero columns to the output
+            v = torch.nn.functional.pad(v, (0, D - D_v))
+        else:  # zero columns of q and k add nothing to the scores
+            q, k = (torch.nn.functional.pad(t, (0, D_v - D)) for t in (q, k))
     g = H_q // k.shape[1]
     if g == 1:
         out, lse = _kernel(q, k, v, scale, add, causal)
     elif R * g <= FOLD_MAX_ROWS and not causal:
         out, lse = _kernel(_fold(q, g), k, v, scale, None if add is None else _fold(add, g), False)
-        out, lse = _unfold(out, g), _unfold(lse[..., None], g)[..., 0]
+        out, lse = out.reshape(B, H_q, R, -1), lse.reshape(B, H_q, R)  # unfolded: (B, H_kv, g·R, ·) is (B, H_q, R, ·)
     else:
         out, lse = _by_heads(q, k, v, scale, add, causal, g)
-    return out[..., :D_v], lse
+    return (out if D_v == out.shape[-1] else out[..., :D_v]), lse
 
 
 def _by_heads(q, k, v, scale, add, causal, g):
@@ -293,8 +356,7 @@ def _kernel(q, k, v, scale, add, causal):
         chunks = min(n // SPLIT_MIN_CHUNK, -(-SPLIT_ITEMS_PER_CORE * _workers() // Z))
         if chunks > 1:
             return _split_keys(q, k, v, scale, chunks)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal, attn_mask=add,
-                                                                      scale=scale)
+    return _FLASH(q, k, v, 0.0, causal, attn_mask=add, scale=scale)
 
 
 def _split_keys(q, k, v, scale, chunks):
@@ -312,7 +374,7 @@ def _split_keys(q, k, v, scale, chunks):
         kb = k[b, :, :main].unflatten(1, (chunks, C))  # (H, chunks, C, D): chunks on the kernel's head axis
         vb = v[b, :, :main].unflatten(1, (chunks, C))
         qb = q[b].unsqueeze(1).expand(H, chunks, R, D)
-        o, l_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, scale=scale)
+        o, l_ = _FLASH(qb, kb, vb, scale=scale)
         with _one_thread():
             o, l_ = o.to(acc), l_.to(acc)  # (H, chunks, R, D_v), (H, chunks, R)
             if main < n:  # the tail: a handful of keys, softmax in plain operations
@@ -340,16 +402,19 @@ def kernel_block_q(call: AttentionCall) -> int:
 
 def _whole_call(call: AttentionCall) -> bool | None:
     """For a call that is one kernel call on all of q, k, v: whether it is the kernel's own causal mask; None for any
-    other call (those are planned tile by tile)."""
-    if call.bias is not None or call.dtype == torch.float64 or kernel_block_q(call) < call.N_q:
+    other call (those are planned tile by tile). Called on every decoding step: kept to a few comparisons."""
+    mask = call.mask
+    if call.bias is not None or call.q.dtype == torch.float64 or kernel_block_q(call) < call.q.shape[2]:
         return None
-    if call.mask is None:
+    if mask is None:
         return False
-    if call.mask.spec != ("causal",):
+    if mask.spec != ("causal",):
         return None
-    if call.q_start >= call.k_pos0 + call.N_k - 1:
+    N_q, N_k = call.q.shape[2], call.k.shape[2]
+    q_start = N_k - N_q if call.q_pos0 is None else call.q_pos0
+    if q_start >= call.k_pos0 + N_k - 1:
         return False  # every query sees every key: no mask at all
-    return True if call.q_start == call.k_pos0 and call.N_q <= call.N_k else None
+    return True if q_start == call.k_pos0 and N_q <= N_k else None
 
 
 def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = BLOCK_K, out_dtype=None):
@@ -357,11 +422,12 @@ def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = 
     dtype, −inf for rows that see no key)."""
     acc = _acc_dtype(call.dtype)
     out_dtype = acc if out_dtype is None else out_dtype
+    call = _upcast_if_slow(call, "forward")
     causal = _whole_call(call) if block_q is None else None
     if causal is not None:  # no plan needed: the shortest path (decoding steps, no mask, plain causal)
         out, lse = _fused_run(call.q, call.k, call.v, call.scale, None, causal)
-        _count("forward", -(-call.N_k // block_k))
-        return out.to(out_dtype), lse.to(acc)
+        _count("forward", -(-call.k.shape[2] // block_k))
+        return (out if out.dtype == out_dtype else out.to(out_dtype)), (lse if lse.dtype == acc else lse.to(acc))
     bounds = _document_bounds(call) if block_q is None else None
     if bounds is not None:
         return _forward_by_document(call, bounds, out_dtype)
@@ -521,6 +587,7 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     """(dq, dk, dv) in the accumulation dtype, given the final ``out`` and ``lse`` of every query row; with
     ``bias_grad`` also dS, the gradient of the bias, as (B, H_q, N_q, N_k) (O(N_q·N_k), like the bias)."""
     acc = _acc_dtype(call.dtype)
+    call = _upcast_if_slow(call, "backward")
     plan = _plan(call, block_q, block_k)
     g, scale = plan.group, call.scale
     B, H_kv, N_q, D, D_v = call.B, call.H_kv, call.N_q, call.D, call.D_v
@@ -665,7 +732,7 @@ def _fused_backward(do, q, k, v, out, lse, scale, add, causal):
     """The fused kernel's backward on one run: do, q, out (B, H_q, R, ·), lse (B, H_q, R), k, v (B, H_kv, n, ·),
     add None or (B or 1, H_q or 1, R, n) -> (dq (B, H_q, R, ·), dk, dv (B, H_kv, n, ·)); with grouped-query
     attention by heads, dK and dV summed over each group (in float32 for half precision)."""
-    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    bwd = _FLASH_BACKWARD
     H_q, H_kv = q.shape[1], k.shape[1]
     g = H_q // H_kv
     if g == 1:
@@ -731,7 +798,7 @@ class TiledBackend(Backend):
             out, lse = _TiledAttention.apply(call.q, call.k, call.v, call.bias, call)
         else:
             out, lse = _forward(call, out_dtype=call.dtype)
-        return out, lse.to(torch.float32)
+        return out, (lse if lse.dtype == torch.float32 else lse.to(torch.float32))
 
     def forward_block(self, call: AttentionCall):
         with torch.no_grad():
