@@ -67,7 +67,7 @@ def attention(
     Under ``torch.compile`` the call becomes one custom op, ``torch.ops.selfattn.attention`` (see ``selfattn.ops``),
     so ``fullgraph=True`` compiles without graph breaks.
 
-    Example:
+    Examples:
         >>> import torch, selfattn
         >>> q = k = v = torch.randn(1, 2, 5, 8)
         >>> selfattn.attention(q, k, v, causal=True).shape
