@@ -18,7 +18,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -75,14 +74,11 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [page.name])
     namespace = {"__name__": f"docs_{page.stem}"}
     for line, code in runnable:
-        t0 = time.perf_counter()
         try:
             exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
         except Exception as e:
             raise AssertionError(f"the Python block at {page.relative_to(ROOT)}:{line} failed: "
                                  f"{type(e).__name__}: {e}") from e
-        took = time.perf_counter() - t0
-        assert took < 120, f"{page.name}:{line} took {took:.0f} s; keep documentation examples small"
 
 
 def _documented_modules() -> list[str]:
@@ -118,3 +114,17 @@ def test_the_site_builds_strictly_with_no_warning(tmp_path):
     for page in PAGES[1:]:
         if page.name != "index.md":
             assert (tmp_path / "site" / page.stem / "index.html").is_file(), f"{page.name} was not built"
+
+
+def test_readme_links_point_at_files_that_exist():
+    """README.md is not part of the site build, so its relative links (docs pages, result files) are checked here;
+    every row of the speed table links the result file that holds its numbers, or says why there is none."""
+    text = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    relative = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+    missing = [t for t in relative if t and not (ROOT / t).exists()]
+    assert relative and not missing, f"README.md links to missing files: {missing}"
+    speed = text.split("## Speed", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in speed.splitlines() if line.startswith("| ") and not line.startswith("| workload")]
+    for row in rows:
+        assert "](benchmarks/results/" in row or "not measured" in row, f"a speed figure without its result: {row}"
