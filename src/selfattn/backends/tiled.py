@@ -353,37 +353,46 @@ def _kernel(q, k, v, scale, add, causal):
     """One call of the fused kernel, (B', H', R, ·) in and out; few rows against many keys are split first."""
     Z, R, n = q.shape[0] * q.shape[1], q.shape[2], k.shape[2]
     if add is None and not causal and R <= FOLD_MAX_ROWS and n >= SPLIT_MIN_KEYS and k.shape[1] == q.shape[1]:
-        chunks = min(n // SPLIT_MIN_CHUNK, -(-SPLIT_ITEMS_PER_CORE * _workers() // Z))
+        chunks = _chunks(Z, n)
         if chunks > 1:
             return _split_keys(q, k, v, scale, chunks)
     return _FLASH(q, k, v, 0.0, causal, attn_mask=add, scale=scale)
 
 
+def _chunks(Z: int, n: int) -> int:
+    """Key chunks per head for flash-decoding: enough that Z·chunks items keep every core busy
+    (SPLIT_ITEMS_PER_CORE each) and divide evenly among the cores, none shorter than SPLIT_MIN_CHUNK keys."""
+    workers = _workers()
+    chunks = -(-SPLIT_ITEMS_PER_CORE * workers // Z)
+    while (Z * chunks) % workers:
+        chunks += 1
+    return max(1, min(chunks, n // SPLIT_MIN_CHUNK))
+
+
 def _split_keys(q, k, v, scale, chunks):
     """Flash-decoding: the keys of every head cut into ``chunks`` runs of C = n // chunks that the kernel sees as
-    extra heads (views), plus the last n − chunks·C keys (fewer than ``chunks``) in torch operations; merged by
-    log-sum-exp. q (B, H, R, D), k (B, H, n, D), v (B, H, n, D_v) -> (out (B, H, R, D_v) float32, lse (B, H, R))."""
+    extra heads (views, no copy), and the last n − chunks·C keys (fewer than ``chunks``) as one more small call;
+    merged by log-sum-exp. q (B, H, R, D), k (B, H, n, D), v (B, H, n, D_v) -> (out (B, H, R, D_v) float32,
+    lse (B, H, R))."""
     B, H, R, D = q.shape
-    n, D_v = k.shape[2], v.shape[3]
+    n = k.shape[2]
     C = n // chunks
     main = chunks * C
     acc = torch.float32 if q.dtype != torch.float64 else torch.float64
-    out = torch.empty(B, H, R, D_v, dtype=acc)
-    lse = torch.empty(B, H, R, dtype=acc)
+    outs, lses = [], []
     for b in range(B):
         kb = k[b, :, :main].unflatten(1, (chunks, C))  # (H, chunks, C, D): chunks on the kernel's head axis
         vb = v[b, :, :main].unflatten(1, (chunks, C))
-        qb = q[b].unsqueeze(1).expand(H, chunks, R, D)
-        o, l_ = _FLASH(qb, kb, vb, scale=scale)
-        with _one_thread():
-            o, l_ = o.to(acc), l_.to(acc)  # (H, chunks, R, D_v), (H, chunks, R)
-            if main < n:  # the tail: a handful of keys, softmax in plain operations
-                s = torch.matmul(q[b].to(acc), k[b, :, main:].to(acc).transpose(-1, -2)).mul_(scale)  # (H, R, t)
-                l_t = torch.logsumexp(s, -1)
-                o_t = torch.matmul(s.sub_(l_t[..., None]).exp_(), v[b, :, main:].to(acc))
-                o, l_ = torch.cat([o, o_t[:, None]], 1), torch.cat([l_, l_t[:, None]], 1)
-            lse[b] = torch.logsumexp(l_, 1)  # no mask here: every part saw keys, so no −inf
-            out[b] = (o * (l_ - lse[b][:, None]).exp_()[..., None]).sum(1)
+        o, l_ = _FLASH(q[b].unsqueeze(1).expand(H, chunks, R, D), kb, vb, scale=scale)  # (H, chunks, R, ·)
+        if main < n:  # the few keys left over: one more call, as one more chunk
+            o_t, l_t = _FLASH(q[b:b + 1], k[b:b + 1, :, main:], v[b:b + 1, :, main:], scale=scale)  # (1, H, R, ·)
+            o, l_ = torch.cat([o, o_t.transpose(0, 1)], 1), torch.cat([l_, l_t.transpose(0, 1)], 1)
+        outs.append(o)
+        lses.append(l_)
+    o, l_ = (torch.stack(outs), torch.stack(lses)) if B > 1 else (outs[0][None], lses[0][None])
+    with _one_thread():  # (B, H, P, R, D_v), (B, H, P, R): no mask here, so every part saw keys (no −inf)
+        lse = torch.logsumexp(l_, 2)
+        out = torch.einsum("bhprd,bhpr->bhrd", o.to(acc), (l_ - lse[:, :, None]).exp_())
     return out, lse
 
 
