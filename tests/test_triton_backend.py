@@ -27,14 +27,22 @@ def test_first_in_priority_and_cuda_only():
 
 
 def test_reasons_name_what_is_missing(monkeypatch):
+    def fresh():  # availability is asked once per process; forget it around the monkeypatches
+        triton_flash._triton_installed.cache_clear()
+        triton_flash._cuda_available.cache_clear()
+
+    fresh()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(triton_flash.importlib.util, "find_spec", lambda name: None)
     assert any("triton not installed" in r for r in backends.get("triton").unavailable_reasons())
     monkeypatch.undo()
+    fresh()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     if triton_flash.importlib.util.find_spec("triton") is not None:
         assert backends.get("triton").unavailable_reasons() == ["no CUDA GPU"]
+    monkeypatch.undo()
+    fresh()
 
 
 def test_cpu_tensors_are_never_chosen_automatically(monkeypatch):
