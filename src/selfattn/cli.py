@@ -83,6 +83,8 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
                      "offline HTML page to --out.")
     p.add_argument("text", nargs="?", default=None, help=f"the text to explain (default {DEFAULT_TEXT!r})")
     p.add_argument("--checkpoint", help="a checkpoint from `selfattn train` (default: random weights)")
+    p.add_argument("--model", metavar="PATH", help="a local Hugging Face model folder (config, weights, tokenizer): "
+                   "explain that model on TEXT, tokens labelled with its tokenizer's pieces; nothing is downloaded")
     p.add_argument("--json", metavar="PATH", help="trace the matrices in this JSON file instead of a model")
     p.add_argument("--lesson", choices=["scaling", "orthogonal"], help="a lesson with numbers (and a plot)")
     p.add_argument("--layer", type=int, default=0, help="layer whose steps are printed (default 0)")
@@ -103,11 +105,17 @@ def explain(args: argparse.Namespace) -> int:
             raise ValueError(f"give one of TEXT, --json, --lesson, not {' and '.join(given)}")
         if args.checkpoint and (args.json or args.lesson):
             raise ValueError("--checkpoint goes with TEXT, not with --json or --lesson")
+        if args.model and (args.json or args.lesson or args.checkpoint):
+            raise ValueError("--model goes with TEXT, not with --json, --lesson or --checkpoint")
         if args.lesson:
             return _lesson(args)
         if args.json:
             trace = ex.trace_json(args.json, token=args.token)
             result = ex.Explanation(trace.tokens, ((trace,),), title=f"your matrices ({args.json})")
+        elif args.model:
+            text = ex.DEFAULT_TEXT if args.text is None else args.text
+            result = ex.explain_pretrained(args.model, text, layer=args.layer, head=args.head,
+                                           token=-1 if args.token is None else args.token)
         else:
             text = ex.DEFAULT_TEXT if args.text is None else args.text
             result = ex.explain_text(text, checkpoint=args.checkpoint, layer=args.layer, head=args.head,

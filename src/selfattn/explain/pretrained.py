@@ -148,6 +148,13 @@ class HFCapture:
         with torch.no_grad():
             return reference.steps(q, k, v[..., :0], scale=scale, mask=mask, bias=bias, causal=causal).weights[0, 0]
 
+    def hidden(self, layer: int, head: int, *, batch: int = 0) -> Tensor:
+        """(N, N) bool: True where query i may not see key j (its score is −∞)."""
+        q, k, _, mask, _, _, causal = self.head_inputs(layer, head, batch)
+        N = q.shape[2]
+        visible = reference.dense_visible(mask, causal, 1, 1, N, N, q.device)
+        return torch.zeros(N, N, dtype=torch.bool) if visible is None else ~visible[0, 0].cpu()
+
     def trace(self, layer: int, head: int, token: int = -1, *, batch: int = 0,
               tokens: Sequence[str] | None = None) -> Trace:
         """The textbook steps of one head from q, k, v on: the projections ran inside the model."""
@@ -215,6 +222,3 @@ def context_length(config) -> int | None:
             return n
     return None
 
-
-def check_model_index(what: str, i: int, n: int, meaning: str) -> None:
-    _check_index(what, i, n, meaning)
