@@ -108,6 +108,7 @@ function renderTokens(w, bits) {
     s.classList.toggle("sel", j === i);
   });
 }
+const MAX_ROWS = 64;  // a longer text's key table shows its largest weights (laying out 1,024 rows takes 200 ms)
 const ROW = Math.max(2, Math.min(16, Math.floor(2400 / N)));  // head view row height: long texts get thin rows
 function renderHeadView(w) {
   const c = $("headview"), ctx = c.getContext("2d"), colW = 130, gap = 180;
@@ -197,17 +198,23 @@ function renderSteps(w, bits) {
     .map((m) => `<p class="vec">${row[m].toFixed(4)} \u00d7 v_${m} ${JSON.stringify(D.tokens[m])} = ` +
       `${vec(hd._v.subarray(m * dv, m * dv + dv))}</p>`).join("");
   html += `<p class="vec">y_${i} = <span id="y">${vec(y, dv)}</span></p>`;
+  const all = S.allKeys || N <= MAX_ROWS;
+  html += all ? "" : `<p>the ${MAX_ROWS} keys with the largest weights of ${N}, in order ` +
+    `<button id="allkeys">show all ${N} keys</button></p>`;
   html += `<div id="keys"><table id="steps"><thead><tr><th>j</th><th class="l">key</th><th>q_i\u00b7k_j</th>` +
     `<th>\u00d7 scale</th><th>masked</th><th>softmax a_ij</th></tr></thead><tbody>`;
   const rows = [];
+  const shown = all ? null : new Set(Array.from(row.keys()).sort((a, b) => row[b] - row[a]).slice(0, MAX_ROWS));
+  if (shown) shown.add(j);
   for (let m = 0; m < N; m++) {
+    if (shown && !shown.has(m)) continue;
     const dot = dots[m];
     rows.push(`<tr data-j="${m}"${m === j ? ' class="pick"' : ""}><td>${m}</td><td class="l">` +
       `${show(D.tokens[m]).replace(/&/g, "&amp;").replace(/</g, "&lt;")}</td><td>${dot.toFixed(4)}</td>` +
       `<td>${(dot * hd.scale).toFixed(4)}</td><td>${fmt(masked[m])}</td><td class="w">${row[m].toFixed(4)}</td></tr>`);
   }
   html += rows.join("") + `<tr><td></td><td class="l">sum</td><td></td><td></td><td></td>` +
-    `<td>${row.reduce((a, b) => a + b, 0).toFixed(3)}</td></tr></tbody></table></div>`;
+    `<td>${row.reduce((a, b) => a + b, 0).toFixed(3)}</td></tr></tbody></table></div>`;  // the sum over all N
   $("stepview").innerHTML = html;
   $("stepview").dataset.key = String(j);
 }
@@ -236,11 +243,14 @@ function buildOverview() {
     S.head = +c.dataset.head; $("head").value = c.dataset.head; S.key = null; render();
   });
 }
+const parts = {};  // the last render's milliseconds per view (the self-test reports them)
+function timed(name, f) { const t0 = performance.now(); const r = f(); parts[name] = performance.now() - t0; return r; }
 function render() {
-  const hd = head(), w = weightsOf(hd), bits = visibleOf(hd);
+  const hd = head(), w = timed("weights", () => weightsOf(hd)), bits = visibleOf(hd);
   $("where").textContent = hd.where;
   $("query").value = String(S.token);
-  renderTokens(w, bits); renderHeadView(w); renderHeatmap(w, bits); renderSteps(w, bits);
+  timed("tokens", () => renderTokens(w, bits)); timed("headview", () => renderHeadView(w));
+  timed("heatmap", () => renderHeatmap(w, bits)); timed("steps", () => renderSteps(w, bits));
   document.querySelectorAll("canvas.mini").forEach(
     (c) => c.classList.toggle("sel", +c.dataset.layer === S.layer && +c.dataset.head === S.head));
   document.body.dataset.state = `${S.layer},${S.head},${S.token}`;
@@ -256,6 +266,7 @@ function bindViews() {
     if (i >= 0 && i < N) pick(i);
   });
   $("stepview").addEventListener("click", (e) => {
+    if (e.target.id === "allkeys") { S.allKeys = true; render(); return; }
     const tr = e.target.closest("tr[data-j]"); if (tr) { S.key = +tr.dataset.j; render(); }
   });
 }
@@ -273,7 +284,7 @@ function fromHash() {
   return p.has("selftest");
 }
 function selftest(ready) {  // drive the page through its own controls and report what it shows, with timings
-  const out = [], fire = (el, type) => el.dispatchEvent(new Event(type, {bubbles: true})), switches = [];
+  const report = {}, out = [], fire = (el, type) => el.dispatchEvent(new Event(type, {bubbles: true})), switches = [];
   for (const l of [...$("layer").options].map((o) => +o.value)) {
     $("layer").value = String(l); fire($("layer"), "change");
     for (const h of [...$("head").options].map((o) => +o.value)) {
@@ -281,12 +292,14 @@ function selftest(ready) {  // drive the page through its own controls and repor
       $("head").value = String(h); fire($("head"), "change");
       void document.body.offsetHeight;  // include the layout in the time
       switches.push(performance.now() - t0);
+      if (!out.length) report.parts = Object.assign({}, parts);
       for (const i of [0, N - 1]) {
         fire(document.querySelector(`.tok[data-i="${i}"]`), "mouseover");
         const thumb = document.querySelector(`canvas.mini[data-layer="${l}"][data-head="${h}"]`);
         out.push({layer: l, head: h, token: i, state: document.body.dataset.state, where: $("where").textContent,
           strip: [...document.querySelectorAll(".tok")].map((s) => +s.dataset.w),
-          trace: [...document.querySelectorAll("#steps td.w")].map((td) => +td.textContent),
+          trace: [...document.querySelectorAll("#steps tr[data-j]")].map(
+            (tr) => [+tr.dataset.j, +tr.querySelector("td.w").textContent]),
           y: $("y").textContent, raw: +$("raw").textContent, key: +$("stepview").dataset.key,
           prods: [...document.querySelectorAll("#prods div")].map((d) => +d.lastChild.textContent),
           lines: +$("headview").dataset.lines, heat: $("heatmap").width,
@@ -298,7 +311,7 @@ function selftest(ready) {  // drive the page through its own controls and repor
   document.querySelector("canvas.mini").dispatchEvent(new MouseEvent("click", {bubbles: true}));
   void document.body.offsetHeight;
   const clickMs = performance.now() - t0;
-  $("selftest").textContent = JSON.stringify({heads: out, ready_ms: ready, switch_ms: switches, click_ms: clickMs,
+  $("selftest").textContent = JSON.stringify({...report, heads: out, ready_ms: ready, switch_ms: switches, click_ms: clickMs,
     after_click: document.body.dataset.state, resources: performance.getEntriesByType("resource").length,
     thumbs: document.querySelectorAll("canvas.mini").length});
 }
