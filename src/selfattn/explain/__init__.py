@@ -72,7 +72,8 @@ class Explanation:
         """``layer{l}_head{h}.png`` per head and ``grid.png`` in out_dir; needs matplotlib."""
         from selfattn.explain import plots
 
-        return plots.save_all(self.weights, self.tokens, out_dir, title=self.title, hidden=self._hidden())
+        weights = self.traces.weights(torch.float32) if isinstance(self.traces, TraceGrid) else self.weights
+        return plots.save_all(weights, self.tokens, out_dir, title=self.title, hidden=self._hidden())
 
     def write_html(self, path: str | os.PathLike) -> str:
         from selfattn.explain import html
@@ -107,13 +108,25 @@ class TraceGrid(Sequence):
         layer = range(len(self))[layer]
         return _LazyRow(self, layer, self.cap.n_heads(layer))
 
-    def weights(self) -> torch.Tensor:
-        """(L, H, N, N) float64, straight from the capture (no trace formed)."""
-        return torch.stack([self.cap.weights(li, batch=self.batch) for li in range(len(self))])
+    def weights(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """(L, H, N, N), straight from the capture (no trace formed), filled head by head: the oracle computes each
+        in float64, ``dtype`` is what is kept (float32 halves the memory for pictures)."""
+        return self._fill(lambda li, h: self.cap._weights(li, h, self.batch), dtype)
 
     def hidden(self) -> torch.Tensor:
-        return torch.stack([torch.stack([self.cap.hidden(li, h, batch=self.batch) for h in range(self.cap.n_heads(li))])
-                            for li in range(len(self))])
+        """(L, H, N, N) bool: True where the score is −∞."""
+        return self._fill(lambda li, h: self.cap.hidden(li, h, batch=self.batch), torch.bool)
+
+    def _fill(self, head_fn, dtype) -> torch.Tensor:
+        L, N = len(self), len(self.tokens)
+        H = {self.cap.n_heads(li) for li in range(L)}
+        if len(H) != 1:
+            raise ValueError(f"layers have different numbers of heads {sorted(H)}; read traces[layer][head] instead")
+        out = torch.empty(L, H.pop(), N, N, dtype=dtype)
+        for li in range(L):
+            for h in range(out.shape[1]):
+                out[li, h] = head_fn(li, h)
+        return out
 
 
 class _LazyRow(Sequence):
