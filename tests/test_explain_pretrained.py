@@ -163,3 +163,34 @@ def test_cli_folder_without_tokenizer_exits_2(llama_folder, tmp_path, capsys):
 def test_cli_model_not_a_folder_exits_2(tmp_path, capsys):
     assert main(["explain", "--model", str(tmp_path / "nope"), "the cat", "--out", str(tmp_path)]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_lesson_weights_on_minilm_embeddings():
+    """Without W_Q, W_K the scores x_i·x_j are symmetric and a token looks at itself; MiniLM's learned heads not."""
+    from selfattn.explain import lessons
+
+    model, tok = explain.pretrained.load(minilm_path())
+    ids = tok("The cat sat on the mat because it was warm.", return_tensors="pt")["input_ids"]
+    X, heads, causal, name = lessons.first_layer(model, ids)
+    assert X.shape == (ids.shape[1], 384) and len(heads) == 12 and not causal and name.startswith("encoder.layer.0")
+    r = lessons.projections(X, heads)
+    idn, learned = r["identity"], r["heads"]
+    assert idn["asymmetry"] <= 1e-12 and idn["self_top"] == 1.0, idn  # X·Xᵀ: symmetric up to rounding
+    assert min(h["asymmetry"] for h in learned) > 0.5
+    mean_self = sum(h["self_weight"] for h in learned) / len(learned)
+    assert mean_self < idn["self_weight"] / 3, (mean_self, idn["self_weight"])
+    text = lessons.projections_text(r, explain.pretrained.token_pieces(tok, ids[0].tolist()), where=name)
+    assert "x_i·x_j / √d (no W)" in text and "mean over the heads" in text
+
+
+def test_cli_lessons_steps_and_weights(llama_folder, capsys):
+    assert main(["explain", "--lesson", "steps", "--model", str(llama_folder), "the cat sat on", "--token", "2",
+                 "--head", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "token 2 'sat'" in out and "rotated by position (RoPE)" in out and "(causal: keys after i)" in out
+    assert "concatenate the 4 heads' y_i" in out and "(64,)" in out
+    assert main(["explain", "--lesson", "weights", "the cat sat on the mat"]) == 0  # the tiny GPT
+    out = capsys.readouterr().out
+    assert "x_i·x_j / √d (no W)" in out and "head 3:" in out
+    assert main(["explain", "--lesson", "scaling", "the cat", "--no-png"]) == 2
+    assert "TEXT goes with --lesson steps or weights" in capsys.readouterr().err
