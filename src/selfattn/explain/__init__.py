@@ -29,11 +29,12 @@ from functools import lru_cache
 
 import torch
 
+from selfattn.explain.pretrained import load as load_pretrained
 from selfattn.explain.trace import Capture, Step, Trace, capture, load_json, trace_json, trace_vectors
 
 __all__ = ["Capture", "Step", "Trace", "Explanation", "TraceGrid", "capture", "load_json", "trace_json",
-           "trace_vectors", "explain_model", "explain_text", "explain_hf", "explain_pretrained", "token_labels",
-           "DEFAULT_TEXT"]
+           "trace_vectors", "explain_model", "explain_text", "explain_hf", "explain_pretrained", "load_pretrained",
+           "token_labels", "DEFAULT_TEXT"]
 
 DEFAULT_TEXT = "The cat sat on the mat because it was warm."
 
