@@ -66,6 +66,24 @@ def test_gqa_llama_weights_equal_eager(padding):
     _compare(eager, ours, inputs, rows)
 
 
+def test_sliding_window_mistral_weights_equal_eager():
+    config = transformers.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+                                        sliding_window=5)
+    torch.manual_seed(0)
+    eager = transformers.MistralModel._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    ours = transformers.MistralModel._from_config(copy.deepcopy(config), attn_implementation="selfattn").eval()
+    ours.load_state_dict(eager.state_dict())
+    ids = torch.randint(1, 97, (2, 17), generator=torch.Generator().manual_seed(3))
+    am = torch.ones_like(ids)
+    am[1, 12:] = 0
+    rows = am.bool()  # a padded query whose window holds only padding sees no key: weight 0 here, 1/N in eager
+    _compare(eager, ours, {"input_ids": ids, "attention_mask": am}, rows)
+    with torch.no_grad(), explain.capture(ours) as cap:
+        ours(ids[:1])
+    assert cap.hidden(0, 0)[16, :12].all() and not cap.hidden(0, 0)[16, 12:].any(), "a window of 5 keys"
+
+
 def test_minilm_weights_equal_eager_with_padding():
     path = minilm_path()
     tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import html as _html
 import json
-import math
 import os
 from collections.abc import Sequence
 from importlib import resources
@@ -117,7 +116,3 @@ def iframe(traces: Sequence[Sequence[Trace]], *, title: str = "selfattn explain"
     height = int(max(300, min(height, 4000)))
     return (f'<iframe class="selfattn-explain" style="width:100%;height:{height}px;border:1px solid #ddd" '
             f'sandbox="allow-scripts" srcdoc="{_html.escape(page, quote=True)}"></iframe>')
-
-
-def _finite(x: float):
-    return None if not math.isfinite(x) else x
