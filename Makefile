@@ -4,10 +4,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS ?= dev,viz,hf,train,gpu,explain
+EXTRAS ?= dev,docs,viz,hf,train,gpu,explain
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: test demo bench lint clean bench-gpu gpu-session
+.PHONY: test demo bench lint clean bench-gpu gpu-session dist docs
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,17 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 
+# sdist and wheel into dist/ (offline: the build backend, setuptools, is already in .venv)
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --no-isolation --outdir dist .
+
+# the documentation site into site/ (strict: a broken link or reference is an error); `mkdocs serve` to browse it
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) build dist site src/*.egg-info
 
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/bench_gpu.py

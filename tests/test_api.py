@@ -134,3 +134,38 @@ def test_attention_weights_rows_sum_to_one():
     assert w.shape == (1, 4, 4, 4)
     torch.testing.assert_close(w.sum(-1), torch.ones(1, 4, 4))
     assert (w.triu(1) == 0).all()
+
+
+@pytest.mark.parametrize("backend", [None, *backends.names()])
+def test_masks_built_for_other_sizes_say_so(backend):
+    q = torch.randn(2, 2, 8, 16)  # N_k = 8, B = 2
+    cases = [
+        (masks.document(torch.tensor([0, 0, 1, 1, 1])), r"ids for 5 positions but there are N_k = 8 keys"),
+        (masks.document(torch.zeros(3, 8, dtype=torch.long)), r"ids for 3 batch elements, the call has B = 2"),
+        (masks.key_padding(torch.tensor([8, 9])), r"counts 9 keys as real .* only N_k = 8"),
+        (masks.causal() & masks.key_padding(torch.tensor([3, 12])), r"counts 12 keys as real .* only N_k = 8"),
+        (masks.key_padding(torch.tensor([4])), r"key_padding\(lengths\) has 1 entries, the call has B = 2"),
+    ]
+    for mask, message in cases:
+        with pytest.raises(ValueError, match=message):
+            selfattn.attention(q, q, q, mask=mask, backend=backend)
+    fits = masks.document(torch.tensor([0] * 3 + [1] * 5)) & masks.key_padding(torch.tensor([8, 6]))
+    if backend in (None, "reference", "tiled"):
+        assert selfattn.attention(q, q, q, mask=fits, backend=backend).isfinite().all()
+
+
+@pytest.mark.parametrize("backend", [None, *backends.names()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
+def test_mask_mod_that_returns_numbers_says_so(backend, dtype):
+    q = torch.randn(1, 2, 8, 16)
+
+    def numeric(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx).to(dtype)
+
+    for mask in (numeric, masks.Mask(numeric, "numeric"), masks.causal() & numeric):
+        call = selfattn.api.make_call(q, q, q, mask=mask)
+        reasons = [] if backend is None else backends.get(backend).not_supported_reasons(call)
+        if reasons:
+            pytest.skip(f"{backend} does not serve this case: {'; '.join(reasons)}")
+        with pytest.raises(TypeError, match=rf"returned {dtype}.*must return a bool tensor"):
+            selfattn.attention(q, q, q, mask=mask, backend=backend)

@@ -23,12 +23,18 @@ def make_cases():
     shapes = [  # (B, H_q, H_kv, N_q, N_k, D, D_v)
         (1, 1, 1, 1, 1, 16, 16), (2, 4, 2, 97, 97, 40, 40), (1, 2, 1, 64, 200, 59, 59), (1, 2, 2, 130, 60, 64, 32),
         (1, 1, 1, 1025, 1025, 64, 64), (1, 3, 3, 1023, 517, 16, 16),
+        # grouped-query prefill by heads (g = 3, B > 1); a decoding step and a few speculative queries against a
+        # long cache (folded rows, keys split over the cores, with a tail of keys left over). Not with a bias: a
+        # dense random bias over 300 keys is beyond the fused kernel's float32 dQ rule (3.8e-6 against 3.3e-6 allowed
+        # on the old and the new code alike; smaller bias cases above pass)
+        (2, 6, 2, 300, 300, 32, 32), (2, 8, 1, 1, 4503, 32, 32), (1, 9, 3, 3, 5000, 64, 48),
     ]
+    no_bias = shapes[-3:]
     mask_kinds = ["none", "causal", "window", "padding", "document", "custom", "bias"]
     cases = []
     for shape, kind in itertools.product(shapes, mask_kinds):
         B, H_q, H_kv, N_q, N_k, D, D_v = shape
-        if N_q * N_k > 300_000 and kind not in ("causal", "window"):
+        if N_q * N_k > 300_000 and kind not in ("causal", "window") or (shape in no_bias and kind == "bias"):
             continue
         cases.append(pytest.param(shape, kind, int(torch.randint(0, 2**31, (), generator=g)),
                                   id=f"B{B}-H{H_q}x{H_kv}-{N_q}x{N_k}-D{D}v{D_v}-{kind}"))
@@ -103,7 +109,12 @@ def test_forward_and_backward_match_the_oracle(backend, dtype, shape, kind, seed
             grads_naive_o = testing.naive_grads_from_out(q.detach(), k.detach(), v.detach(), d_out, **kw)
         for name, a, r, n, n_o in zip("qkv", grads, grads_ref, grads_naive, grads_naive_o, strict=True):
             worse = n if testing.max_error(n, r) >= testing.max_error(n_o, r) else n_o
-            testing.check_against_oracle(a, worse, r, factor=3.0, what=f"{backend} d{name}")
+            floor = None
+            if dtype == torch.float64:  # the oracle is float64 too: dK, dV sum N_q·group terms in some order, and
+                # two orders differ by ~√terms ulps (a grouped fast path sums the group inside one product)
+                terms = N_q * (H_q // H_kv)
+                floor = testing.floor_for(dtype, r.abs().max().item()) * math.sqrt(terms)
+            testing.check_against_oracle(a, worse, r, factor=3.0, what=f"{backend} d{name}", floor=floor)
 
 
 @pytest.mark.parametrize("backend", backends.names())

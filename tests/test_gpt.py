@@ -203,3 +203,26 @@ def test_cli_train_then_generate(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert cli.main(["train", "--steps", "0", "--out", out]) == 2
     assert "at least one step" in capsys.readouterr().err
+
+
+def _progress_lines(text: str) -> list[str]:
+    """What a log viewer shows as lines: tqdm redraws with carriage returns, each redraw a line of the log."""
+    return [seg for seg in text.replace("\r", "\n").split("\n") if seg.strip()]
+
+
+@needs_train_extra
+@pytest.mark.parametrize("interval_s", [train_mod.PROGRESS_INTERVAL_S, 0.0])
+def test_progress_off_a_terminal_writes_a_few_lines_not_one_per_step(tmp_path, capsys, monkeypatch, interval_s):
+    monkeypatch.setattr(train_mod, "PROGRESS_INTERVAL_S", interval_s)
+    steps = 60
+    result = train(_cfg(tmp_path, "p", steps=steps, eval_every=30, progress=True), log=lambda *a: None)
+    assert result["step"] == steps
+    captured = capsys.readouterr()
+    lines = _progress_lines(captured.err)
+    bars = [line for line in lines if "step/s" in line or "s/step" in line or f"/{steps}" in line]
+    # a run of a few seconds: the first and last bar and a redraw around each of the 2 held-out lines; with no time
+    # limit (interval 0), also at most one redraw per tenth of the run
+    limit = 6 if interval_s else 6 + 10
+    assert len(bars) <= limit, f"{len(bars)} progress lines for {steps} steps (limit {limit}):\n" + "\n".join(lines)
+    assert f"{steps}/{steps}" in bars[-1], bars[-1]
+    assert captured.out.count("held-out loss") == 2, captured.out

@@ -139,3 +139,39 @@ def test_both_backward_paths_match_the_oracle(monkeypatch, min_heads, dtype):
         grads_naive = testing.naive_grads_from_out(q, k, v, d_out, **{**kw, "bias": kw["bias"].to(dtype)})
     for name, a, r, n in zip("qkv", grads, grads_ref, grads_naive, strict=True):
         testing.check_against_oracle(a, n, r, factor=3.0, what=f"d{name}")
+
+
+@pytest.mark.parametrize("schedule", ["native", "float32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_schedules_match_the_oracle(monkeypatch, schedule, dtype):
+    """Both half-precision schedules (the kernel in the inputs' dtype, or upcast to float32; each CPU gets the faster
+    one, see tiled.half_schedule) meet the oracle rule, forward and backward, with GQA by heads and causal."""
+    from selfattn import reference
+
+    monkeypatch.setenv("SELFATTN_HALF", schedule)
+    g = torch.Generator().manual_seed(5)
+    q64, k64, v64 = (torch.randn(1, h, 300, 32, generator=g, dtype=torch.float64) for h in (6, 2, 2))
+    d_out = torch.randn(1, 6, 300, 32, generator=g, dtype=torch.float64)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+    out = selfattn.attention(q, k, v, causal=True, backend="tiled")
+    assert out.dtype == dtype
+    grads = torch.autograd.grad(out, (q, k, v), d_out.to(dtype))
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out_ref = reference.attention(*ref_in, causal=True)
+    grads_ref = torch.autograd.grad(out_ref, ref_in, d_out)
+    naive_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out_naive = testing.naive(*naive_in, causal=True)
+    grads_naive = torch.autograd.grad(out_naive, naive_in, d_out.to(dtype))
+    testing.check_against_oracle(out, out_naive, out_ref, what=f"{schedule} out")
+    for name, a, r, n in zip("qkv", grads, grads_ref, grads_naive, strict=True):
+        testing.check_against_oracle(a, n, r, factor=3.0, what=f"{schedule} d{name}")
+
+
+def test_half_schedule_is_measured_or_named(monkeypatch):
+    monkeypatch.delenv("SELFATTN_HALF", raising=False)
+    for dtype in (torch.bfloat16, torch.float16):
+        schedule = tiled.half_schedule(dtype)
+        assert set(schedule) == {"forward", "backward"} and set(schedule.values()) <= {"native", "float32"}
+    monkeypatch.setenv("SELFATTN_HALF", "fast")
+    with pytest.raises(ValueError, match="SELFATTN_HALF must be 'native' or 'float32'"):
+        tiled.half_schedule(torch.bfloat16)

@@ -47,9 +47,14 @@ def test_cpu_tensors_are_never_chosen_automatically(monkeypatch):
         assert any("name it" in r for r in backends.get("triton").auto_reasons(call))
 
 
-def _call(B=2, N=10, **kw):
+def _call(B=2, N=10, mask=None, causal=False, **kw):
+    """A call as a backend may receive it: a Mask goes in as given, past attention()'s checks of masks against the
+    call's sizes (key lengths > N_k, ids for other lengths), so the kernels' own handling of them is reachable."""
     q = torch.randn(B, 2, N, 16)
-    return selfattn.api.make_call(q, q, q, **kw)
+    if mask is None or isinstance(mask, torch.Tensor):
+        return selfattn.api.make_call(q, q, q, mask=mask, causal=causal, **kw)
+    call = selfattn.api.make_call(q, q, q, causal=causal, **kw)
+    return dataclasses.replace(call, mask=masks.causal() & mask if causal else mask)
 
 
 def test_masks_become_kernel_arguments():

@@ -67,7 +67,7 @@ def attention(
     Under ``torch.compile`` the call becomes one custom op, ``torch.ops.selfattn.attention`` (see ``selfattn.ops``),
     so ``fullgraph=True`` compiles without graph breaks.
 
-    Example:
+    Examples:
         >>> import torch, selfattn
         >>> q = k = v = torch.randn(1, 2, 5, 8)
         >>> selfattn.attention(q, k, v, causal=True).shape
@@ -104,8 +104,12 @@ def attention_weights(
 # ------------------------------------------------------------------------------------------------------ validation
 
 
-def make_call(q, k, v, *, causal=False, mask=None, bias=None, scale=None, allow_empty_dv=False) -> AttentionCall:
-    """Validate the arguments of ``attention`` and bundle them; every error names the values and the fix."""
+def make_call(q, k, v, *, causal=False, mask=None, bias=None, scale=None, allow_empty_dv=False,
+              positions: int | None = None) -> AttentionCall:
+    """Validate the arguments of ``attention`` and bundle them; every error names the values and the fix.
+
+    ``positions``: the length of the sequence the mask's positions index, when q, k, v are shards of a longer one
+    (ring attention); default N_k."""
     _check_tensors(q, k, v)
     B, H_q, N_q, D = q.shape
     N_k = k.shape[2]
@@ -115,6 +119,8 @@ def make_call(q, k, v, *, causal=False, mask=None, bias=None, scale=None, allow_
     scale = _check_scale(scale, D)
     bias = _check_bias(bias, q, B, H_q, N_q, N_k)
     mask = _check_mask(mask, q, B, H_q, N_q, N_k)
+    if mask is not None:
+        masks.check_fits(mask, B, N_k if positions is None else positions)
     if causal:
         mask = masks.causal() if mask is None else masks.causal() & mask
     return AttentionCall(q, k, v, scale, mask, bias, causal)

@@ -56,7 +56,10 @@ def demo() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from selfattn import __version__
+
     parser = argparse.ArgumentParser(prog="selfattn", description="Exact transformer self-attention on PyTorch.")
+    parser.add_argument("--version", action="version", version=f"selfattn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="list the backends and whether they can run here")
     sub.add_parser("demo", help="a short offline demonstration")

@@ -338,7 +338,7 @@ def _check_local(q, k, v, causal, mask, scale, layout, backend, world_size):
     if isinstance(mask, Tensor):
         raise TypeError("ring_attention takes a selfattn.masks.Mask evaluated at global positions, not a bool "
                         "tensor; wrap a global (N, N) tensor with masks.from_tensor(mask, N, N)")
-    call = make_call(q, k, v, causal=causal, mask=mask, scale=scale)
+    call = make_call(q, k, v, causal=causal, mask=mask, scale=scale, positions=q.shape[2] * world_size)
     if call.N_q != call.N_k:
         raise ValueError(f"ring attention is self-attention over one sharded sequence: q has n={call.N_q} rows and "
                          f"k has n={call.N_k}; shard q, k and v the same way")

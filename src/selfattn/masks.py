@@ -49,13 +49,21 @@ class Mask:
     ("sliding_window", w), ("key_padding", lengths), ("key_range", starts, ends_or_None), ("document", doc_ids),
     ("tensor", bool_mask, N_q, N_k),
     ("and", spec, spec), ("or", spec, spec) — so kernels and custom ops can recognise it and ``from_spec`` can rebuild
-    it; None for an arbitrary mask_mod.
+    it; None for an arbitrary mask_mod, whose result is then checked to be a bool tensor.
+
+    ``key_extent`` is the largest key length the mask was given (``max(lengths)`` of ``key_padding``), read once when
+    the mask is built; ``attention`` raises when it exceeds N_k (the lengths were meant for other keys).
     """
 
     mask_mod: MaskMod
     name: str = "custom"
     block_fn: BlockFn | None = None
     spec: tuple | None = None
+    key_extent: int | None = None
+
+    def __post_init__(self):
+        if self.spec is None and not getattr(self.mask_mod, "_checks_bool", False):
+            object.__setattr__(self, "mask_mod", _returning_bool(self.mask_mod, self.name))
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return self.mask_mod(b, h, q_idx, kv_idx)
@@ -67,6 +75,7 @@ class Mask:
             f"({self.name} & {other.name})",
             _combine(self, other, torch.minimum),
             _combine_spec("and", self, other),
+            _combine_extent(self, other),
         )
 
     def __or__(self, other: Mask) -> Mask:
@@ -76,6 +85,7 @@ class Mask:
             f"({self.name} | {other.name})",
             _combine(self, other, torch.maximum),
             _combine_spec("or", self, other),
+            _combine_extent(self, other),
         )
 
     def __repr__(self) -> str:
@@ -147,6 +157,59 @@ def _combine_spec(op: str, a: Mask, b: Mask) -> tuple | None:
     return None if a.spec is None or b.spec is None else (op, a.spec, b.spec)
 
 
+def _combine_extent(a: Mask, b: Mask) -> int | None:
+    extents = [e for e in (a.key_extent, b.key_extent) if e is not None]
+    return max(extents) if extents else None
+
+
+def _returning_bool(mask_mod: MaskMod, name: str) -> MaskMod:
+    """mask_mod, checked to return a bool tensor (a float or int one would be inverted and indexed wrongly)."""
+
+    def checked(b, h, q_idx, kv_idx):
+        m = mask_mod(b, h, q_idx, kv_idx)
+        if not isinstance(m, Tensor) or m.dtype != torch.bool:
+            got = m.dtype if isinstance(m, Tensor) else type(m).__name__
+            raise TypeError(f"mask_mod {name!r} returned {got}; a mask_mod must return a bool tensor (True = may "
+                            "attend): build it from comparisons such as `kv_idx <= q_idx` (or end with `!= 0`), and "
+                            "pass additive float scores as bias= instead")
+        return m
+
+    checked._checks_bool = True
+    return checked
+
+
+def _leaves(spec: tuple | None):
+    if spec is None:
+        return
+    if spec[0] in ("and", "or"):
+        yield from _leaves(spec[1])
+        yield from _leaves(spec[2])
+    else:
+        yield spec
+
+
+def check_fits(mask: Mask, B: int, N_k: int, where: str = "attention") -> None:
+    """Raise ValueError when a ready-made mask was built for another batch size or sequence length than the call's:
+    B batch elements and keys at positions 0 .. N_k - 1 (for a sharded sequence, N_k is the whole sequence's
+    length)."""
+    if mask.key_extent is not None and mask.key_extent > N_k:
+        raise ValueError(f"{where}: mask {mask.name} counts {mask.key_extent} keys as real for some batch element, "
+                         f"but there are only N_k = {N_k} keys; key_padding(lengths) needs lengths <= N_k")
+    for kind, *args in _leaves(mask.spec):
+        if kind == "document":
+            ids = args[0]
+            if ids.shape[-1] != N_k:
+                raise ValueError(f"{where}: document(doc_ids) has ids for {ids.shape[-1]} positions but there are "
+                                 f"N_k = {N_k} keys; give one id per key position, shape (N_k,) or (B, N_k)")
+            if ids.dim() == 2 and ids.shape[0] not in (1, B):
+                raise ValueError(f"{where}: document(doc_ids) of shape {tuple(ids.shape)} has ids for "
+                                 f"{ids.shape[0]} batch elements, the call has B = {B}; give (B, N_k) or (N_k,)")
+        elif kind in ("key_padding", "key_range") and args[0].numel() != B:
+            what = "lengths" if kind == "key_padding" else "starts"
+            raise ValueError(f"{where}: {kind}({what}) has {args[0].numel()} entries, the call has B = {B} batch "
+                             f"elements; give one per batch element")
+
+
 def from_spec(spec: tuple) -> Mask:
     """Rebuild a ready-made mask (or an and/or of them) from its ``spec``."""
     kind, *args = spec
@@ -168,13 +231,21 @@ def _state(any_visible: Tensor, all_visible: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------- ready-made masks
 
 
+def _causal_blocks(B, H, q_lo, q_hi, k_lo, k_hi):
+    return _state(k_lo <= q_hi - 1, k_hi - 1 <= q_lo)
+
+
+def _causal_mod(b, h, q, k):
+    return k <= q
+
+
+_CAUSAL = Mask(_causal_mod, "causal", _causal_blocks, ("causal",))
+
+
 def causal() -> Mask:
-    """A query sees its own position and every earlier one: ``kv_idx <= q_idx`` (bottom-right aligned)."""
-
-    def block_fn(B, H, q_lo, q_hi, k_lo, k_hi):
-        return _state(k_lo <= q_hi - 1, k_hi - 1 <= q_lo)
-
-    return Mask(lambda b, h, q, k: k <= q, "causal", block_fn, ("causal",))
+    """A query sees its own position and every earlier one: ``kv_idx <= q_idx`` (bottom-right aligned).
+    (One shared object: it holds no data, and caches keyed by the mask then hit across calls.)"""
+    return _CAUSAL
 
 
 def sliding_window(window: int) -> Mask:
@@ -197,7 +268,8 @@ def sliding_window(window: int) -> Mask:
 def key_padding(lengths: Tensor) -> Mask:
     """Batch element b has ``lengths[b]`` real keys; the rest are padding: ``kv_idx < lengths[b]``."""
     lengths = _int_tensor("key_padding(lengths)", lengths, dim=1)
-    if not torch.compiler.is_compiling() and (lengths < 0).any():  # reading the values would break a graph
+    lo, extent = _min_max(lengths)
+    if lo is not None and lo < 0:
         raise ValueError(f"key_padding(lengths): lengths must be >= 0, got {lengths.tolist()}")
 
     def mask_mod(b, h, q, k):
@@ -207,7 +279,7 @@ def key_padding(lengths: Tensor) -> Mask:
         L = lengths.to(k_lo.device).view(-1, 1, 1, 1)
         return _state(k_lo < L, k_hi <= L).expand(-1, 1, q_lo.shape[0], -1)
 
-    return Mask(mask_mod, "key_padding", block_fn, ("key_padding", lengths))
+    return Mask(mask_mod, "key_padding", block_fn, ("key_padding", lengths), extent)
 
 
 def key_range(starts: Tensor, ends: Tensor | None = None) -> Mask:
@@ -227,10 +299,10 @@ def key_range(starts: Tensor, ends: Tensor | None = None) -> Mask:
         if ends.shape != starts.shape:
             raise ValueError(f"key_range(starts, ends): one start and one end per batch element, got shapes "
                              f"{tuple(starts.shape)} and {tuple(ends.shape)}")
-    if not torch.compiler.is_compiling():  # reading the values would break a graph
-        for name, t in (("starts", starts), ("ends", ends)):
-            if t is not None and (t < 0).any():
-                raise ValueError(f"key_range({name}): positions must be >= 0, got {t.tolist()}")
+    for name, t in (("starts", starts), ("ends", ends)):
+        lo, _ = _min_max(t) if t is not None else (None, None)
+        if lo is not None and lo < 0:
+            raise ValueError(f"key_range({name}): positions must be >= 0, got {t.tolist()}")
 
     def bounds(device):
         s = starts.to(device)
@@ -387,6 +459,15 @@ def as_mask(mask) -> Mask:
     if callable(mask):
         return Mask(mask, getattr(mask, "__name__", "custom"))
     raise TypeError(f"expected a selfattn.masks.Mask or a mask_mod(b, h, q_idx, kv_idx) function, got {type(mask)}")
+
+
+def _min_max(t: Tensor) -> tuple[int | None, int | None]:
+    """(min, max) of t in one read, or (None, None) while torch.compile traces (reading values would break the graph)
+    and for an empty t."""
+    if torch.compiler.is_compiling() or t.numel() == 0:
+        return None, None
+    lo, hi = torch.stack(t.aminmax()).tolist()
+    return lo, hi
 
 
 def _int_tensor(where: str, t, dim: int | None) -> Tensor:

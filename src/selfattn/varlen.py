@@ -71,7 +71,7 @@ def varlen_attention(
         out (T, H_q, D_v) in the input dtype (a transposed view of a (1, H_q, T, D_v) result), or (out, lse).
         Rows of a sequence that see no key are zeros.
 
-    Example:
+    Examples:
         >>> import torch, selfattn
         >>> cu_seqlens = torch.tensor([0, 3, 10], dtype=torch.int32)  # two sequences: 3 and 7 tokens
         >>> q = k = v = torch.randn(10, 4, 16)                         # (T, H, D)

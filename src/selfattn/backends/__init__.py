@@ -56,12 +56,14 @@ def choose(call: AttentionCall, name: str | None = None) -> Backend:
                    ". No registered backend can serve it.")
             )
         return backend
-    why = {}
-    for n, backend in REGISTRY.items():
-        reasons = backend.not_supported_reasons(call) or backend.auto_reasons(call)
-        if not reasons:
+    for backend in REGISTRY.values():
+        # a backend that cannot run here or on this device is passed over without listing its other reasons: the
+        # choice is made on every call, and the full list is only needed for the error below
+        if backend.unavailable_reasons() or call.device.type not in backend.device_types():
+            continue
+        if not (backend.not_supported_reasons(call) or backend.auto_reasons(call)):
             return backend
-        why[n] = reasons
+    why = {n: backend.not_supported_reasons(call) or backend.auto_reasons(call) for n, backend in REGISTRY.items()}
     raise BackendError(
         f"no backend can serve this call ({call.describe()}):\n"
         + "\n".join(f"  {n}: {'; '.join(r)}" for n, r in why.items())

@@ -26,6 +26,7 @@ Shapes follow the legend of ``selfattn.api``; Z = B·H_kv is the batch of matrix
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -55,6 +56,67 @@ KERNEL_BACKWARD_MIN_HEADS = 2
 # then one kernel call that skips its upper triangle itself), when the documents average at least this many tokens.
 # Shorter ones are cheaper as tiles that hold several documents (fewer kernel calls).
 DOCUMENT_SPLIT_MIN_MEAN = 128
+
+# PyTorch's fused CPU flash kernel, (out, lse) = _FLASH(q, k, v, dropout_p, is_causal, attn_mask=, scale=); its
+# direct binding where torch has one (the op packet's Python dispatch costs a few microseconds per call)
+_FLASH = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", None) or \
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+# Half precision. The fused kernel computes bfloat16 / float16 in its own vector code, which is fast only where the
+# CPU has half-precision arithmetic (AVX512-BF16, AMX, AVX512-FP16): on an AVX2 CPU (AMD EPYC Zen 3) its backward
+# was measured 7x (bfloat16) and 11x (float16) slower than float32's, while its bfloat16 forward was as fast. So
+# each phase's schedule is measured once per dtype on first use (``half_schedule``): "native" runs the kernel in the
+# inputs' dtype, "float32" upcasts q, k, v (and dO) — O(N) copies — runs float32 and returns the inputs' dtype.
+# SELFATTN_HALF=native|float32 skips the measurement.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+_HALF_SCHEDULES: dict = {}
+_HALF_LOCK = threading.Lock()
+
+
+def half_schedule(dtype: torch.dtype) -> dict[str, str]:
+    """{"forward": s, "backward": s}, s = "native" or "float32", for ``dtype`` on this CPU (measured once)."""
+    forced = os.environ.get("SELFATTN_HALF")
+    if forced is not None:
+        if forced not in ("native", "float32"):
+            raise ValueError(f"SELFATTN_HALF must be 'native' or 'float32', got {forced!r}; unset it to measure")
+        return {"forward": forced, "backward": forced}
+    with _HALF_LOCK:
+        if dtype not in _HALF_SCHEDULES:
+            _HALF_SCHEDULES[dtype] = _measure_half(dtype)
+        return _HALF_SCHEDULES[dtype]
+
+
+def _measure_half(dtype: torch.dtype) -> dict[str, str]:
+    """Time the fused kernel's forward and backward on a small causal problem (4 heads x 512 x 64) in ``dtype``
+    and in float32, best of 3, interleaved; a phase runs natively unless that is over 1.15x float32's time."""
+    import time
+
+    fwd, bwd = _FLASH, _FLASH_BACKWARD
+    g = torch.Generator().manual_seed(0)
+    x32 = [torch.randn(1, 4, 512, 64, generator=g) for _ in range(4)]
+    best = {}
+    with torch.no_grad():
+        for _ in range(3):
+            for dt in (dtype, torch.float32):
+                q, k, v, d_out = (t.to(dt) for t in x32)
+                t0 = time.perf_counter()
+                out, lse = fwd(q, k, v, is_causal=True)[:2]
+                t1 = time.perf_counter()
+                bwd(d_out, q, k, v, out, lse, 0.0, True)
+                t2 = time.perf_counter()
+                for phase, t in (("forward", t1 - t0), ("backward", t2 - t1)):
+                    best[dt, phase] = min(best.get((dt, phase), math.inf), t)
+    return {phase: "float32" if best[dtype, phase] > 1.15 * best[torch.float32, phase] else "native"
+            for phase in ("forward", "backward")}
+
+
+def _upcast_if_slow(call: AttentionCall, phase: str) -> AttentionCall:
+    """The call in float32 when ``phase`` of its half-precision dtype runs faster that way on this CPU."""
+    if call.dtype not in HALF_DTYPES or half_schedule(call.dtype)[phase] == "native":
+        return call
+    return dataclasses.replace(call, q=call.q.float(), k=call.k.float(), v=call.v.float())
+
 
 # Tiles computed since the last reset, by phase ("forward", "backward"): lets tests check that skipping skips.
 TILE_COUNTS: Counter = Counter()
@@ -133,17 +195,18 @@ class _Plan:
             self.cache[key] = make()
         return self.cache[key]
 
-    def hidden(self, q0: int, q1: int, k0: int, k1: int) -> Tensor:
-        """~visible, folded; cached for shift-invariant masks."""
-        return self.cached("hidden", q0, q1, k0, k1, lambda: ~self.visible(q0, q1, k0, k1))
+    def hidden(self, q0: int, q1: int, k0: int, k1: int, folded: bool = True) -> Tensor:
+        """~visible; cached for shift-invariant masks."""
+        return self.cached(f"hidden{folded}", q0, q1, k0, k1, lambda: ~self.visible(q0, q1, k0, k1, folded))
 
-    def visible(self, q0: int, q1: int, k0: int, k1: int) -> Tensor:
-        """The mask on rows q0:q1 and keys k0:k1, folded: bool (B or 1, H_kv or 1, R, k1 − k0)."""
+    def visible(self, q0: int, q1: int, k0: int, k1: int, folded: bool = True) -> Tensor:
+        """The mask on rows q0:q1 and keys k0:k1: bool (B or 1, H_q or 1, rows, k1 − k0), or folded
+        (B or 1, H_kv or 1, R, k1 − k0)."""
         c = self.call
         b, h, qi, ki = masks.grid(c.B, c.H_q, q1 - q0, k1 - k0, c.device, q_pos0=c.q_start + q0, k_pos0=c.k_pos0 + k0)
         m = c.mask.mask_mod(b, h, qi, ki)
         m = m.expand(*m.shape[:2], q1 - q0, k1 - k0)
-        return _fold(m, self.group)
+        return _fold(m, self.group) if folded else m
 
 
 def _plan(call: AttentionCall, block_q: int, block_k: int) -> _Plan:
@@ -196,17 +259,18 @@ def _count(phase: str, n: int) -> None:
 
 
 def _additive_mask(plan: _Plan, q0: int, q1: int, k0: int, k1: int, masked: bool, dtype: torch.dtype):
-    """The mask and bias of one run as the float additive mask the fused kernel takes (−inf = hidden), folded,
-    and the rows that see no key at all in this run (the kernel reports lse 0 for them, not −inf)."""
+    """The mask and bias of one run as the float additive mask the fused kernel takes (−inf = hidden),
+    (B or 1, H_q or 1, rows, keys), and the rows that see no key at all in this run (the kernel reports lse 0 for
+    them, not −inf)."""
     c = plan.call
     if c.bias is None:
         if not masked:
             return None, None
         return plan.cached(f"add-{dtype}", q0, q1, k0, k1, lambda: _with_dead(
-            torch.zeros((), dtype=dtype).masked_fill(plan.hidden(q0, q1, k0, k1), -math.inf)))
-    add = _fold(_bias4(c.bias)[:, :, q0:q1, k0:k1], plan.group).to(dtype)
+            torch.zeros((), dtype=dtype).masked_fill(plan.hidden(q0, q1, k0, k1, folded=False), -math.inf)))
+    add = _bias4(c.bias)[:, :, q0:q1, k0:k1].to(dtype)
     if masked:
-        add = add.masked_fill(plan.hidden(q0, q1, k0, k1), -math.inf)
+        add = add.masked_fill(plan.hidden(q0, q1, k0, k1, folded=False), -math.inf)
     return _with_dead(add)
 
 
@@ -223,34 +287,134 @@ def _bias4(bias: Tensor) -> Tensor:
 
 def _kernel_causal(plan: _Plan, q0: int, q1: int, k0: int, k1: int) -> bool:
     """True when this run is exactly the fused kernel's own top-left causal mask (row r sees keys c <= r): a plain
-    causal mask, one head per row block, query q0 at the position of key k0, and no more rows than keys."""
+    causal mask, query q0 at the position of key k0, and no more rows than keys."""
     c = plan.call
-    return (c.mask.spec == ("causal",) and c.bias is None and plan.group == 1 and plan.offset(q0, k0) == 0
-            and q1 - q0 <= k1 - k0)
+    return c.mask.spec == ("causal",) and c.bias is None and plan.offset(q0, k0) == 0 and q1 - q0 <= k1 - k0
+
+
+# Grouped-query attention on the fused kernel, in one of two layouts; neither copies K or V:
+# * by heads (prefill): the kernel's batch axis runs over key/value heads and its head axis over the g query heads
+#   of a group, K and V expanded along it with stride 0. Every query head keeps its own rows, so plain causal stays
+#   the kernel's own causal mask and the work splits over all H_q heads.
+# * folded (decoding, few rows): the g query heads stacked along the rows of their key/value head, so each key and
+#   value is read once per group — the cost of a decoding step is reading the cache.
+FOLD_MAX_ROWS = 128
+# A run this long for few rows is cut into chunks of keys that become extra kernel heads (flash-decoding), merged by
+# log-sum-exp, until every core has SPLIT_ITEMS_PER_CORE heads x chunks to work on.
+SPLIT_MIN_KEYS = 4096
+SPLIT_MIN_CHUNK = 1024
+SPLIT_ITEMS_PER_CORE = 4
 
 
 def _fused_run(q: Tensor, k: Tensor, v: Tensor, scale: float, add: Tensor | None, causal: bool = False):
-    """PyTorch's fused CPU flash kernel on one run of keys: (out (B, H_kv, R, D_v), lse (B, H_kv, R))."""
-    D, D_v = q.shape[-1], v.shape[-1]
-    if D_v < D:  # the kernel wants one head size: zero columns of V add zero columns to the output
-        v = torch.nn.functional.pad(v, (0, D - D_v))
-    elif D < D_v:  # zero columns of q and k add nothing to the scores
-        q, k = (torch.nn.functional.pad(t, (0, D_v - D)) for t in (q, k))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal, attn_mask=add,
-                                                                          scale=scale)
-    return out[..., :D_v], lse
+    """PyTorch's fused CPU flash kernel on one run of keys. q (B, H_q, R, D), k (B, H_kv, n, D), v (B, H_kv, n, D_v),
+    add None or (B or 1, H_q or 1, R, n). Returns (out (B, H_q, R, D_v), lse (B, H_q, R))."""
+    B, H_q, R, D = q.shape
+    D_v = v.shape[-1]
+    if D_v != D:
+        if D_v < D:  # the kernel wants one head size: zero columns of V add zero columns to the output
+            v = torch.nn.functional.pad(v, (0, D - D_v))
+        else:  # zero columns of q and k add nothing to the scores
+            q, k = (torch.nn.functional.pad(t, (0, D_v - D)) for t in (q, k))
+    g = H_q // k.shape[1]
+    if g == 1:
+        out, lse = _kernel(q, k, v, scale, add, causal)
+    elif R * g <= FOLD_MAX_ROWS and not causal:
+        out, lse = _kernel(_fold(q, g), k, v, scale, None if add is None else _fold(add, g), False)
+        out, lse = out.reshape(B, H_q, R, -1), lse.reshape(B, H_q, R)  # unfolded: (B, H_kv, g·R, ·) is (B, H_q, R, ·)
+    else:
+        out, lse = _by_heads(q, k, v, scale, add, causal, g)
+    return (out if D_v == out.shape[-1] else out[..., :D_v]), lse
+
+
+def _by_heads(q, k, v, scale, add, causal, g):
+    """The fused kernel with the g query heads of each group on its head axis and K, V expanded (stride 0) to them,
+    one call per batch element."""
+    B, H_q = q.shape[:2]
+    H_kv = k.shape[1]
+    outs, lses = [], []
+    for b in range(B):
+        qb = q[b].unflatten(0, (H_kv, g))  # (H_kv, g, R, D)
+        kb = k[b].unsqueeze(1).expand(H_kv, g, *k.shape[2:])  # (H_kv, g, n, D), no copy
+        vb = v[b].unsqueeze(1).expand(H_kv, g, *v.shape[2:])
+        ab = None
+        if add is not None:
+            ab = add[b if add.shape[0] > 1 else 0]  # (H_q or 1, R, n)
+            ab = ab.unsqueeze(0) if ab.shape[0] == 1 else ab.unflatten(0, (H_kv, g))
+        o, l_ = _kernel(qb, kb, vb, scale, ab, causal)
+        outs.append(o.flatten(0, 1))  # (H_q, R, D_v)
+        lses.append(l_.flatten(0, 1))  # (H_q, R)
+    if B == 1:
+        return outs[0][None], lses[0][None]
+    return torch.stack(outs), torch.stack(lses)
+
+
+def _kernel(q, k, v, scale, add, causal):
+    """One call of the fused kernel, (B', H', R, ·) in and out; few rows against many keys are split first."""
+    Z, R, n = q.shape[0] * q.shape[1], q.shape[2], k.shape[2]
+    if add is None and not causal and R <= FOLD_MAX_ROWS and n >= SPLIT_MIN_KEYS and k.shape[1] == q.shape[1]:
+        chunks = min(n // SPLIT_MIN_CHUNK, -(-SPLIT_ITEMS_PER_CORE * _workers() // Z))
+        if chunks > 1:
+            return _split_keys(q, k, v, scale, chunks)
+    return _FLASH(q, k, v, 0.0, causal, attn_mask=add, scale=scale)
+
+
+def _split_keys(q, k, v, scale, chunks):
+    """Flash-decoding: the keys of every head cut into ``chunks`` runs of C = n // chunks that the kernel sees as
+    extra heads (views), plus the last n − chunks·C keys (fewer than ``chunks``) in torch operations; merged by
+    log-sum-exp. q (B, H, R, D), k (B, H, n, D), v (B, H, n, D_v) -> (out (B, H, R, D_v) float32, lse (B, H, R))."""
+    B, H, R, D = q.shape
+    n, D_v = k.shape[2], v.shape[3]
+    C = n // chunks
+    main = chunks * C
+    acc = torch.float32 if q.dtype != torch.float64 else torch.float64
+    out = torch.empty(B, H, R, D_v, dtype=acc)
+    lse = torch.empty(B, H, R, dtype=acc)
+    for b in range(B):
+        kb = k[b, :, :main].unflatten(1, (chunks, C))  # (H, chunks, C, D): chunks on the kernel's head axis
+        vb = v[b, :, :main].unflatten(1, (chunks, C))
+        qb = q[b].unsqueeze(1).expand(H, chunks, R, D)
+        o, l_ = _FLASH(qb, kb, vb, scale=scale)
+        with _one_thread():
+            o, l_ = o.to(acc), l_.to(acc)  # (H, chunks, R, D_v), (H, chunks, R)
+            if main < n:  # the tail: a handful of keys, softmax in plain operations
+                s = torch.matmul(q[b].to(acc), k[b, :, main:].to(acc).transpose(-1, -2)).mul_(scale)  # (H, R, t)
+                l_t = torch.logsumexp(s, -1)
+                o_t = torch.matmul(s.sub_(l_t[..., None]).exp_(), v[b, :, main:].to(acc))
+                o, l_ = torch.cat([o, o_t[:, None]], 1), torch.cat([l_, l_t[:, None]], 1)
+            lse[b] = torch.logsumexp(l_, 1)  # no mask here: every part saw keys, so no −inf
+            out[b] = (o * (l_ - lse[b][:, None]).exp_()[..., None]).sum(1)
+    return out, lse
 
 
 def kernel_block_q(call: AttentionCall) -> int:
     """Query rows per fused-kernel call. No mask: all rows in one call (blocking the queries would gain nothing).
-    Plain causal with queries and keys aligned and one head per key/value head: also one call, on the kernel's own
-    causal mask. Other causal calls: large blocks. Any other mask: one tile's worth, to skip as much as possible."""
+    Plain causal with queries and keys aligned: also one call, on the kernel's own causal mask. Other causal calls:
+    large blocks. Any other mask: one tile's worth, to skip as much as possible."""
     if call.mask is None:
         return max(call.N_q, 1)
     if call.mask.spec == ("causal",):
-        aligned = call.q_start == call.k_pos0 and call.N_q <= call.N_k and call.H_q == call.H_kv
-        return max(call.N_q, 1) if aligned else DENSE_BLOCK_Q
+        aligned = call.q_start == call.k_pos0 and call.N_q <= call.N_k
+        sees_all = call.q_start >= call.k_pos0 + call.N_k - 1  # decoding: every query sees every key
+        return max(call.N_q, 1) if aligned or sees_all else DENSE_BLOCK_Q
     return BLOCK_Q
+
+
+def _whole_call(call: AttentionCall) -> bool | None:
+    """For a call that is one kernel call on all of q, k, v: whether it is the kernel's own causal mask; None for any
+    other call (those are planned tile by tile). Called on every decoding step: kept to a few comparisons."""
+    mask = call.mask
+    if call.bias is not None or call.q.dtype == torch.float64 or kernel_block_q(call) < call.q.shape[2]:
+        return None
+    if mask is None:
+        return False
+    if mask.spec != ("causal",):
+        return None
+    N_q, N_k = call.q.shape[2], call.k.shape[2]
+    q_start = N_k - N_q if call.q_pos0 is None else call.q_pos0
+    if q_start >= call.k_pos0 + N_k - 1:
+        return False  # every query sees every key: no mask at all
+    return True if q_start == call.k_pos0 and N_q <= N_k else None
 
 
 def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = BLOCK_K, out_dtype=None):
@@ -258,6 +422,12 @@ def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = 
     dtype, −inf for rows that see no key)."""
     acc = _acc_dtype(call.dtype)
     out_dtype = acc if out_dtype is None else out_dtype
+    call = _upcast_if_slow(call, "forward")
+    causal = _whole_call(call) if block_q is None else None
+    if causal is not None:  # no plan needed: the shortest path (decoding steps, no mask, plain causal)
+        out, lse = _fused_run(call.q, call.k, call.v, call.scale, None, causal)
+        _count("forward", -(-call.k.shape[2] // block_k))
+        return (out if out.dtype == out_dtype else out.to(out_dtype)), (lse if lse.dtype == acc else lse.to(acc))
     bounds = _document_bounds(call) if block_q is None else None
     if bounds is not None:
         return _forward_by_document(call, bounds, out_dtype)
@@ -267,17 +437,16 @@ def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = 
     mask_dtype = call.dtype if call.dtype in (torch.float32, torch.float64) else torch.float32
     out = torch.empty(call.B, call.H_q, call.N_q, call.D_v, dtype=out_dtype, device=call.device)
     lse = torch.empty(call.B, call.H_q, call.N_q, dtype=acc, device=call.device)
-    out5 = out.view(call.B, call.H_kv, g, call.N_q, call.D_v)  # query heads grouped by their key/value head
-    lse5 = lse.view(call.B, call.H_kv, g, call.N_q)
     n_tiles = 0
     for i in range(plan.states.shape[0]):
         q0, q1 = plan.q_range(i)
-        qb = _fold(call.q[:, :, q0:q1], g)  # (B, H_kv, R, D)
         parts = []
         if call.dtype == torch.float64:
             Z, R = call.B * call.H_kv, g * (q1 - q0)
             k3, v3 = call.k.reshape(Z, call.N_k, call.D), call.v.reshape(Z, call.N_k, call.D_v)
-            parts.append(_online_softmax_rows(plan, i, qb.reshape(Z, R, call.D), k3, v3))
+            o, l_ = _online_softmax_rows(plan, i, _fold(call.q[:, :, q0:q1], g).reshape(Z, R, call.D), k3, v3)
+            o, l_ = o.view(call.B, call.H_kv, R, -1), l_.view(call.B, call.H_kv, R, 1)  # folded
+            parts.append((_unfold(o, g), _unfold(l_, g)[..., 0]))
             n_tiles += int((plan.states[i] != masks.EMPTY).sum())
         for j0, j1, masked in ([] if call.dtype == torch.float64 else plan.runs(i)):
             k0, k1 = j0 * block_k, plan.k_range(j1 - 1)[1]
@@ -286,21 +455,21 @@ def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = 
             else:
                 with _one_thread():
                     (add, dead), causal = _additive_mask(plan, q0, q1, k0, k1, masked, mask_dtype), False
-            o, l_ = _fused_run(qb, call.k[:, :, k0:k1], call.v[:, :, k0:k1], call.scale, add, causal)
+            o, l_ = _fused_run(call.q[:, :, q0:q1], call.k[:, :, k0:k1], call.v[:, :, k0:k1], call.scale, add, causal)
             l_ = l_.to(acc)
             if dead is not None:
                 l_ = l_.masked_fill(dead.expand_as(l_), -math.inf)
             parts.append((o, l_))
             n_tiles += j1 - j0
-        rows_o, rows_l = out5[:, :, :, q0:q1], lse5[:, :, :, q0:q1]  # (B, H_kv, g, rows, D_v), (B, H_kv, g, rows)
+        rows_o, rows_l = out[:, :, q0:q1], lse[:, :, q0:q1]  # (B, H_q, rows, D_v), (B, H_q, rows)
         if not parts:
             rows_o.zero_()
             rows_l.fill_(-math.inf)
             continue
         with _one_thread():
             o, l_ = parts[0] if len(parts) == 1 else merge_by_lse(*zip(*parts, strict=True), dtype=acc)
-            rows_o.copy_(o.reshape(rows_o.shape))
-            rows_l.copy_(l_.reshape(rows_l.shape))
+            rows_o.copy_(o)
+            rows_l.copy_(l_)
     _count("forward", n_tiles)
     return out, lse
 
@@ -418,13 +587,15 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     """(dq, dk, dv) in the accumulation dtype, given the final ``out`` and ``lse`` of every query row; with
     ``bias_grad`` also dS, the gradient of the bias, as (B, H_q, N_q, N_k) (O(N_q·N_k), like the bias)."""
     acc = _acc_dtype(call.dtype)
+    call = _upcast_if_slow(call, "backward")
     plan = _plan(call, block_q, block_k)
     g, scale = plan.group, call.scale
     B, H_kv, N_q, D, D_v = call.B, call.H_kv, call.N_q, call.D, call.D_v
     Z = B * H_kv
     # Rows that see no key have lse −inf; +inf there makes exp(S − lse) = 0 instead of NaN.
     lse_b = torch.where(torch.isneginf(lse), math.inf, lse.to(acc))  # (B, H_q, N_q)
-    if (acc == torch.float32 and Z >= KERNEL_BACKWARD_MIN_HEADS * _workers() and kernel_block_q(call) > BLOCK_Q
+    heads = B * call.H_q  # the kernel runs grouped-query attention by query heads
+    if (acc == torch.float32 and heads >= KERNEL_BACKWARD_MIN_HEADS * _workers() and kernel_block_q(call) > BLOCK_Q
             and not bias_grad):  # the fused kernel does not hand out dS
         # in the inputs' dtype: the kernel accumulates half precision in float32 itself (and torch 2.13's is fast)
         out, d_out = out.to(call.dtype), d_out.to(call.dtype)
@@ -518,9 +689,10 @@ def _kernel_backward(plan: _Plan, q, k, v, out, lse_b, d_out):
     """The backward on PyTorch's fused CPU kernel, run by run (the same runs as the forward), in the inputs' dtype
     (it accumulates half precision in float32; partial results of several runs are summed in float32). The kernel
     parallelises over heads only, so this path serves calls with enough heads to keep every core busy. It takes the
-    *final* out and lse of the rows, so each run yields its exact share of dQ and the dK, dV of its keys."""
-    c, g = plan.call, plan.group
-    B, H_kv, N_q, D, D_v = c.B, c.H_kv, c.N_q, c.D, c.D_v
+    *final* out and lse of the rows, so each run yields its exact share of dQ and the dK, dV of its keys.
+    Grouped-query attention runs by heads (K, V expanded with stride 0), and dK, dV are summed over each group."""
+    c = plan.call
+    B, N_q, D, D_v = c.B, c.N_q, c.D, c.D_v
     width = max(D, D_v)  # the kernel wants one head size: zero columns change no score and no output
     pad = (lambda t: t) if D == D_v else (lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1])))
     q, k, v, out, d_out = (pad(t) for t in (q, k, v, out, d_out))
@@ -528,8 +700,7 @@ def _kernel_backward(plan: _Plan, q, k, v, out, lse_b, d_out):
     n_tiles = 0
     for i in range(plan.states.shape[0]):
         q0, q1 = plan.q_range(i)
-        qb, ob, dob = (_fold(t[:, :, q0:q1], g) for t in (q, out, d_out))  # (B, H_kv, R, ·)
-        lb = _fold(lse_b[:, :, q0:q1, None], g)[..., 0]  # (B, H_kv, R)
+        qb, ob, dob, lb = (t[:, :, q0:q1] for t in (q, out, d_out, lse_b))  # (B, H_q, rows, ·), lb (B, H_q, rows)
         for j0, j1, masked in plan.runs(i):
             k0, k1 = j0 * plan.block_k, plan.k_range(j1 - 1)[1]
             if masked and _kernel_causal(plan, q0, q1, k0, k1):
@@ -537,25 +708,50 @@ def _kernel_backward(plan: _Plan, q, k, v, out, lse_b, d_out):
             else:
                 with _one_thread():
                     add, causal = _additive_mask(plan, q0, q1, k0, k1, masked, torch.float32)[0], False
-            dqr, dkr, dvr = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                dob, qb, k[:, :, k0:k1], v[:, :, k0:k1], ob, lb, 0.0, causal, attn_mask=add, scale=c.scale)
+            dqr, dkr, dvr = _fused_backward(dob, qb, k[:, :, k0:k1], v[:, :, k0:k1], ob, lb, c.scale, add, causal)
             if plan.states.shape[0] == 1 and (k0, k1) == (0, c.N_k):  # one call did it all: no accumulators
                 _count("backward", j1 - j0)
-                return dqr.reshape(B, c.H_q, N_q, width)[..., :D], dkr[..., :D], dvr[..., :D_v]
+                return dqr[..., :D], dkr[..., :D], dvr[..., :D_v]
             if dq is None:
-                acc = _acc_dtype(q.dtype)  # (B, H_kv, g, N_q, ·) = (B, H_q, N_q, ·)
-                dq = torch.zeros(B, H_kv, g, N_q, width, dtype=acc)
-                dk, dv = (torch.zeros(B, H_kv, c.N_k, width, dtype=acc) for _ in range(2))
+                acc = _acc_dtype(q.dtype)
+                dq = torch.zeros(B, c.H_q, N_q, width, dtype=acc)
+                dk, dv = (torch.zeros(B, c.H_kv, c.N_k, width, dtype=acc) for _ in range(2))
             with _one_thread():  # memory-bound: a second thread gains little and costs a wake-up
-                dq[:, :, :, q0:q1] += dqr.reshape(B, H_kv, g, q1 - q0, width)
+                dq[:, :, q0:q1] += dqr
                 dk[:, :, k0:k1] += dkr
                 dv[:, :, k0:k1] += dvr
             n_tiles += j1 - j0
     _count("backward", n_tiles)
     if dq is None:  # every row sees nothing
-        dq = torch.zeros(B, H_kv, g, N_q, width, dtype=_acc_dtype(q.dtype))
-        dk, dv = (torch.zeros(B, H_kv, c.N_k, width, dtype=_acc_dtype(q.dtype)) for _ in range(2))
-    return dq.view(B, c.H_q, N_q, width)[..., :D], dk[..., :D], dv[..., :D_v]
+        dq = torch.zeros(B, c.H_q, N_q, width, dtype=_acc_dtype(q.dtype))
+        dk, dv = (torch.zeros(B, c.H_kv, c.N_k, width, dtype=_acc_dtype(q.dtype)) for _ in range(2))
+    return dq[..., :D], dk[..., :D], dv[..., :D_v]
+
+
+def _fused_backward(do, q, k, v, out, lse, scale, add, causal):
+    """The fused kernel's backward on one run: do, q, out (B, H_q, R, ·), lse (B, H_q, R), k, v (B, H_kv, n, ·),
+    add None or (B or 1, H_q or 1, R, n) -> (dq (B, H_q, R, ·), dk, dv (B, H_kv, n, ·)); with grouped-query
+    attention by heads, dK and dV summed over each group (in float32 for half precision)."""
+    bwd = _FLASH_BACKWARD
+    H_q, H_kv = q.shape[1], k.shape[1]
+    g = H_q // H_kv
+    if g == 1:
+        return bwd(do, q, k, v, out, lse, 0.0, causal, attn_mask=add, scale=scale)
+    sum_dtype = _acc_dtype(q.dtype)
+    dqs, dks, dvs = [], [], []
+    for b in range(q.shape[0]):
+        grouped = [t[b].unflatten(0, (H_kv, g)) for t in (do, q, out, lse)]  # (H_kv, g, R, ·)
+        kb, vb = (t[b].unsqueeze(1).expand(H_kv, g, *t.shape[2:]) for t in (k, v))  # stride 0 over the group
+        ab = None
+        if add is not None:
+            ab = add[b if add.shape[0] > 1 else 0]
+            ab = ab.unsqueeze(0) if ab.shape[0] == 1 else ab.unflatten(0, (H_kv, g))
+        dob, qb, ob, lb = grouped
+        dq, dk, dv = bwd(dob, qb, kb, vb, ob, lb, 0.0, causal, attn_mask=ab, scale=scale)
+        dqs.append(dq.flatten(0, 1))
+        dks.append(dk.sum(1, dtype=sum_dtype))
+        dvs.append(dv.sum(1, dtype=sum_dtype))
+    return torch.stack(dqs), torch.stack(dks), torch.stack(dvs)
 
 
 def _balance(costs: list[int], n: int) -> list[list[int]]:
@@ -602,7 +798,7 @@ class TiledBackend(Backend):
             out, lse = _TiledAttention.apply(call.q, call.k, call.v, call.bias, call)
         else:
             out, lse = _forward(call, out_dtype=call.dtype)
-        return out, lse.to(torch.float32)
+        return out, (lse if lse.dtype == torch.float32 else lse.to(torch.float32))
 
     def forward_block(self, call: AttentionCall):
         with torch.no_grad():

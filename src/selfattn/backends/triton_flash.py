@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -32,6 +33,16 @@ from torch import Tensor
 from selfattn.backends.base import AttentionCall, Backend, sum_to_bias
 
 MAX_HEAD_DIM = 256
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # a file-system search: once per process
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()  # asked on the first call, never at import
 
 
 def interpreting() -> bool:
@@ -369,9 +380,9 @@ class _Attention(torch.autograd.Function):
 @dataclass(frozen=True)
 class TritonBackend(Backend):
     def unavailable_reasons(self) -> list[str]:
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             return ["triton not installed (pip install 'selfattn[gpu]')"]
-        if not interpreting() and not torch.cuda.is_available():
+        if not interpreting() and not _cuda_available():
             return ["no CUDA GPU"]
         return []
 

@@ -107,9 +107,10 @@ def trace_vectors(
     """Trace single-head self-attention on matrices you give: X (N, d_model), W_Q and W_K (d_model, d_k),
     W_V (d_model, d_v). ``token`` picks the query row the tables show (negative counts from the end).
 
-    >>> t = trace_vectors(torch.eye(3), torch.eye(3), torch.eye(3), torch.eye(3), causal=True)
-    >>> t["weights"][2]                                   # e^(1/√3) for itself, e^0 = 1 for the others
-    tensor([0.2645, 0.2645, 0.4711], dtype=torch.float64)
+    Examples:
+        >>> t = trace_vectors(torch.eye(3), torch.eye(3), torch.eye(3), torch.eye(3), causal=True)
+        >>> t["weights"][2]                               # e^(1/√3) for itself, e^0 = 1 for the others
+        tensor([0.2645, 0.2645, 0.4711], dtype=torch.float64)
     """
     X, W_Q, W_K, W_V = (_matrix(name, m) for name, m in (("X", X), ("W_Q", W_Q), ("W_K", W_K), ("W_V", W_V)))
     N, d_model = X.shape

@@ -214,9 +214,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
             history["step"].append(step)
             history["train_loss"].append(round(loss.item(), 4))
             history["tokens_per_s"].append(round(rate))
-            if bar is not None:
+            if bar is not None:  # the postfix waits for the next timed refresh (refresh=True would draw every step)
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr_at(step - 1, cfg):.1e}",
+                                refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr_at(step - 1, cfg):.1e}")
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val = evaluate(model, splits.val, device=device)
                 history["val_step"].append(step)
@@ -267,6 +268,9 @@ def _resume(cfg, model, optimizer, scaler, sampler, device):
     return state["step"], meta["history"]
 
 
+PROGRESS_INTERVAL_S = 5.0  # off a terminal: the shortest time between two progress lines
+
+
 def _progress(cfg: TrainConfig, initial: int):
     if not cfg.progress:
         return None
@@ -274,9 +278,12 @@ def _progress(cfg: TrainConfig, initial: int):
 
     from tqdm.auto import tqdm
 
-    # in a log file (CI, a pipe) every refresh is a new line's worth of bytes: refresh every few seconds there
-    return tqdm(total=cfg.steps, initial=initial, unit="step", dynamic_ncols=True,
-                mininterval=0.1 if sys.stderr.isatty() else 5.0)
+    # in a log file (CI, a pipe) every refresh is a new line's worth of bytes: there, refresh at most every
+    # PROGRESS_INTERVAL_S seconds and every tenth of the run, so a long run writes about ten lines
+    if sys.stderr.isatty():
+        return tqdm(total=cfg.steps, initial=initial, unit="step", dynamic_ncols=True, mininterval=0.1)
+    return tqdm(total=cfg.steps, initial=initial, unit="step", dynamic_ncols=True, mininterval=PROGRESS_INTERVAL_S,
+                maxinterval=float("inf"), miniters=max(1, (cfg.steps - initial) // 10))
 
 
 def plot_losses(history: dict, path: str, *, log=print) -> str | None:
