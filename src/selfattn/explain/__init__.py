@@ -90,7 +90,7 @@ class Explanation:
 
 
 class TraceGrid(Sequence):
-    """traces[layer][head] of a capture, computed when read (a few kept): a long text's N × N steps for every head
+    """``traces[layer][head]`` of a capture, computed when read (a few kept): a long text's N × N steps for every head
     of every layer would not fit in memory at once."""
 
     def __init__(self, cap, tokens: Sequence[str], token: int = -1, batch: int = 0):
