@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS ?= dev,docs,viz,hf,train,gpu
+EXTRAS ?= dev,docs,viz,hf,train,gpu,explain
 TORCH_CPU ?= torch==2.13.0
 
 .PHONY: test demo bench lint clean bench-gpu gpu-session dist docs

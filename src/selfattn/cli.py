@@ -86,8 +86,13 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
                      "offline HTML page to --out.")
     p.add_argument("text", nargs="?", default=None, help=f"the text to explain (default {DEFAULT_TEXT!r})")
     p.add_argument("--checkpoint", help="a checkpoint from `selfattn train` (default: random weights)")
+    p.add_argument("--model", metavar="PATH", help="a local Hugging Face model folder (config, weights, tokenizer): "
+                   "explain that model on TEXT, tokens labelled with its tokenizer's pieces; nothing is downloaded")
     p.add_argument("--json", metavar="PATH", help="trace the matrices in this JSON file instead of a model")
-    p.add_argument("--lesson", choices=["scaling", "orthogonal"], help="a lesson with numbers (and a plot)")
+    p.add_argument("--lesson", choices=["scaling", "orthogonal", *TEXT_LESSONS],
+                   help="a lesson with numbers: scaling (why 1/√d_k, with a plot), orthogonal (does an orthogonal x_j "
+                   "count?), steps (the order of the computation for one token, with shapes), weights (why W_Q, W_K, "
+                   "W_V); steps and weights run the tiny GPT or --model on TEXT")
     p.add_argument("--layer", type=int, default=0, help="layer whose steps are printed (default 0)")
     p.add_argument("--head", type=int, default=0, help="head whose steps are printed (default 0)")
     p.add_argument("--token", type=int, default=None, help="query token whose steps are printed (default the last)")
@@ -101,16 +106,25 @@ def explain(args: argparse.Namespace) -> int:
     from selfattn import explain as ex
 
     try:
-        given = [name for name, v in (("TEXT", args.text), ("--json", args.json), ("--lesson", args.lesson)) if v]
+        on_text = args.lesson in TEXT_LESSONS  # lessons that run a model on a text
+        given = [name for name, v in (("TEXT", args.text and not on_text), ("--json", args.json),
+                                      ("--lesson", args.lesson)) if v]
         if len(given) > 1:
-            raise ValueError(f"give one of TEXT, --json, --lesson, not {' and '.join(given)}")
-        if args.checkpoint and (args.json or args.lesson):
-            raise ValueError("--checkpoint goes with TEXT, not with --json or --lesson")
+            raise ValueError(f"give one of TEXT, --json, --lesson, not {' and '.join(given)} (TEXT goes with "
+                             f"--lesson {' or '.join(TEXT_LESSONS)})")
+        if args.checkpoint and (args.json or (args.lesson and not on_text)):
+            raise ValueError("--checkpoint goes with TEXT, not with --json or --lesson scaling/orthogonal")
+        if args.model and (args.json or (args.lesson and not on_text) or args.checkpoint):
+            raise ValueError("--model goes with TEXT, not with --json, --checkpoint or --lesson scaling/orthogonal")
         if args.lesson:
             return _lesson(args)
         if args.json:
             trace = ex.trace_json(args.json, token=args.token)
             result = ex.Explanation(trace.tokens, ((trace,),), title=f"your matrices ({args.json})")
+        elif args.model:
+            text = ex.DEFAULT_TEXT if args.text is None else args.text
+            result = ex.explain_pretrained(args.model, text, layer=args.layer, head=args.head,
+                                           token=-1 if args.token is None else args.token)
         else:
             text = ex.DEFAULT_TEXT if args.text is None else args.text
             result = ex.explain_text(text, checkpoint=args.checkpoint, layer=args.layer, head=args.head,
@@ -129,8 +143,39 @@ def explain(args: argparse.Namespace) -> int:
     return 0
 
 
+TEXT_LESSONS = ("steps", "weights")
+
+
 def _lesson(args: argparse.Namespace) -> int:
+    from selfattn import explain as ex
     from selfattn.explain import lessons
+
+    if args.lesson in TEXT_LESSONS:
+        text = ex.DEFAULT_TEXT if args.text is None else args.text
+        token = -1 if args.token is None else args.token
+        if args.model:
+            from selfattn.explain import pretrained
+
+            model, tokenizer = pretrained.load(args.model)
+            heads, width = model.config.num_attention_heads, model.config.hidden_size
+            e = ex.explain_hf(model, tokenizer, text, layer=args.layer, head=args.head, token=token)
+        else:
+            model, config = ex.load_model(args.checkpoint)
+            heads, width = config.n_head, config.d_model
+            e = ex.explain_text(text, checkpoint=args.checkpoint, layer=args.layer, head=args.head, token=token)
+        if args.lesson == "steps":
+            rotary = args.model is not None and any("rotary" in n for n, _ in model.named_modules())
+            print(lessons.steps_text(e.trace, n_heads=heads, d_model=width, rotary=rotary))
+            return 0
+        if args.model:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]  # (1, N): the length was checked by explain_hf
+        else:
+            from selfattn.model.data import encode
+
+            ids = encode(text)[None]  # (1, N) bytes
+        X, qk, causal, name = lessons.first_layer(model, ids)
+        print(lessons.projections_text(lessons.projections(X, qk, causal=causal), e.tokens, where=name))
+        return 0
 
     if args.lesson == "orthogonal":
         print(lessons.orthogonal_text(lessons.orthogonal()))

@@ -4,7 +4,9 @@
                 give, a JSON file, or any model built on ``selfattn.nn.MultiHeadAttention`` (``capture``)
     plots.py    heatmap PNGs per head and a layers × heads grid (matplotlib, imported only there)
     html.py     one self-contained page: hover a token to see where it attends, pick layer and head, read the trace
-    lessons.py  why 1/√d_k; why an orthogonal x_j still gets weight
+    pretrained.py  Hugging Face transformers models on selfattn: capture q, k, v at the attention interface, load a
+                local model folder and its tokenizer
+    lessons.py  why 1/√d_k; why an orthogonal x_j still gets weight; the steps in order; why W_Q, W_K, W_V
 
 From Python::
 
@@ -13,7 +15,9 @@ From Python::
     >>> print(e.table())                                          # the steps for one token
     >>> e.write_pngs("out"); e.write_html("out/explain.html")
 
-or any model of yours: ``explain.explain_model(model, inputs, tokens)``. From the shell: ``selfattn explain``.
+or any model of yours: ``explain.explain_model(model, inputs, tokens)``; a Hugging Face model folder:
+``explain.explain_pretrained(path, text)``. From the shell: ``selfattn explain [--model PATH]``. In Jupyter an
+``Explanation`` displays as the same page as ``write_html`` writes.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
+from selfattn.explain.pretrained import load as load_pretrained
 from selfattn.explain.trace import Capture, Step, Trace, capture, load_json, trace_json, trace_vectors
 
-__all__ = ["Capture", "Step", "Trace", "Explanation", "capture", "load_json", "trace_json", "trace_vectors",
-           "explain_model", "explain_text", "token_labels", "DEFAULT_TEXT"]
+__all__ = ["Capture", "Step", "Trace", "Explanation", "TraceGrid", "capture", "load_json", "trace_json",
+           "trace_vectors", "explain_model", "explain_text", "explain_hf", "explain_pretrained", "load_pretrained",
+           "token_labels", "DEFAULT_TEXT"]
 
 DEFAULT_TEXT = "The cat sat on the mat because it was warm."
 
@@ -37,7 +44,7 @@ class Explanation:
     """Every head of every layer traced over one text; ``layer``, ``head``, ``token`` pick what the table shows."""
 
     tokens: tuple[str, ...]
-    traces: tuple[tuple[Trace, ...], ...]  # [layer][head]
+    traces: Sequence[Sequence[Trace]]  # [layer][head]: a tuple of tuples, or a TraceGrid computing them on demand
     layer: int = 0
     head: int = 0
     title: str = ""
@@ -49,7 +56,15 @@ class Explanation:
     @property
     def weights(self) -> torch.Tensor:
         """(L, H, N, N) float64: the softmax weights of every layer and head (queries are rows)."""
+        if isinstance(self.traces, TraceGrid):
+            return self.traces.weights()
         return torch.stack([torch.stack([t["weights"] for t in row]) for row in self.traces])
+
+    def _hidden(self) -> torch.Tensor:
+        """(L, H, N, N) bool: True where the score is −∞ (masked)."""
+        if isinstance(self.traces, TraceGrid):
+            return self.traces.hidden()
+        return torch.stack([torch.stack([torch.isinf(t["masked"]) for t in row]) for row in self.traces])
 
     def table(self, width: int = 8) -> str:
         return self.trace.table(width)
@@ -58,14 +73,74 @@ class Explanation:
         """``layer{l}_head{h}.png`` per head and ``grid.png`` in out_dir; needs matplotlib."""
         from selfattn.explain import plots
 
-        hidden = torch.stack([torch.stack([torch.isinf(t["masked"]) for t in row]) for row in self.traces])
-        return plots.save_all(self.weights, self.tokens, out_dir, title=self.title, hidden=hidden)
+        weights = self.traces.weights(torch.float32) if isinstance(self.traces, TraceGrid) else self.weights
+        return plots.save_all(weights, self.tokens, out_dir, title=self.title, hidden=self._hidden())
 
     def write_html(self, path: str | os.PathLike) -> str:
         from selfattn.explain import html
 
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return html.write(self.traces, path, title=self.title or "selfattn explain")
+        return html.write(self.traces, path, title=self.title or "selfattn explain", layer=self.layer, head=self.head)
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the same page, in an iframe of its own (its script and ids stay apart from the notebook's)."""
+        from selfattn.explain import html
+
+        return html.iframe(self.traces, title=self.title or "selfattn explain", layer=self.layer, head=self.head)
+
+
+class TraceGrid(Sequence):
+    """``traces[layer][head]`` of a capture, computed when read (a few kept): a long text's N × N steps for every head
+    of every layer would not fit in memory at once."""
+
+    def __init__(self, cap, tokens: Sequence[str], token: int = -1, batch: int = 0):
+        self.cap, self.tokens, self.token, self.batch = cap, tuple(tokens), token, batch
+        self._trace = lru_cache(maxsize=4)(self._compute)
+
+    def _compute(self, layer: int, head: int) -> Trace:
+        return self.cap.trace(layer, head, self.token, batch=self.batch, tokens=self.tokens)
+
+    def __len__(self) -> int:
+        return self.cap.n_layers
+
+    def __getitem__(self, layer):
+        if isinstance(layer, slice):
+            return [self[i] for i in range(len(self))[layer]]
+        layer = range(len(self))[layer]
+        return _LazyRow(self, layer, self.cap.n_heads(layer))
+
+    def weights(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """(L, H, N, N), straight from the capture (no trace formed), filled head by head: the oracle computes each
+        in float64, ``dtype`` is what is kept (float32 halves the memory for pictures)."""
+        return self._fill(lambda li, h: self.cap._weights(li, h, self.batch), dtype)
+
+    def hidden(self) -> torch.Tensor:
+        """(L, H, N, N) bool: True where the score is −∞."""
+        return self._fill(lambda li, h: self.cap.hidden(li, h, batch=self.batch), torch.bool)
+
+    def _fill(self, head_fn, dtype) -> torch.Tensor:
+        L, N = len(self), len(self.tokens)
+        H = {self.cap.n_heads(li) for li in range(L)}
+        if len(H) != 1:
+            raise ValueError(f"layers have different numbers of heads {sorted(H)}; read traces[layer][head] instead")
+        out = torch.empty(L, H.pop(), N, N, dtype=dtype)
+        for li in range(L):
+            for h in range(out.shape[1]):
+                out[li, h] = head_fn(li, h)
+        return out
+
+
+class _LazyRow(Sequence):
+    def __init__(self, grid: TraceGrid, layer: int, n: int):
+        self.grid, self.layer, self.n = grid, layer, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, head):
+        if isinstance(head, slice):
+            return [self[i] for i in range(self.n)[head]]
+        return self.grid._trace(self.layer, range(self.n)[head])
 
 
 def explain_model(model: torch.nn.Module, inputs, tokens: Sequence[str], *, layer: int = 0, head: int = 0,
@@ -89,6 +164,47 @@ def explain_model(model: torch.nn.Module, inputs, tokens: Sequence[str], *, laye
     traces = tuple(tuple(cap.trace(li, h, token, batch=batch, tokens=tokens) for h in range(cap.n_heads(li)))
                    for li in range(cap.n_layers))
     return Explanation(tokens, traces, layer % cap.n_layers, head % cap.n_heads(layer), title=type(model).__name__)
+
+
+def explain_hf(model: torch.nn.Module, tokenizer, text: str, *, layer: int = 0, head: int = 0, token: int = -1,
+               title: str = "") -> Explanation:
+    """Explain a Hugging Face transformers model running with ``attn_implementation="selfattn"`` on ``text``: one
+    forward pass with its attention calls recorded, tokens labelled with the tokenizer's pieces; the weights and steps
+    are recomputed by the float64 oracle when read."""
+    from selfattn.explain import pretrained
+
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("the text is empty: give at least one word to explain")
+    cap = capture(model)  # refuses a model that is not on selfattn, with the fix
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]  # (1, N)
+    n, context = ids.shape[1], pretrained.context_length(model.config)
+    if context is not None and n > context:
+        raise ValueError(f"the text is {n} tokens long but the model's context is {context} tokens; give a shorter "
+                         "text")
+    was_training = model.training
+    model.eval()
+    try:
+        with cap, torch.no_grad():
+            model(input_ids=ids.to(model.device))
+    finally:
+        model.train(was_training)
+    tokens = pretrained.token_pieces(tokenizer, ids[0].tolist())
+    grid = TraceGrid(cap, tokens, token)
+    cap.trace(layer, head, token, tokens=tokens)  # validates layer, head, token
+    name = getattr(model.config, "_name_or_path", "") or ""
+    title = title or f"{type(model).__name__}" + (f" ({os.path.basename(os.path.normpath(name))})" if name else "")
+    return Explanation(grid.tokens, grid, layer % cap.n_layers, head % cap.n_heads(layer), title=title)
+
+
+def explain_pretrained(path: str | os.PathLike, text: str, *, layer: int = 0, head: int = 0,
+                       token: int = -1) -> Explanation:
+    """``explain_hf`` on the model and tokenizer of a local Hugging Face model folder (nothing is downloaded)."""
+    from selfattn.explain import pretrained
+
+    model, tokenizer = pretrained.load(path)
+    return explain_hf(model, tokenizer, text, layer=layer, head=head, token=token)
 
 
 def token_labels(ids: Sequence[int]) -> list[str]:

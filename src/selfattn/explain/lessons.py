@@ -1,7 +1,11 @@
-"""Two lessons with numbers: why the scores are scaled by 1/√d_k, and why an orthogonal x_j still gets weight.
+"""Lessons with numbers: why the scores are scaled by 1/√d_k, why an orthogonal x_j still gets weight, the steps in
+order with their shapes, and why attention has W_Q, W_K, W_V at all.
 
     >>> print(scaling_text(scaling()))          # or: selfattn explain --lesson scaling
     >>> print(orthogonal_text(orthogonal()))    # or: selfattn explain --lesson orthogonal
+    >>> print(steps_text(e.trace))              # or: selfattn explain --lesson steps [--model PATH] [TEXT]
+    >>> X, heads, causal, name = first_layer(model, ids)
+    >>> print(projections_text(projections(X, heads, causal=causal), tokens))   # or: --lesson weights
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch
 
 from selfattn import reference
 
-LESSONS = ("scaling", "orthogonal")
+LESSONS = ("scaling", "orthogonal", "steps", "weights")
 
 
 # ------------------------------------------------------------------------------------------------------- scaling
@@ -148,5 +152,153 @@ def orthogonal_text(result: dict) -> str:
         "",
         "Orthogonal inputs are not 'unrelated' to attention: what counts is q_i·k_j after W_Q and W_K, and even a",
         "zero score keeps weight e^0 / Σ_j e^{s_ij} > 0.",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------- steps
+
+
+def steps_text(trace, *, n_heads: int | None = None, d_model: int | None = None, rotary: bool = False,
+               width: int = 6) -> str:
+    """The order of the computation for one token (``trace.token``) of one head, each step's tensor and shape
+    (``rotary``: q and k of a trace taken at a model's attention interface were already rotated by position)::
+
+        x_i (d_model) → q_i = x_i·W_Q (d_k) → s_i = q_i·Kᵀ (N) → × 1/√d_k → mask → a_i = softmax (N)
+        → y_i = a_i·V (d_v) → the heads concatenated (H·d_v) → ·W_O (d_model)
+    """
+    i, t = trace.token, trace
+    N, d_k, d_v = len(t.tokens), t["Q"].shape[-1], t["V"].shape[-1]
+
+    def v(x):
+        return "[" + ", ".join(f"{a:.3f}" if math.isfinite(a) else ("−∞" if a < 0 else "∞")
+                               for a in x[:width].tolist()) + (", …" if x.numel() > width else "") + "]"
+
+    rot = "Q_rot" in t.names
+    q = t["Q_rot" if rot else "Q"]
+    lines = [f"Lesson: the steps of attention, in order, for token {i} {t.tokens[i]!r}" +
+             (f" — {t.where}" if t.where else ""), ""]
+    n = 1
+
+    def step(what, shape, value=None, note=""):
+        nonlocal n
+        lines.append(f"{n:>2}. {what:<40} {shape:<16} {'' if value is None else v(value)}{note}")
+        n += 1
+
+    if "X" in t.names:
+        X = t["X"]
+        step("x_i: the token's input vector", f"({X.shape[-1]},)", X[i], "  (its embedding, normalised)")
+        step("W_Q, W_K, W_V: learned matrices", f"({X.shape[-1]}, {d_k})")
+        step("q_i = x_i·W_Q", f"({d_k},)", t["Q"][i])
+        step("K = X·W_K (every token's key)", f"({N}, {d_k})")
+        step("V = X·W_V (every token's value)", f"({N}, {d_v})")
+    else:
+        step("q_i = x_i·W_Q (+ b_Q), inside the model", f"({d_k},)", t["Q"][i],
+             "  (rotated by position (RoPE) inside the model too)" if rotary else "")
+        step("K: every token's key", f"({N}, {d_k})")
+        step("V: every token's value", f"({N}, {d_v})")
+    if rot:  # the tiny GPT: the trace has the rotation as a step of its own
+        step("q_i and K rotated by position (RoPE)", f"({d_k},), ({N}, {d_k})", q[i])
+    step("s_ij = q_i·k_j for every key j", f"({N},)", t["scores"][i], "  (one number per key)")
+    step(f"× scale = {t.scale:.4g}", f"({N},)", t["scaled"][i])
+    step("mask: −∞ where token i may not look", f"({N},)", t["masked"][i],
+         "  (causal: keys after i)" if t.causal else "  (nothing masked here)")
+    step("a_ij = softmax_j: e^s / Σ e^s", f"({N},)", t["weights"][i], f"  Σ_j a_ij = {t['weights'][i].sum():.4f}")
+    step("y_i = Σ_j a_ij v_j", f"({d_v},)", t["Y"][i])
+    if n_heads:
+        step(f"concatenate the {n_heads} heads' y_i", f"({n_heads * d_v},)")
+        if d_model:
+            step("× W_O: back to the model's width", f"({d_model},)", None, "  → added to x_i (residual)")
+    lines += ["", "Only the softmax is nonlinear: before it, one matrix product per token and a dot product per pair;",
+              "after it, a weighted sum. Here one row a_i is formed for one token i; for all "
+              f"N = {N} tokens at once the scores",
+              "are an N × N matrix — which selfattn's fast backends never store (they keep a running max and sum per "
+              "row instead)."]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------- weights
+
+
+def projections(X: torch.Tensor, heads: Sequence[tuple[torch.Tensor, torch.Tensor]], *, causal: bool = False) -> dict:
+    """Why W_Q and W_K: scores without them (s_ij = x_i·x_j / √d_model) against each head's learned q_i·k_j / √d_k,
+    over the same inputs X (N, d_model). For each: the asymmetry ‖S − Sᵀ‖/‖S‖ (0: symmetric), the share of tokens
+    whose largest score is their own, and the mean weight a_ii a token gives itself."""
+    X = X.to(torch.float64)
+    N, d_model = X.shape
+
+    def measure(q, k, scale):
+        s = reference.steps(q[None, None], k[None, None], k[None, None, :, :0], scale=scale, causal=causal)
+        S, masked, w = s.scores[0, 0], s.masked[0, 0], s.weights[0, 0]
+        asym = ((S - S.T).norm() / S.norm().clamp_min(1e-300)).item()
+        return {"asymmetry": asym, "self_top": (masked.argmax(-1) == torch.arange(N)).double().mean().item(),
+                "self_weight": w.diagonal().mean().item(), "top": masked.argmax(-1)}
+
+    out = {"N": N, "d_model": d_model, "identity": measure(X, X, 1 / math.sqrt(d_model)), "heads": []}
+    for Q, K in heads:
+        Q, K = Q.to(torch.float64), K.to(torch.float64)
+        out["heads"].append(measure(Q, K, 1 / math.sqrt(Q.shape[-1])))
+    return out
+
+
+def first_layer(model, inputs, tokenizer=None):
+    """(X (N, d_model), [(Q, K) per query head], causal, name) of the first attention layer of ``model`` run once on
+    ``inputs`` (ids (1, N)): a model built on selfattn.nn.MultiHeadAttention, or a transformers model on selfattn (Q
+    and K after rotary positions, as the layer computes them). Sequence 0 of the batch."""
+    from selfattn.explain.trace import capture
+
+    cap = capture(model)
+    with cap, torch.no_grad():
+        model(inputs)
+    call = cap.layer(0)
+    if hasattr(call, "module"):  # selfattn.nn.MultiHeadAttention: its input and its own projection
+        with torch.no_grad():
+            q, k, _ = call.module.project(call.x, call.positions)  # (B, H_q, N, D), (B, H_kv, N, D)
+        X, causal = call.x[0], call.module.causal
+    else:
+        module, seen = model.get_submodule(call.name), []
+        hook = module.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model(inputs)
+        finally:
+            hook.remove()
+        q, k, X, causal = call.q, call.k, seen[0][0], call.causal
+    group = q.shape[1] // k.shape[1]
+    heads = [(q[0, h], k[0, h // group]) for h in range(q.shape[1])]
+    return X.detach(), heads, causal, call.name
+
+
+def projections_text(result: dict, tokens: Sequence[str], *, where: str = "") -> str:
+    idn, heads = result["identity"], result["heads"]
+    mean = {k: sum(h[k] for h in heads) / len(heads) for k in ("asymmetry", "self_top", "self_weight")}
+    lines = [
+        "Lesson: why W_Q, W_K, W_V? Without them the score of tokens i and j is x_i·x_j." + (f" ({where})" if where
+                                                                                            else ""),
+        f"{result['N']} tokens, inputs x_i of width {result['d_model']} (what the first attention layer receives).",
+        "",
+        f"{'scores':<28} {'‖S−Sᵀ‖/‖S‖':>11} {'own score largest':>18} {'mean a_ii':>10}",
+        f"{'x_i·x_j / √d (no W)':<28} {idn['asymmetry']:>11.3f} {100 * idn['self_top']:>17.0f}% "
+        f"{idn['self_weight']:>10.3f}",
+    ]
+    for h, r in enumerate(heads):
+        lines.append(f"{f'head {h}: q_i·k_j / √d_k':<28} {r['asymmetry']:>11.3f} {100 * r['self_top']:>17.0f}% "
+                     f"{r['self_weight']:>10.3f}")
+    lines.append(f"{'mean over the heads':<28} {mean['asymmetry']:>11.3f} {100 * mean['self_top']:>17.0f}% "
+                 f"{mean['self_weight']:>10.3f}")
+    best = max(range(len(heads)), key=lambda h: heads[h]["asymmetry"])
+    show = [i for i in range(len(tokens))][: min(8, len(tokens))]
+    lines += ["", f"where each token looks most (first {len(show)} tokens): without W, and with head {best}:"]
+    for i in show:
+        a, b = int(idn["top"][i]), int(heads[best]["top"][i])
+        lines.append(f"  {tokens[i]!r:>14} → {tokens[a]!r:<14} vs → {tokens[b]!r}")
+    lines += [
+        "",
+        "Without projections S = X·Xᵀ is symmetric (i looks at j exactly as much as j at i), and x_i·x_i = ‖x_i‖² is",
+        "usually the largest entry of its row (Cauchy–Schwarz: x_i·x_j ≤ ‖x_i‖‖x_j‖), so a token mostly attends to",
+        "itself. W_Q and W_K give each token two different vectors, a question q_i and a label k_j: q_i·k_j ≠ q_j·k_i,",
+        "and a head can learn to look elsewhere (the next word, the subject, the [CLS] token). W_V decides what a",
+        "token passes on once looked at, separately from how it is found.",
     ]
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from torch import Tensor
 ROWS_COLS = "rows: queries, columns: keys"
 MASKED_GREY = "#d9d9d9"
 MAX_LABELS = 48  # more tokens than this and the tick labels would overlap: label every k-th token
+GRID_CELLS = 128  # the grid draws at most this many rows and columns per map
 
 
 def _figure(width: float, height: float):
@@ -83,15 +84,42 @@ def _heatmaps(weights: Sequence[Tensor], tokens: Sequence[str], paths: Sequence,
     ax.set_ylabel("query (the token that looks)")
     ax.set_xlabel("key (the token looked at)")
     fig.colorbar(im, ax=ax, shrink=0.8, label="softmax weight")
-    out = []
+    out, background = [], None
     for w, hid, path, title in zip(weights, hidden, paths, titles, strict=True):
         im.set_data(_masked(w, hid))
         what = f"attention weights — {ROWS_COLS}" + ("" if hid is None else "; grey: masked")
         ax.set_title(f"{title}\n{what}" if title else what, fontsize=10)
-        fig.savefig(path)
-        fig.set_layout_engine("none")  # the layout of the first picture holds for the rest: freeze it
+        if background is None:
+            fig.savefig(path)
+            fig.set_layout_engine("none")  # the layout of the first picture holds for the rest: freeze it
+            background = _background(fig, [im, ax.title])
+        else:  # only the image and the title change: draw those over the frame drawn once (ticks, labels, colour bar)
+            canvas = fig.canvas
+            canvas.restore_region(background)
+            for artist in (im, *ax.spines.values(), ax.title):
+                ax.draw_artist(artist)
+            _save_rgba(canvas, path)
         out.append(os.fspath(path))
     return out
+
+
+def _background(fig, changing):
+    """The figure drawn without the artists that change from picture to picture."""
+    for a in changing:
+        a.set_visible(False)
+    fig.canvas.draw()
+    background = fig.canvas.copy_from_bbox(fig.bbox)
+    for a in changing:
+        a.set_visible(True)
+    return background
+
+
+def _save_rgba(canvas, path) -> None:
+    from PIL import Image
+
+    width, height = canvas.get_width_height()
+    Image.frombuffer("RGBA", (width, height), bytes(canvas.buffer_rgba()), "raw", "RGBA", 0, 1).save(
+        path, compress_level=1)  # zlib's fastest level: heatmaps compress well anyway
 
 
 def grid(weights: Tensor, tokens: Sequence[str], path: str | os.PathLike, *, title: str = "",
@@ -99,26 +127,73 @@ def grid(weights: Tensor, tokens: Sequence[str], path: str | os.PathLike, *, tit
     """Write the weights of every layer and head (L, H, N_q, N_k) as one PNG grid, layers down, heads across."""
     _check_weights(weights, 4, "grid")
     L, H, n_q, n_k = weights.shape
-    cell = 2.2 if max(n_q, n_k) <= 24 else 3.0
+    if max(n_q, n_k) > 24:
+        return _mosaic(weights, path, title=title, hidden=hidden)
+    cell = 2.2
     fig = _figure(0.8 + cell * H, 0.9 + cell * L)
     axes = fig.subplots(L, H, squeeze=False)
-    small = max(n_q, n_k) <= 24
     for layer in range(L):
         for h in range(H):
             ax = axes[layer][h]
             ax.imshow(_masked(weights[layer, h], None if hidden is None else hidden[layer, h]), cmap=_cmap(),
                       vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_title(f"layer {layer}, head {h}", fontsize=8)
-            if small:
-                _ticks(ax, tokens, n_q, n_k, fontsize=5)
-            else:
-                ax.set_xticks([])
-                ax.set_yticks([])
+            _ticks(ax, tokens, n_q, n_k, fontsize=5)
     fig.suptitle(f"{title + ': ' if title else ''}attention weights, layers × heads — in each map {ROWS_COLS}"
                  + ("" if hidden is None else "; grey: masked"),
                  fontsize=10)
     fig.savefig(path)
     return os.fspath(path)
+
+
+def _mosaic(weights: Tensor, path, *, title: str, hidden: Tensor | None) -> str:
+    """Longer texts: every map tiled into one image (one axes, not L × H: laying out 72 axes took seconds), each
+    max-pooled to at most GRID_CELLS cells a side."""
+    import numpy as np
+
+    if max(weights.shape[2:]) > GRID_CELLS:
+        weights, hidden = _pool(weights, hidden)
+    L, H, n_q, n_k = weights.shape
+    gap = max(2, n_k // 16)
+    cmap = _cmap()
+    tiles = np.full((L * (n_q + gap) - gap, H * (n_k + gap) - gap, 4), 255, dtype=np.uint8)  # RGBA, white gaps
+    for layer in range(L):
+        for h in range(H):
+            r, c = layer * (n_q + gap), h * (n_k + gap)
+            m = _masked(weights[layer, h], None if hidden is None else hidden[layer, h])
+            tiles[r:r + n_q, c:c + n_k] = cmap(m, bytes=True)  # colours made here, once: matplotlib only scales
+    cell = 1.6
+    fig = _figure(1.4 + cell * H, 1.0 + cell * L)
+    ax = fig.add_subplot()
+    ax.imshow(tiles, interpolation="nearest")
+    ax.set_xticks([h * (n_k + gap) + n_k / 2 for h in range(H)], [f"head {h}" for h in range(H)], fontsize=8)
+    ax.set_yticks([layer * (n_q + gap) + n_q / 2 for layer in range(L)], [f"layer {layer}" for layer in range(L)],
+                  fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.suptitle(f"{title + ': ' if title else ''}attention weights, layers × heads — in each map {ROWS_COLS}"
+                 + ("" if hidden is None else "; grey: masked"), fontsize=10)
+    fig.savefig(path)
+    return os.fspath(path)
+
+
+def _pool(weights: Tensor, hidden: Tensor | None):
+    """(L, H, N_q, N_k) → (L, H, ≤GRID_CELLS, ≤GRID_CELLS): each cell the largest weight it covers; hidden only where
+    every covered cell is hidden. One map at a time: no second L × H × N × N tensor."""
+    import torch
+
+    L, H, n_q, n_k = weights.shape
+    size = (min(n_q, GRID_CELLS), min(n_k, GRID_CELLS))
+    pool = torch.nn.functional.adaptive_max_pool2d
+    w = torch.empty(L, H, *size)
+    seen = None if hidden is None else torch.empty(L, H, *size)
+    for layer in range(L):
+        for h in range(H):
+            w[layer, h] = pool(weights[layer, h][None].float(), size)[0]
+            if seen is not None:
+                seen[layer, h] = pool((~hidden[layer, h])[None].float(), size)[0]
+    return w, None if seen is None else seen == 0
 
 
 def save_all(weights: Tensor, tokens: Sequence[str], out_dir: str | os.PathLike, *, title: str = "",

@@ -129,7 +129,7 @@ def trace_vectors(
 
 
 def _finish(named: list[Step], Q: Tensor, K: Tensor, V: Tensor, *, token, causal, scale, mask, tokens, N,
-            layer=None, head=None, where="") -> Trace:
+            layer=None, head=None, where="", bias=None) -> Trace:
     """Add the oracle's steps from the scores to Y for one head's Q (N_q, d_k), K (N_k, d_k), V (N_k, d_v)."""
     tokens = _labels(tokens, N)
     token = _check_index("token", token, N, "a query row of the text")
@@ -141,9 +141,11 @@ def _finish(named: list[Step], Q: Tensor, K: Tensor, V: Tensor, *, token, causal
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}; leave it out for 1/√d_k = "
                          f"{1 / math.sqrt(d_k):.4g}")
-    s = reference.steps(Q[None, None], K[None, None], V[None, None], scale=float(scale), mask=mask, causal=causal)
+    s = reference.steps(Q[None, None], K[None, None], V[None, None], scale=float(scale), mask=mask, causal=causal,
+                        bias=bias)
     named += [Step("scores", "s_ij = q_i·k_j", s.scores[0, 0]),
-              Step("scaled", f"s_ij · {_scale_text(scale, d_k)}", s.scaled[0, 0]),
+              Step("scaled", f"s_ij · {_scale_text(scale, d_k)}" + (" + bias_ij" if bias is not None else ""),
+                   s.scaled[0, 0]),
               Step("masked", "−∞ where query i may not see key j" + (" (j > i)" if causal else ""), s.masked[0, 0]),
               Step("weights", "a_ij = exp(s_ij) / Σ_j' exp(s_ij')", s.weights[0, 0]),
               Step("Y", "y_i = Σ_j a_ij v_j", s.out[0, 0])]
@@ -400,8 +402,15 @@ def _select(mask: Mask, batch: int, head: int) -> Mask:
     return Mask(lambda b, h, q, k: mask.mask_mod(b + batch, h + head, q, k), mask.name)
 
 
-def capture(model: torch.nn.Module) -> Capture:
-    """Context manager recording every ``selfattn.nn.MultiHeadAttention`` call of ``model`` (see ``Capture``)."""
+def capture(model: torch.nn.Module):
+    """Context manager recording every ``selfattn.nn.MultiHeadAttention`` call of ``model`` (see ``Capture``), or, for
+    a Hugging Face transformers model running with ``attn_implementation="selfattn"``, every call of its attention
+    interface (see ``selfattn.explain.pretrained.HFCapture``)."""
+    from selfattn.explain.pretrained import HFCapture, is_transformers_model
+    from selfattn.nn import MultiHeadAttention
+
+    if is_transformers_model(model) and not any(isinstance(m, MultiHeadAttention) for m in model.modules()):
+        return HFCapture(model)
     return Capture(model)
 
 

@@ -35,6 +35,10 @@ NAME = "selfattn"
 
 _UNSUPPORTED_KWARGS = {"softcap": "logit soft-capping", "s_aux": "attention sinks"}
 
+# Callables that see every call's q, k (after rotary), v and its mask, as selfattn gets them (selfattn.explain's
+# capture adds one while a model runs); empty, this costs one truth test per call.
+recorders: list = []
+
 
 def register(name: str = NAME) -> str:
     """Register selfattn with transformers under ``name`` (done on import with "selfattn"); returns the name."""
@@ -76,6 +80,8 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     else:
         causal = False
         bias = attention_mask if bias is None else bias + attention_mask
+    for record in recorders:
+        record(module, query, key, value, causal=causal, mask=mask, bias=bias, scale=scaling)
     out = selfattn.attention(query, key, value, causal=causal, mask=mask, bias=bias, scale=scaling)
     weights = None
     if _weights_requested(module, kwargs):
