@@ -142,8 +142,8 @@ def relative_bias(table: Tensor, *, buckets: int | None = None, bidirectional: b
         raise ValueError(f"relative_bias(table) takes a (H_q, positions) table, got shape {tuple(table.shape)}")
     if buckets is None:
         if table.shape[1] % 2 != 1:
-            raise ValueError(f"relative_bias(table) without buckets needs an odd width 2M+1 (relative positions −M..M), "
-                             f"got {table.shape[1]}; or pass buckets=")
+            raise ValueError(f"relative_bias(table) without buckets needs an odd width 2M+1 (relative positions "
+                             f"−M..M), got {table.shape[1]}; or pass buckets=")
         M = table.shape[1] // 2
 
         def mod(s, b, h, q, k):
@@ -246,10 +246,9 @@ def add_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
     """Attention without sinks (out (B, H_q, N_q, D_v), lse (B, H_q, N_q)) -> with them: the sink joins the
     softmax's denominator, so L' = logaddexp(L, sink_h) and out' = out · exp(L − L'). Rows that saw no key keep
     out = 0 and get L' = sink_h."""
-    s = sinks.to(lse.dtype).view(1, -1, 1)
-    lse2 = torch.logaddexp(lse, s.expand_as(lse))
-    out2 = out * torch.exp(lse - lse2)[..., None].to(out.dtype)
-    return out2, lse2
+    s = sinks.to(lse.dtype).view(1, -1, 1).expand_as(lse)
+    out2 = out * torch.sigmoid(lse - s)[..., None].to(out.dtype)  # exp(L − L') = 1 / (1 + exp(sink − L))
+    return out2, torch.logaddexp(lse, s)
 
 
 def sinks_grad(out: Tensor, lse: Tensor, d_out: Tensor, sinks: Tensor) -> Tensor:

@@ -34,7 +34,8 @@ class ReferenceBackend(Backend):
             d_out, out = d_out.to(torch.float64), out.to(torch.float64)
             keep = 1.0
             if call.dropout_p:
-                keep = score_mods.dropout_keep(call.dropout_seed, call.dropout_p, *self._grid(call)) / (1 - call.dropout_p)
+                keep = score_mods.dropout_keep(call.dropout_seed, call.dropout_p, *self._grid(call))
+                keep = keep / (1 - call.dropout_p)
             dv = (p * keep).transpose(-2, -1) @ d_out  # (B, H_q, N_k, D_v)
             dp = (d_out @ s.v.transpose(-2, -1)) * keep  # (B, H_q, N_q, N_k)
             ds = p * (dp - (d_out * out).sum(-1, keepdim=True))

@@ -671,13 +671,16 @@ class _TiledAttention(torch.autograd.Function):
         cap_grads = [None] * len([t for t in call.captures if t.requires_grad])
         dq, dk, dv, *dbias = _backward(call, out, lse, d_out, bias_grad=bias_grad, capture_grads=cap_grads)
         dbias = sum_to_bias(dbias[0], bias) if bias_grad else None
-        dsinks = score_mods.sinks_grad(out, lse, d_out, sinks) if sinks is not None and ctx.needs_input_grad[4] else None
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[4]:
+            dsinks = score_mods.sinks_grad(out, lse, d_out, sinks)
         by_capture = [None] * len(call.captures)
         grads_of_requiring = iter(cap_grads)
         for n, t in enumerate(call.captures):
             if t.requires_grad:
                 g = next(grads_of_requiring)
-                by_capture[n] = None if n not in wanted or g is None else g.to(t.dtype)
+                if n in wanted:  # no tile visited (every key masked): the capture did not matter
+                    by_capture[n] = torch.zeros_like(t) if g is None else g.to(t.dtype)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dsinks, None, *by_capture)
 
 
