@@ -202,3 +202,36 @@ def test_alibi_through_score_mod_equals_alibi_as_a_dense_bias():
     a = selfattn.attention(q, k, v, causal=True, score_mod=score_mods.alibi(slopes))
     b = selfattn.attention(q, k, v, causal=True, bias=bias)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_and_the_module_options():
+    cu = torch.tensor([0, 40, 41, 130])
+    q, k, v = (torch.randn(130, 4, 16, dtype=torch.float64) for _ in range(3))
+    slopes = score_mods.alibi_slopes(4).double()
+    sinks = torch.randn(4, dtype=torch.float64)
+    out = selfattn.varlen_attention(q, k, v, cu, causal=True, score_mod=score_mods.alibi(slopes), sinks=sinks)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):  # each sequence on its own
+        one = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+        want = reference.attention(*one, causal=True, score_mod=score_mods.alibi(slopes), sinks=sinks)
+        torch.testing.assert_close(out[a:b], want[0].transpose(0, 1), rtol=1e-10, atol=1e-12)
+
+    mha = selfattn.MultiHeadAttention(32, 4, causal=True, alibi=True, sinks=True, softcap=30.0, dropout=0.1)
+    x = torch.randn(2, 9, 32)
+    mha(x).sum().backward()
+    assert mha.sinks.grad is not None and mha.sinks.grad.abs().sum() > 0
+    mha.eval()
+    y, w = mha(x, return_weights=True)
+    assert y.shape == (2, 9, 32) and w.shape == (2, 4, 9, 9)
+    assert "alibi=True" in repr(mha) and "sinks=True" in repr(mha)
+
+
+def test_split_kv_decoding_sees_true_positions():
+    from selfattn import decode
+
+    q = torch.randn(2, 4, 1, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 1500, 16, dtype=torch.float64) for _ in range(2))
+    slopes, sinks = torch.rand(2, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    mod = score_mods.softcap(5.0) >> score_mods.alibi(slopes)
+    got = decode.split_kv_attention(q, k, v, chunk=256, score_mod=mod, sinks=sinks)
+    want = reference.attention(q, k, v, score_mod=mod, sinks=sinks)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
