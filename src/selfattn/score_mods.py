@@ -225,6 +225,22 @@ def apply(mod: ScoreMod, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_
     return out
 
 
+def with_autograd(fn):
+    """``fn()`` with autograd recording: inside a custom op's implementation (torch.compile's backward) the autograd
+    dispatch keys are excluded on this thread, so the per-tile autograd of a modifier runs on a helper thread."""
+    with torch.enable_grad():
+        if torch.ones(1, requires_grad=True).mul(2).requires_grad:
+            return fn()
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run():
+        with torch.enable_grad():
+            return fn()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(run).result()
+
+
 # ---------------------------------------------------------------------------------------------------------- sinks
 
 

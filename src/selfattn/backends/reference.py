@@ -40,10 +40,11 @@ class ReferenceBackend(Backend):
             dp = (d_out @ s.v.transpose(-2, -1)) * keep  # (B, H_q, N_q, N_k)
             ds = p * (dp - (d_out * out).sum(-1, keepdim=True))
             if call.score_mod is not None:  # through the modifier: dS_raw = dS · ∂score_mod/∂s
-                x = (s.scores * call.scale).requires_grad_(True)
-                with torch.enable_grad():
-                    y = score_mods.apply(call.score_mod, x, *self._grid(call))
-                    (ds,) = torch.autograd.grad(y, x, ds)
+                def grad(ds=ds):
+                    x = (s.scores * call.scale).requires_grad_(True)
+                    return torch.autograd.grad(score_mods.apply(call.score_mod, x, *self._grid(call)), x, ds)[0]
+
+                ds = score_mods.with_autograd(grad)
             dq = ds @ s.k * call.scale  # (B, H_q, N_q, D)
             dk = ds.transpose(-2, -1) @ s.q * call.scale  # (B, H_q, N_k, D)
             group = call.H_q // call.H_kv

@@ -426,10 +426,11 @@ def _mod_backward(plan: _Plan, i: int, j: int, qi: Tensor, kj: Tensor, ds: Tenso
     gradients of the modifier's captured tensors to ``cap_grads`` (one slot per capture)."""
     c = plan.call
     caps = [t for t in c.captures if t.requires_grad]
-    with torch.enable_grad():
+    def grad():
         x = torch.bmm(qi, kj.transpose(1, 2)).mul_(c.scale).requires_grad_(True)
-        y = _modified(plan, i, j, x)
-        grads = torch.autograd.grad(y, [x, *caps], ds, allow_unused=True)
+        return torch.autograd.grad(_modified(plan, i, j, x), [x, *caps], ds, allow_unused=True)
+
+    grads = score_mods.with_autograd(grad)
     for n, g in enumerate(grads[1:]):
         if g is not None:
             cap_grads[n] = g if cap_grads[n] is None else cap_grads[n] + g
