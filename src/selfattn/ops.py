@@ -13,8 +13,8 @@ and travels as the dense mask: correct, but O(N_q·N_k) memory.
 
 Ready-made score modifiers (``selfattn.score_mods``: softcap, ALiBi, relative and T5 biases, chained with ``>>``)
 travel as plain data too: a string such as ``"softcap:30.0,alibi:0.0,relative:8.0"`` and the tensors they read
-(slopes, tables); sinks as a tensor and dropout as (p, seed). A custom ``score_mod`` cannot cross the op boundary and is refused under
-``torch.compile`` with the fix.
+(slopes, tables); sinks as a tensor and dropout as (p, seed). A custom ``score_mod`` cannot cross the op boundary
+and is refused under ``torch.compile`` with the fix.
 
 The backward is a second op, ``selfattn::attention_backward``: it asks the chosen backend for the gradient given the
 saved out and log-sum-exp (the block API, ``Backend.backward_block``), so nothing is recomputed but P. A gradient
