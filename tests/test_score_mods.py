@@ -235,3 +235,17 @@ def test_split_kv_decoding_sees_true_positions():
     got = decode.split_kv_attention(q, k, v, chunk=256, score_mod=mod, sinks=sinks)
     want = reference.attention(q, k, v, score_mod=mod, sinks=sinks)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_the_explain_trace_shows_the_new_steps():
+    from selfattn.explain import trace
+
+    X = torch.randn(5, 4, dtype=torch.float64)
+    W = torch.randn(4, 4, dtype=torch.float64)
+    t = trace.trace_vectors(X, W, W, W, causal=True, score_mod=score_mods.softcap(1.0), sink=0.5, dropout_p=0.5,
+                            dropout_seed=3)
+    names = [s.name for s in t.steps]
+    assert names[-7:] == ["scores", "scaled", "modified", "masked", "weights", "sink share", "dropout", "Y"][-7:]
+    assert "modified" in names and names.index("scaled") < names.index("modified") < names.index("masked")
+    plain = trace.trace_vectors(X, W, W, W, causal=True)
+    assert "modified" not in [s.name for s in plain.steps]
