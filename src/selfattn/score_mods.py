@@ -241,6 +241,15 @@ def with_autograd(fn):
         return pool.submit(run).result()
 
 
+def additive_term(mod: ScoreMod, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """score_mod(0, ...) of an additive modifier (``mod.additive``): the term it adds, in the broadcast shape of
+    the index tensors (no score-sized zeros are made)."""
+    if mod.spec is not None and mod.spec[0] == "alibi" and mod.spec[1].dim() == 1:  # one multiply, in ``dtype``
+        distance = (kv_idx - q_idx).to(dtype)  # (1, 1, R, K)
+        return distance * mod.spec[1].detach().to(dtype)[h[..., 0, 0]][..., None, None]  # (1, H, R, K)
+    return mod.score_mod(torch.zeros((), dtype=dtype, device=b.device), b, h, q_idx, kv_idx).to(dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------- sinks
 
 
@@ -291,10 +300,16 @@ def _mix(x: Tensor) -> Tensor:
 
 def dropout_keep(seed: int, p: float, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
     """True where the weight of (b, h, q_idx, kv_idx) is kept, for dropout probability ``p``: a hash of the five
-    integers compared with p·2³², so every backend, tile order and the backward agree bit for bit."""
-    row = _mix((_mix((_mix((seed & _MASK32) ^ b) + h * _GOLDEN) & _MASK32) + q_idx * _GOLDEN) & _MASK32)
-    x = _mix((row + (kv_idx & _MASK32) * _GOLDEN) & _MASK32)
-    return x >= int(round(p * 2**32))
+    integers compared with p·2³², so every backend, tile order and the backward agree bit for bit.
+
+    The hash is mixed per row from (seed, b, h, q_idx) and per key from (seed, kv_idx), each over the broadcast
+    shapes only (O(rows + keys) work); per score there is one xor and one multiply-xorshift round."""
+    s = _mix(seed & _MASK32)
+    row = _mix((_mix((_mix(s ^ b) + h * _GOLDEN) & _MASK32) + (q_idx & _MASK32) * _GOLDEN) & _MASK32)
+    col = _mix((s + (kv_idx & _MASK32) * _GOLDEN) & _MASK32)
+    x = row ^ col
+    x = ((x >> 16) ^ x) * _MIX & _MASK32
+    return ((x >> 16) ^ x) >= int(round(p * 2**32))
 
 
 def check_dropout(p, seed) -> tuple[float, int]:

@@ -50,6 +50,9 @@ BLOCK_K = 256  # keys per tile: the granularity at which masked regions are skip
 # (key/value) heads per core; fewer heads (B = H = 1) take the tiled backward, parallel over key blocks. It is also
 # slow on short runs (measured: 75 ms per 256-row call of a sliding window), so only no mask and plain causal use it.
 KERNEL_BACKWARD_MIN_HEADS = 2
+# Query rows per fused-kernel call when an additive score modifier (ALiBi, a relative bias) travels as the kernel's
+# additive mask: its (heads x rows x N_k) float block is the memory this costs (O(N), 512·N·H·4 bytes).
+ADDITIVE_BLOCK_Q = 512
 
 # Packed sequences (a document mask whose documents are contiguous, & causal or a sliding window, queries aligned
 # with keys): the forward runs the fused kernel document by document, as if each were its own call (a causal one is
@@ -200,15 +203,30 @@ def _additive_mask(plan: _Plan, q0: int, q1: int, k0: int, k1: int, masked: bool
     """The mask and bias of one run as the float additive mask the fused kernel takes (−inf = hidden), folded,
     and the rows that see no key at all in this run (the kernel reports lse 0 for them, not −inf)."""
     c = plan.call
-    if c.bias is None:
+    if c.bias is None and c.score_mod is None:
         if not masked:
             return None, None
         return plan.cached(f"add-{dtype}", q0, q1, k0, k1, lambda: _with_dead(
             torch.zeros((), dtype=dtype).masked_fill(plan.hidden(q0, q1, k0, k1), -math.inf)))
-    add = _fold(_bias4(c.bias)[:, :, q0:q1, k0:k1], plan.group).to(dtype)
+    add = _additive_terms(plan, q0, q1, k0, k1, dtype)
     if masked:
         add = add.masked_fill(plan.hidden(q0, q1, k0, k1), -math.inf)
+    elif c.bias is None:  # a modifier's terms are finite: every row of an unmasked run sees its keys
+        return add, None
     return _with_dead(add)
+
+
+def _additive_terms(plan: _Plan, q0: int, q1: int, k0: int, k1: int, dtype: torch.dtype) -> Tensor:
+    """The bias plus an additive score modifier's term (ALiBi, relative bias) on rows q0:q1 and keys k0:k1, folded:
+    (B or 1, H_kv or 1, R, k1 − k0). Exact: such a modifier adds a term that does not depend on the score."""
+    c = plan.call
+    add = None if c.bias is None else _fold(_bias4(c.bias)[:, :, q0:q1, k0:k1], plan.group).to(dtype)
+    if c.score_mod is not None:
+        b, h, qi, ki = masks.grid(c.B, c.H_q, q1 - q0, k1 - k0, c.device, q_pos0=c.q_start + q0, k_pos0=c.k_pos0 + k0)
+        term = score_mods.additive_term(c.score_mod, b, h, qi, ki, dtype)  # (B or 1, H_q or 1, rows, bk)
+        term = _fold(term.expand(term.shape[0], c.H_q, q1 - q0, k1 - k0), plan.group)
+        add = term if add is None else add + term
+    return add
 
 
 def _with_dead(add: Tensor):
@@ -226,8 +244,8 @@ def _kernel_causal(plan: _Plan, q0: int, q1: int, k0: int, k1: int) -> bool:
     """True when this run is exactly the fused kernel's own top-left causal mask (row r sees keys c <= r): a plain
     causal mask, one head per row block, query q0 at the position of key k0, and no more rows than keys."""
     c = plan.call
-    return (c.mask.spec == ("causal",) and c.bias is None and plan.group == 1 and plan.offset(q0, k0) == 0
-            and q1 - q0 <= k1 - k0)
+    return (c.mask.spec == ("causal",) and c.bias is None and c.score_mod is None and plan.group == 1
+            and plan.offset(q0, k0) == 0 and q1 - q0 <= k1 - k0)
 
 
 def _fused_run(q: Tensor, k: Tensor, v: Tensor, scale: float, add: Tensor | None, causal: bool = False):
@@ -245,7 +263,11 @@ def _fused_run(q: Tensor, k: Tensor, v: Tensor, scale: float, add: Tensor | None
 def kernel_block_q(call: AttentionCall) -> int:
     """Query rows per fused-kernel call. No mask: all rows in one call (blocking the queries would gain nothing).
     Plain causal with queries and keys aligned and one head per key/value head: also one call, on the kernel's own
-    causal mask. Other causal calls: large blocks. Any other mask: one tile's worth, to skip as much as possible."""
+    causal mask. Other causal calls: large blocks. Any other mask: one tile's worth, to skip as much as possible.
+    An additive score modifier (ALiBi) is handed to the kernel as an additive mask per run: ADDITIVE_BLOCK_Q rows,
+    so that mask stays O(N) in memory."""
+    if call.score_mod is not None:
+        return ADDITIVE_BLOCK_Q if call.mask is None or call.mask.spec == ("causal",) else BLOCK_Q
     if call.mask is None:
         return max(call.N_q, 1)
     if call.mask.spec == ("causal",):
@@ -314,8 +336,8 @@ def _document_bounds(call: AttentionCall) -> list[tuple[int, int]] | None:
     cut out), no bias, queries at the keys' positions; the documents average DOCUMENT_SPLIT_MIN_MEAN tokens or more.
     float64 keeps the tile path (its backward recomputes the forward's scores bit for bit, tile by tile)."""
     c = call
-    if (c.mask is None or c.mask.spec is None or c.bias is not None or c.dtype == torch.float64 or _torch_tiles(c)
-            or c.N_q != c.N_k or c.q_start != 0 or c.k_pos0 != 0):
+    if (c.mask is None or c.mask.spec is None or c.bias is not None or c.dtype == torch.float64
+            or c.score_mod is not None or c.dropout_p or c.N_q != c.N_k or c.q_start != 0 or c.k_pos0 != 0):
         return None
     leaves = _leaves(c.mask.spec)
     docs = [leaf for leaf in leaves if leaf[0] == "document"]
@@ -390,9 +412,14 @@ def _bias_and_mask(plan: _Plan, i: int, j: int, s: Tensor, partial: bool) -> Ten
 
 
 def _torch_tiles(call: AttentionCall) -> bool:
-    """Calls the fused kernel cannot compute: a score modifier or dropout (the tiles then run in torch operations,
-    and their backward recomputes the modified scores and regenerates the dropout mask tile by tile)."""
-    return call.score_mod is not None or call.dropout_p > 0
+    """Calls the fused kernel cannot compute: a score modifier that is not additive (soft-capping, a custom one) or
+    dropout (the tiles then run in torch operations, and their backward recomputes the modified scores and
+    regenerates the dropout mask tile by tile)."""
+    return (call.score_mod is not None and not call.score_mod.additive) or call.dropout_p > 0
+
+
+def _capture_grads(call: AttentionCall) -> bool:
+    return any(t.requires_grad for t in call.captures)
 
 
 def _tile_grid(plan: _Plan, i: int, j: int):
@@ -418,14 +445,19 @@ def _keep_scale(plan: _Plan, i: int, j: int, dtype: torch.dtype) -> Tensor:
     keep = score_mods.dropout_keep(c.dropout_seed, c.dropout_p, *_tile_grid(plan, i, j))
     (q0, q1), (k0, k1) = plan.q_range(i), plan.k_range(j)
     keep = keep.expand(c.B, c.H_q, q1 - q0, k1 - k0)
-    return keep.to(dtype).mul_(1.0 / (1.0 - c.dropout_p)).reshape(c.B * c.H_kv, -1, k1 - k0)
+    scale = torch.tensor(1.0 / (1.0 - c.dropout_p), dtype=dtype)
+    return torch.where(keep, scale, torch.zeros((), dtype=dtype)).reshape(c.B * c.H_kv, -1, k1 - k0)
 
 
 def _mod_backward(plan: _Plan, i: int, j: int, qi: Tensor, kj: Tensor, ds: Tensor, cap_grads: list) -> Tensor:
     """dS before the score modifier, ∂L/∂s = dS · ∂score_mod/∂s, by autograd on this tile (recomputed); adds the
     gradients of the modifier's captured tensors to ``cap_grads`` (one slot per capture)."""
     c = plan.call
+    if c.score_mod.spec is not None and c.score_mod.spec[0] == "softcap":  # d(cap·tanh(x/cap))/dx = 1 − tanh²
+        t = torch.bmm(qi, kj.transpose(1, 2)).mul_(c.scale / c.score_mod.spec[1]).tanh_()
+        return t.mul_(t).neg_().add_(1.0).mul_(ds)
     caps = [t for t in c.captures if t.requires_grad]
+
     def grad():
         x = torch.bmm(qi, kj.transpose(1, 2)).mul_(c.scale).requires_grad_(True)
         return torch.autograd.grad(_modified(plan, i, j, x), [x, *caps], ds, allow_unused=True)
@@ -489,7 +521,8 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     # Rows that see no key have lse −inf; +inf there makes exp(S − lse) = 0 instead of NaN.
     lse_b = torch.where(torch.isneginf(lse), math.inf, lse.to(acc))  # (B, H_q, N_q)
     if (acc == torch.float32 and Z >= KERNEL_BACKWARD_MIN_HEADS * _workers() and kernel_block_q(call) > BLOCK_Q
-            and not bias_grad and not _torch_tiles(call)):  # the fused kernel does not hand out dS
+            and not bias_grad and not _torch_tiles(call)
+            and not (capture_grads and _capture_grads(call))):  # the fused kernel does not hand out dS
         # in the inputs' dtype: the kernel accumulates half precision in float32 itself (and torch 2.13's is fast)
         out, d_out = out.to(call.dtype), d_out.to(call.dtype)
         return _kernel_backward(_plan(call, kernel_block_q(call), block_k), call.q, call.k, call.v, out, lse_b,
