@@ -407,12 +407,12 @@ def _check_variants(rank, world_size):
     errors = {what: testing.max_error(a, sd.shard(b, rank, world_size))
               for what, a, b in (("out", out, ref), ("dq", q_l.grad, grads[0]), ("dk", k_l.grad, grads[1]),
                                  ("dv", v_l.grad, grads[2]))}
-    return errors, s_l.grad, grads[3]
+    return errors, s_l.grad.tolist(), grads[3].tolist()  # plain lists: a tensor would travel as shared memory
 
 
 def test_ring_takes_score_mods_sinks_and_dropout_at_global_positions():
     results = run_group(_check_variants, 2)
     for rank, (errors, _, _) in results.items():
         assert all(e < 1e-10 for e in errors.values()), f"rank {rank}: {errors}"
-    dsinks = sum(r[1] for r in results.values())
-    torch.testing.assert_close(dsinks, results[0][2], rtol=1e-10, atol=1e-12)
+    dsinks = sum(torch.tensor(r[1], dtype=torch.float64) for r in results.values())
+    torch.testing.assert_close(dsinks, torch.tensor(results[0][2], dtype=torch.float64), rtol=1e-10, atol=1e-12)
