@@ -271,16 +271,6 @@ def test_key_mask_block_states_are_exact():
         assert torch.equal(got.expand_as(want), want), (bq, bk)
 
 
-def test_unsupported_features_say_what_to_do():
-    eager, ours = _pair("llama")
-    q = k = v = torch.randn(1, 4, 3, 16)
-    attn = ours.model.layers[0].self_attn
-    with pytest.raises(ValueError, match="dropout"):
-        hf.attention_forward(attn, q, k, v, None, dropout=0.1)
-    with pytest.raises(ValueError, match="soft-capping"):
-        hf.attention_forward(attn, q, k, v, None, softcap=30.0)
-
-
 @pytest.mark.parametrize("padding", ["none", "left"])
 def test_llama_compiles_fullgraph_without_graph_breaks(padding):
     import torch._dynamo

@@ -88,8 +88,6 @@ def test_self_attention_causal_unbatched_and_gradients():
 def test_errors_name_the_fix():
     mha = MultiheadAttention(E, H, dropout=0.1)
     x = torch.randn(5, 2, E)
-    with pytest.raises(ValueError, match="dropout"):
-        mha(x, x, x)  # training mode with dropout
     mha.eval()
     with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 3\)"):
         mha(x, x, x, attn_mask=torch.zeros(3, 3, dtype=torch.bool))
@@ -103,3 +101,19 @@ def test_errors_name_the_fix():
         MultiheadAttention(10, 3)
     with pytest.raises(ValueError, match="features, expected 24"):
         mha(torch.randn(5, 2, 23), x, x)
+
+
+def test_dropout_is_honoured_in_training_and_equals_the_oracle():
+    """torch's dropout= now drops attention weights in training (the counter-based dropout of selfattn.score_mods):
+    with one seed the tiled backend and the oracle agree; in eval mode there is none."""
+    x = torch.randn(2, 7, E, dtype=torch.float64)
+    mha = MultiheadAttention(E, H, dropout=0.3, batch_first=True, dtype=torch.float64)
+    ref = MultiheadAttention(E, H, dropout=0.3, batch_first=True, dtype=torch.float64, backend="reference")
+    ref.load_state_dict(mha.state_dict())
+    torch.manual_seed(5)
+    a = mha(x, x, x, need_weights=False)[0]
+    torch.manual_seed(5)
+    b = ref(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    mha.eval()
+    assert not torch.allclose(a, mha(x, x, x, need_weights=False)[0])

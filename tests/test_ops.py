@@ -60,9 +60,10 @@ def test_op_mask_refuses_what_it_cannot_carry():
     assert two_windows.window == 3, two_windows
 
 
-def _op_args(q, k, v, mask=None, bias=None, causal=False):
-    call = selfattn.api.make_call(q, k, v, mask=mask, bias=bias, causal=causal)
-    return (q, k, v, call.scale, *ops.op_mask_for(call).args(), bias, None)
+def _op_args(q, k, v, mask=None, bias=None, causal=False, backend=None, **variants):
+    call = selfattn.api.make_call(q, k, v, mask=mask, bias=bias, causal=causal, **variants)
+    return (q, k, v, call.scale, *ops.op_mask_for(call).args(), bias, backend, *ops.op_mods_for(call), call.sinks,
+            call.dropout_p, call.dropout_seed)
 
 
 @pytest.mark.parametrize("case", ["none", "causal&padding", "causal&left-padding", "window", "documents", "dense"])
@@ -188,11 +189,21 @@ def test_opcheck_backward_op():
     args = _op_args(q, k, v, mask=masks.key_range(torch.tensor([2]), torch.tensor([7])), causal=True)
     out, lse = torch.ops.selfattn.attention(*args)
     d_out = torch.randn_like(out)
-    q, k, v, scale, causal, window, lengths, starts, docs, dense, bias, backend = args
+    q, k, v, scale, causal, window, lengths, starts, docs, dense, bias, backend, *variants = args
     assert lengths.tolist() == [7] and starts.tolist() == [2]
     torch.library.opcheck(torch.ops.selfattn.attention_backward.default,
                           (d_out, q, k, v, out, lse, scale, causal, window, lengths, starts, docs, dense, bias, backend,
-                           False))
+                           False, *variants, False))
+
+
+def test_opcheck_with_score_mods_sinks_and_dropout():
+    from selfattn import score_mods
+
+    q, k, v = _qkv(B=1, H_q=2, H_kv=1, N_q=5, N_k=7, grad=True)
+    slopes, sinks = torch.rand(2, requires_grad=True), torch.randn(2, requires_grad=True)
+    mod = score_mods.softcap(2.0) >> score_mods.alibi(slopes)
+    torch.library.opcheck(torch.ops.selfattn.attention.default,
+                          _op_args(q, k, v, causal=True, score_mod=mod, sinks=sinks, dropout_p=0.3, dropout_seed=4))
 
 
 def test_backward_needs_a_backend_with_the_block_api():
@@ -208,8 +219,52 @@ def test_backward_needs_a_backend_with_the_block_api():
     backends.register(NoBlocks(name="test-no-blocks", description="reference without the block API"))
     try:
         q, k, v = _qkv(grad=True)
-        out, _ = torch.ops.selfattn.attention(*_op_args(q, k, v)[:-1], "test-no-blocks")
+        out, _ = torch.ops.selfattn.attention(*_op_args(q, k, v, backend="test-no-blocks"))
         with pytest.raises(backends.BackendError, match="block API.*'test-no-blocks'.*backend="):
             out.sum().backward()
     finally:
         backends.REGISTRY.pop("test-no-blocks")
+
+
+def test_score_mods_sinks_and_dropout_compile_fullgraph_with_gradients():
+    """Ready-made modifiers, sinks and dropout cross the custom op as plain data: no graph break, the same output
+    and gradients (slopes, table, sinks included) as eager."""
+    import torch._dynamo
+
+    from selfattn import score_mods
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 33, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 40, 16, generator=g, requires_grad=True) for _ in range(2))
+    slopes = score_mods.alibi_slopes(4).requires_grad_()
+    table = torch.randn(4, 9, generator=g, requires_grad=True)
+    sinks = torch.randn(4, generator=g, requires_grad=True)
+
+    def f(q, k, v, slopes, table, sinks):
+        mod = score_mods.softcap(3.0) >> score_mods.alibi(slopes) >> score_mods.relative_bias(table)
+        return selfattn.attention(q, k, v, causal=True, score_mod=mod, sinks=sinks, dropout_p=0.2, dropout_seed=9)
+
+    args = (q, k, v, slopes, table, sinks)
+    explained = torch._dynamo.explain(f)(*args)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    want = f(*args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    d = torch.randn(got.shape, generator=g)
+    for a, b, name in zip(torch.autograd.grad(got, args, d), torch.autograd.grad(want, args, d),
+                          ["q", "k", "v", "slopes", "table", "sinks"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_a_custom_score_mod_under_compile_says_what_to_do():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    q = k = v = torch.randn(1, 2, 8, 16)
+
+    def f(q, k, v):
+        return selfattn.attention(q, k, v, score_mod=lambda s, b, h, qi, ki: s * 2)
+
+    with pytest.raises(Exception, match="ready-made"):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)

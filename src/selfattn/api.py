@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from selfattn import masks, ops
+from selfattn import masks, ops, score_mods
 from selfattn.backends import AttentionCall
 from selfattn.masks import Mask
 
@@ -48,6 +48,10 @@ def attention(
     scale: float | None = None,
     backend: str | None = None,
     return_lse: bool = False,
+    score_mod=None,
+    sinks: Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | torch.Generator | None = None,
 ):
     """softmax(q·kᵀ·scale + bias, masked)·v, exactly, on the best backend that can serve the call.
 
@@ -60,6 +64,12 @@ def attention(
         scale: multiplies q·kᵀ; default 1/√D.
         backend: a registered backend name (``selfattn.backends.names()``) or None to choose automatically.
         return_lse: also return the per-row log-sum-exp (B, H_q, N_q) in float32 (−inf for fully masked rows).
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` applied to the scaled scores before the bias
+            and the mask, or a ready-made one from ``selfattn.score_mods`` (``softcap``, ``alibi``, ``relative_bias``).
+        sinks: (H_q,) per-head logits of one extra softmax column with value zero (gpt-oss); differentiable.
+        dropout_p: dropout probability on the weights (pass 0 outside training); ``dropout_seed`` (int or
+            torch.Generator; default: drawn from torch's global generator) fixes which weights are dropped, the
+            same on every backend (see ``selfattn.score_mods.dropout_keep``).
 
     Returns:
         out (B, H_q, N_q, D_v) in the input dtype, or (out, lse). Rows with every key masked are zeros.
@@ -73,10 +83,13 @@ def attention(
         >>> selfattn.attention(q, k, v, causal=True).shape
         torch.Size([1, 2, 5, 8])
     """
-    call = make_call(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale)
+    call = make_call(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale, score_mod=score_mod, sinks=sinks,
+                     dropout_p=dropout_p, dropout_seed=dropout_seed)
     if call.N_q == 0 or call.N_k == 0:
         out = q.new_zeros(call.B, call.H_q, call.N_q, call.D_v)
         lse = torch.full((call.B, call.H_q, call.N_q), -math.inf, device=q.device)
+        if call.sinks is not None:
+            lse = call.sinks.detach().float().view(1, -1, 1).expand_as(lse).clone()
     else:
         out, lse = ops.forward(call, backend)  # the custom op while torch.compile traces (see selfattn.ops)
     return (out, lse) if return_lse else out
@@ -90,22 +103,27 @@ def attention_weights(
     mask: Mask | Tensor | None = None,
     bias: Tensor | None = None,
     scale: float | None = None,
+    score_mod=None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """The softmax weights (B, H_q, N_q, N_k) in q's dtype, computed by the oracle (O(N_q·N_k) memory on purpose:
-    this is for looking, not for speed). Rows with every key masked are zeros."""
+    this is for looking, not for speed). Rows with every key masked are zeros. With ``sinks`` a row sums to one
+    minus the sink's share."""
     from selfattn import reference
 
     v = k[..., :0]  # the weights do not depend on V
-    call = make_call(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale, allow_empty_dv=True)
-    steps = reference.steps(call.q, call.k, call.v, scale=call.scale, mask=call.mask, bias=call.bias)
+    call = make_call(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale, allow_empty_dv=True,
+                     score_mod=score_mod, sinks=sinks)
+    steps = reference.steps(call.q, call.k, call.v, scale=call.scale, mask=call.mask, bias=call.bias,
+                            score_mod=call.score_mod, sinks=call.sinks)
     return steps.weights.to(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------ validation
 
 
-def make_call(q, k, v, *, causal=False, mask=None, bias=None, scale=None, allow_empty_dv=False,
-              positions: int | None = None) -> AttentionCall:
+def make_call(q, k, v, *, causal=False, mask=None, bias=None, scale=None, allow_empty_dv=False, score_mod=None,
+              sinks=None, dropout_p=0.0, dropout_seed=None, positions: int | None = None) -> AttentionCall:
     """Validate the arguments of ``attention`` and bundle them; every error names the values and the fix.
 
     ``positions``: the length of the sequence the mask's positions index, when q, k, v are shards of a longer one
@@ -123,7 +141,11 @@ def make_call(q, k, v, *, causal=False, mask=None, bias=None, scale=None, allow_
         masks.check_fits(mask, B, N_k if positions is None else positions)
     if causal:
         mask = masks.causal() if mask is None else masks.causal() & mask
-    return AttentionCall(q, k, v, scale, mask, bias, causal)
+    score_mod = None if score_mod is None else score_mods.as_score_mod(score_mod)
+    sinks = score_mods.check_sinks(sinks, H_q, q)
+    dropout_p, dropout_seed = score_mods.check_dropout(dropout_p, dropout_seed)
+    return AttentionCall(q, k, v, scale, mask, bias, causal, score_mod=score_mod, sinks=sinks, dropout_p=dropout_p,
+                         dropout_seed=dropout_seed)
 
 
 def _check_tensors(q, k, v) -> None:

@@ -26,7 +26,9 @@ def info() -> str:
         lines.append(f"  {name:<12} {state}")
         lines.append(f"  {'':<12} {backend.description}")
         lines.append(f"  {'':<12} devices={sorted(backend.devices)} grad={backend.supports_grad} "
-                     f"masks={backend.supports_masks} bias={backend.supports_bias} head_dims={backend.head_dims}")
+                     f"masks={backend.supports_masks} bias={backend.supports_bias} head_dims={backend.head_dims} "
+                     f"score_mods={backend.supports_score_mods} sinks={backend.supports_sinks} "
+                     f"dropout={backend.supports_dropout}")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-from selfattn import backends, masks
+from selfattn import backends, masks, score_mods
 from selfattn.api import attention, make_call
 
 SPLIT_MIN_KEYS = 1024  # below this a single call is as fast as splitting
@@ -33,11 +33,13 @@ CHUNK = 512  # keys per split-KV chunk
 
 
 def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, chunk: int = CHUNK,
-                       backend: str | None = None) -> Tensor:
+                       backend: str | None = None, score_mod=None, sinks: Tensor | None = None) -> Tensor:
     """softmax(q·kᵀ·scale)·v with every key visible to every query, the keys cut into chunks of ``chunk``.
 
     q (B, H_q, N_q, D), k (B, H_kv, N_k, D), v (B, H_kv, N_k, D_v) -> (B, H_q, N_q, D_v) in q's dtype. Made for
     N_q = 1 (a decoding step); exact for any N_q. The last chunk is zero-padded and its padding masked out.
+    ``score_mod`` sees the true positions (query at N_k − N_q + i, keys 0..N_k−1) and batch indices; ``sinks`` (H_q,)
+    join the softmax after the chunks are merged.
 
     >>> q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 3000, 8), torch.randn(1, 2, 3000, 8)
     >>> torch.allclose(split_kv_attention(q, k, v), attention(q, k, v), atol=1e-6)
@@ -45,12 +47,13 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None =
     """
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"split_kv_attention: chunk must be a positive int number of keys, got {chunk!r}")
-    whole = make_call(q, k, v, scale=scale)  # validates shapes and dtypes
+    whole = make_call(q, k, v, scale=scale, score_mod=score_mod, sinks=sinks)  # validates shapes and dtypes
     B, H_q, N_q, D = q.shape
     H_kv, N_k, D_v = k.shape[1], k.shape[2], v.shape[3]
     if N_k == 0:
         return q.new_zeros(B, H_q, N_q, D_v)
     P = math.ceil(N_k / chunk)
+    mod = None if whole.score_mod is None else _chunked(whole.score_mod, P, chunk, N_k - chunk)
     pad = P * chunk - N_k
     if pad:
         k = torch.nn.functional.pad(k, (0, 0, 0, pad))
@@ -63,12 +66,21 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None =
         lengths = torch.full((B, P), chunk, dtype=torch.long)
         lengths[:, -1] = chunk - pad
         mask = masks.key_padding(lengths.flatten().to(q.device))
-    call = make_call(qc, kc, vc, scale=whole.scale, mask=mask)
+    call = make_call(qc, kc, vc, scale=whole.scale, mask=mask, score_mod=mod)
     out, lse = choose_block_backend(call, backend).forward_block(call)  # (B·P, H_q, N_q, D_v), (B·P, H_q, N_q)
     out = out.view(B, P, H_q, N_q, D_v)
     lse = lse.view(B, P, H_q, N_q)
-    merged, _ = backends.merge_by_lse(list(out.unbind(1)), list(lse.unbind(1)))
+    merged, lse = backends.merge_by_lse(list(out.unbind(1)), list(lse.unbind(1)))
+    if whole.sinks is not None:
+        merged, _ = score_mods.add_sinks(merged, lse, whole.sinks)
     return merged.to(q.dtype)
+
+
+def _chunked(mod: score_mods.ScoreMod, P: int, chunk: int, shift: int) -> score_mods.ScoreMod:
+    """``mod`` as seen from chunk c of batch element b (batch index b·P + c of the chunked call): the true batch
+    index, query positions moved by ``shift`` = N_k − chunk, key positions by c·chunk."""
+    return score_mods.ScoreMod(lambda s, b, h, q, k: mod.score_mod(s, b // P, h, q + shift, k + (b % P) * chunk),
+                               mod.name, None, mod.captures)
 
 
 def choose_block_backend(call, name: str | None = None):
@@ -91,13 +103,16 @@ def choose_block_backend(call, name: str | None = None):
                                 + "\n".join(f"  {n}: {'; '.join(r)}" for n, r in why.items()))
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, mask=None, backend=None) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, mask=None, backend=None,
+                     **extra) -> Tensor:
     """The attention a cache runs: split-KV for a single query against many keys, the ordinary call otherwise.
 
-    A single query (N_q = 1) with bottom-right causal alignment sees every cached key, so no mask is needed."""
-    if q.shape[2] == 1 and mask is None and k.shape[2] >= SPLIT_MIN_KEYS:
-        return split_kv_attention(q, k, v, backend=backend)
-    return attention(q, k, v, causal=causal, mask=mask, backend=backend)
+    A single query (N_q = 1) with bottom-right causal alignment sees every cached key, so no mask is needed.
+    ``extra`` are ``score_mod``, ``sinks`` (both served by split-KV) and dropout (which needs the ordinary call)."""
+    if q.shape[2] == 1 and mask is None and k.shape[2] >= SPLIT_MIN_KEYS and not extra.get("dropout_p"):
+        return split_kv_attention(q, k, v, backend=backend, score_mod=extra.get("score_mod"),
+                                  sinks=extra.get("sinks"))
+    return attention(q, k, v, causal=causal, mask=mask, backend=backend, **extra)
 
 
 def _check_kv(k: Tensor, v: Tensor, like: Tensor) -> None:
@@ -142,8 +157,8 @@ class KVCache:
         self.length += n
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
-    def attend(self, q, k, v, *, causal=True, mask=None, backend=None) -> Tensor:
-        return decode_attention(q, k, v, causal=causal, mask=mask, backend=backend)
+    def attend(self, q, k, v, *, causal=True, mask=None, backend=None, **extra) -> Tensor:
+        return decode_attention(q, k, v, causal=causal, mask=mask, backend=backend, **extra)
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
@@ -205,8 +220,8 @@ class SlidingWindowCache:
             self.cache.k[:, :, :self.sinks] = self.rotary(self.sink_k, shift.expand(self.sinks))
         return self.cache.k, self.cache.v  # slot order, not time order: fine for one query that sees them all
 
-    def attend(self, q, k, v, *, causal=True, mask=None, backend=None) -> Tensor:
-        return decode_attention(q, k, v, causal=causal, mask=mask, backend=backend)
+    def attend(self, q, k, v, *, causal=True, mask=None, backend=None, **extra) -> Tensor:
+        return decode_attention(q, k, v, causal=causal, mask=mask, backend=backend, **extra)
 
     def nbytes(self) -> int:
         return self.cache.nbytes() + self.sink_k.numel() * self.sink_k.element_size()

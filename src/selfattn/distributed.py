@@ -47,7 +47,7 @@ from datetime import timedelta
 import torch
 from torch import Tensor
 
-from selfattn import backends, masks
+from selfattn import backends, masks, score_mods
 from selfattn.api import make_call
 from selfattn.backends import AttentionCall, Backend, merge_by_lse
 
@@ -160,6 +160,10 @@ def ring_attention(
     key_block: int | None = None,
     timeout: float | None = None,
     return_lse: bool = False,
+    score_mod=None,
+    sinks: Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ):
     """Exact attention of this rank's queries over the keys of every rank of ``group``; differentiable.
 
@@ -178,32 +182,43 @@ def ring_attention(
             O(n · key_block); smaller blocks also skip more of what a causal or window mask hides.
         timeout: seconds to wait for a peer before raising ``RingError`` (default: the group's timeout).
         return_lse: also return the per-row log-sum-exp (B, H_q, n) in float32 (−inf for fully masked rows).
+        score_mod: as for ``selfattn.attention``, evaluated at *global* positions; the tensors it reads (slopes,
+            tables) get no gradient here (the block API has none): pass ones that do not require grad.
+        sinks: (H_q,) sink logits, joined after the blocks are merged; their gradient is this rank's rows' share
+            (sum it over the ranks, as DDP's all-reduce does).
+        dropout_p, dropout_seed: dropout at global positions; give every rank the same int seed.
 
     Returns:
         out (B, H_q, n, D_v) in the input dtype (this rank's rows), or (out, lse).
     """
     ring = _prepare(q, k, v, causal=causal, mask=mask, scale=scale, layout=layout, group=group, backend=backend,
-                    key_block=key_block, timeout=timeout)
-    out, lse = _RingAttention.apply(q, k, v, ring)
+                    key_block=key_block, timeout=timeout,
+                    variants=dict(score_mod=score_mod, sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout_seed))
+    out, lse = _RingAttention.apply(q, k, v, ring.template.sinks, ring)
     return (out, lse) if return_lse else out
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring: _Ring):
+    def forward(ctx, q, k, v, sinks, ring: _Ring):
         out, lse = _forward(ring, q, k, v)
+        if sinks is not None:  # the sink joins every row's softmax once the blocks are merged
+            out, lse = score_mods.add_sinks(out, lse, sinks)
         ctx.ring = ring
         acc = _acc(q.dtype)
-        ctx.save_for_backward(q, k, v, out.to(acc), lse.to(acc))
+        ctx.save_for_backward(q, k, v, out.to(acc), lse.to(acc), sinks)
         lse = lse.to(torch.float32)
         ctx.mark_non_differentiable(lse)  # returned for inspection and merging; gradients flow through out only
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, d_out, _d_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         dq, dk, dv = _backward(ctx.ring, q, k, v, out, lse, d_out)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            dsinks = score_mods.sinks_grad(out, lse, d_out, sinks)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None
 
 
 def _forward(ring: _Ring, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -286,7 +301,7 @@ def _wait(ring: _Ring, work, what: str) -> None:
 # ------------------------------------------------------------------------------------------------ preparation
 
 
-def _prepare(q, k, v, *, causal, mask, scale, layout, group, backend, key_block, timeout) -> _Ring:
+def _prepare(q, k, v, *, causal, mask, scale, layout, group, backend, key_block, timeout, variants=None) -> _Ring:
     """Validate locally, then agree with every rank (one small all-gather) before any point-to-point message, so
     a mistake on one rank raises on all of them instead of hanging the others."""
     dist = _dist()
@@ -298,10 +313,11 @@ def _prepare(q, k, v, *, causal, mask, scale, layout, group, backend, key_block,
     try:
         wait = _check_timeout(timeout)
         _check_key_block(key_block)
-        template, chosen = _check_local(q, k, v, causal, mask, scale, layout, backend, world_size)
+        template, chosen = _check_local(q, k, v, causal, mask, scale, layout, backend, world_size, variants or {})
         signature = (tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), causal, layout, template.scale,
                      template.mask.name if template.mask is not None else None, chosen.name, key_block,
-                     template.needs_grad)
+                     template.needs_grad, template.score_mod.name if template.score_mod is not None else None,
+                     template.sinks is not None, template.dropout_p, template.dropout_seed)
         steps = _plan(template, rank, world_size, layout, key_block)
     except Exception as e:  # noqa: BLE001 - tell the other ranks before raising, or they would wait for us
         local_error, steps = e, ()
@@ -333,12 +349,19 @@ def _plan(template: AttentionCall, rank: int, world_size: int, layout: str, key_
     return steps
 
 
-def _check_local(q, k, v, causal, mask, scale, layout, backend, world_size):
+def _check_local(q, k, v, causal, mask, scale, layout, backend, world_size, variants):
     _check_layout(layout)
     if isinstance(mask, Tensor):
         raise TypeError("ring_attention takes a selfattn.masks.Mask evaluated at global positions, not a bool "
                         "tensor; wrap a global (N, N) tensor with masks.from_tensor(mask, N, N)")
-    call = make_call(q, k, v, causal=causal, mask=mask, scale=scale, positions=q.shape[2] * world_size)
+    if variants.get("dropout_p") and variants.get("dropout_seed") is None:
+        raise ValueError("ring_attention with dropout needs dropout_seed: one int, the same on every rank (each "
+                         "rank's generator would draw another)")
+    call = make_call(q, k, v, causal=causal, mask=mask, scale=scale, positions=q.shape[2] * world_size, **variants)
+    grads = [t for t in call.captures if t.requires_grad]
+    if grads and torch.is_grad_enabled():
+        raise ValueError(f"ring_attention gives no gradient to the tensors score_mod {call.score_mod.name!r} reads "
+                         f"({len(grads)} require grad); pass them detached, or use selfattn.attention")
     if call.N_q != call.N_k:
         raise ValueError(f"ring attention is self-attention over one sharded sequence: q has n={call.N_q} rows and "
                          f"k has n={call.N_k}; shard q, k and v the same way")

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from selfattn import score_mods
 from selfattn.api import attention, attention_weights
 
 
@@ -94,6 +95,10 @@ class MultiHeadAttention(nn.Module):
         rope_base: float = 10000.0,
         bias: bool = False,
         backend: str | None = None,
+        alibi: bool = False,
+        sinks: bool = False,
+        softcap: float | None = None,
+        dropout: float = 0.0,
     ):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -114,6 +119,32 @@ class MultiHeadAttention(nn.Module):
         self.W_V = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
         self.W_O = nn.Linear(n_heads * d_head, d_model, bias=bias)
         self.rotary = RotaryEmbedding(d_head, rope_base) if rotary else None
+        # score modifiers (selfattn.score_mods): soft-capping, then ALiBi; learnable sinks; dropout when training
+        self.softcap = softcap
+        mods = [score_mods.softcap(softcap)] if softcap is not None else []
+        if alibi:
+            self.register_buffer("alibi_slopes", score_mods.alibi_slopes(n_heads), persistent=False)
+        else:
+            self.alibi_slopes = None
+        self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None
+        score_mods.check_dropout(dropout, 0)
+        self.dropout = dropout
+        self._mods = mods
+
+    def attention_options(self) -> dict:
+        """The score_mod, sinks and dropout this layer passes to ``selfattn.attention`` (empty when none)."""
+        mods = list(self._mods) + ([score_mods.alibi(self.alibi_slopes)] if self.alibi_slopes is not None else [])
+        extra = {}
+        if mods:
+            mod = mods[0]
+            for m in mods[1:]:
+                mod = mod >> m
+            extra["score_mod"] = mod
+        if self.sinks is not None:
+            extra["sinks"] = self.sinks
+        if self.training and self.dropout > 0:
+            extra["dropout_p"] = self.dropout
+        return extra
 
     def project(self, x: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, N, d_model) -> q (B, H_q, N, D), k and v (B, H_kv, N, D), rotated when rotary is on."""
@@ -144,15 +175,21 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, H_kv, N_k, D)
         attend = getattr(cache, "attend", attention)  # a cache may bring its decoding attention (split-KV)
-        out = attend(q, k, v, causal=self.causal, mask=mask, backend=self.backend)  # (B, H_q, N, D)
+        extra = self.attention_options()
+        out = attend(q, k, v, causal=self.causal, mask=mask, backend=self.backend, **extra)  # (B, H_q, N, D)
         y = self.W_O(out.transpose(1, 2).reshape(B, N, self.n_heads * self.d_head))  # (B, N, d_model)
         if not return_weights:
             return y
-        return y, attention_weights(q, k, causal=self.causal, mask=mask)
+        return y, attention_weights(q, k, causal=self.causal, mask=mask, score_mod=extra.get("score_mod"),
+                                    sinks=extra.get("sinks"))
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
-                f"d_head={self.d_head}, causal={self.causal}, rotary={self.rotary is not None}")
+                f"d_head={self.d_head}, causal={self.causal}, rotary={self.rotary is not None}"
+                + (f", softcap={self.softcap}" if self.softcap is not None else "")
+                + (", alibi=True" if self.alibi_slopes is not None else "")
+                + (", sinks=True" if self.sinks is not None else "")
+                + (f", dropout={self.dropout}" if self.dropout else ""))
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -175,7 +212,8 @@ class MultiheadAttention(nn.Module):
     "may NOT attend" (the opposite of selfattn's masks) and a float is added to the scores. ``is_causal=True`` is
     torch's hint that ``attn_mask`` is the causal mask (top-left, N_q = N_k); here it selects selfattn's causal mask
     and the dense ``attn_mask`` may be left out. Differences: the weights of a query with every key masked are zeros
-    (torch returns NaN), and attention dropout is not supported (``dropout`` > 0 raises in training mode).
+    (torch returns NaN); ``dropout`` in training mode drops weights with selfattn's counter-based dropout (seeded from
+    torch's global generator, so ``torch.manual_seed`` repeats it), and the returned weights are before dropout.
 
     >>> mha = MultiheadAttention(embed_dim=16, num_heads=4, batch_first=True)
     >>> x = torch.randn(2, 5, 16)
@@ -242,9 +280,6 @@ class MultiheadAttention(nn.Module):
         (S, N, vdim). key_padding_mask (N, S); attn_mask (L, S) or (N·num_heads, L, S).
 
         Returns (out (L, N, E), weights (N, L, S) averaged over heads, or (N, num_heads, L, S), or None)."""
-        if self.training and self.dropout > 0:
-            raise ValueError(f"selfattn's MultiheadAttention has no attention dropout (dropout={self.dropout}); "
-                             "construct it with dropout=0.0, or call .eval()")
         batched = query.dim() == 3
         _check_mha_inputs(query, key, value, batched, self.embed_dim, self.kdim, self.vdim)
         if not batched:
@@ -275,7 +310,8 @@ class MultiheadAttention(nn.Module):
         if causal:
             attn_mask = None  # torch's hint: attn_mask is the causal mask, which selfattn knows without reading it
         mask, bias = _torch_masks(attn_mask, key_padding_mask, B, H, L, S - n_extra, n_extra, batched, q.dtype)
-        out = attention(q, k, v, causal=causal, mask=mask, bias=bias, backend=self.backend)  # (B, H, L, D)
+        drop = dict(dropout_p=self.dropout) if self.training and self.dropout > 0 else {}  # torch's, in training
+        out = attention(q, k, v, causal=causal, mask=mask, bias=bias, backend=self.backend, **drop)  # (B, H, L, D)
         y = self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim))  # (B, L, E)
         weights = None
         if need_weights:

@@ -3,8 +3,10 @@
     Q = X·W_Q,  K = X·W_K,  V = X·W_V                     (project, when given X and the weights)
     S = Q·Kᵀ                                              (raw scores, N_q × N_k)
     S = S · scale            scale = 1/√d_k by default   (keeps the softmax from saturating as d_k grows)
+    S = score_mod(S, b, h, q_idx, kv_idx)                 (optional: soft-capping, ALiBi, relative bias)
     S = S + bias;  S[~mask] = −∞                          (mask: True = visible)
-    P = exp(S − max_j S) / Σ_j exp(S − max_j S)           (softmax, the row maximum subtracted for stability)
+    P = exp(S − m) / (exp(sink − m) + Σ_j exp(S − m))     (softmax, m the row maximum; the sink term only with sinks)
+    P = P ∘ keep / (1 − p)                                (optional dropout; keep from score_mods.dropout_keep)
     Y = P·V                                               (N_q × d_v, one vector per token)
 
 A row whose keys are all masked has P = 0, Y = 0 and log-sum-exp −∞ (never NaN).
@@ -22,7 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from selfattn.masks import Mask
+from selfattn import score_mods
+from selfattn.masks import Mask, grid
 from selfattn.masks import causal as causal_mask
 
 # The oracle keeps about this many float64 N_q x N_k matrices alive at once (scores, exp, weights, mask, autograd).
@@ -36,11 +39,14 @@ class Steps(NamedTuple):
     k: Tensor  # (B, H_q, N_k, D)   K repeated per query head (GQA)
     v: Tensor  # (B, H_q, N_k, D_v)
     scores: Tensor  # (B, H_q, N_q, N_k)  Q·Kᵀ
-    scaled: Tensor  # scores · scale (+ bias)
+    scaled: Tensor  # score_mod(scores · scale) (+ bias)
     masked: Tensor  # −∞ where the mask hides a key
-    weights: Tensor  # softmax over the last dimension; rows of zeros where everything is masked
-    lse: Tensor  # (B, H_q, N_q)  log Σ_j exp(masked), −∞ for fully masked rows
+    weights: Tensor  # softmax over the last dimension (and the sink); rows of zeros where everything is masked
+    lse: Tensor  # (B, H_q, N_q)  log (exp(sink) + Σ_j exp(masked)), −∞ for fully masked rows without a sink
     out: Tensor  # (B, H_q, N_q, D_v)
+    modified: Tensor | None = None  # score_mod(scores · scale), before the bias; None without a score_mod
+    sink_weight: Tensor | None = None  # (B, H_q, N_q) the sink's share of each row; None without sinks
+    dropped: Tensor | None = None  # weights ∘ keep / (1 − p), what multiplies V; None without dropout
 
 
 class TooLargeError(MemoryError):
@@ -63,10 +69,16 @@ def steps(
     causal: bool = False,
     q_pos0: int | None = None,
     k_pos0: int = 0,
+    score_mod=None,
+    sinks: Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> Steps:
     """Run the textbook computation in float64 and keep every step. q (B, H_q, N_q, D); k (B, H_kv, N_k, D);
     v (B, H_kv, N_k, D_v); H_q a multiple of H_kv. ``mask`` is a Mask or a bool tensor (True = visible).
-    Query row i sits at position ``q_pos0 + i`` (default N_k − N_q, bottom-right), key j at ``k_pos0 + j``."""
+    Query row i sits at position ``q_pos0 + i`` (default N_k − N_q, bottom-right), key j at ``k_pos0 + j``.
+    ``score_mod`` (a function or ``selfattn.score_mods.ScoreMod``), ``sinks`` (H_q,) and dropout (``dropout_p``,
+    ``dropout_seed``) are described in ``selfattn.score_mods``."""
     B, H_q, N_q, D = q.shape
     H_kv, N_k = k.shape[1], k.shape[2]
     check_fits(B * H_q * N_q * N_k)
@@ -79,19 +91,35 @@ def steps(
 
     scores = q @ k.transpose(-2, -1)  # (B, H_q, N_q, N_k)
     scaled = scores * scale
+    modified = None
+    positions = grid(B, H_q, N_q, N_k, q.device, q_pos0=N_k - N_q if q_pos0 is None else q_pos0, k_pos0=k_pos0)
+    if score_mod is not None:
+        scaled = modified = score_mods.apply(score_mods.as_score_mod(score_mod), scaled, *positions)
     if bias is not None:
         scaled = scaled + bias.to(torch.float64)
     visible = dense_visible(mask, causal, B, H_q, N_q, N_k, q.device, q_pos0=q_pos0, k_pos0=k_pos0)
     masked = scaled if visible is None else scaled.masked_fill(~visible, -math.inf)
 
     row_max = masked.amax(dim=-1, keepdim=True)  # (B, H_q, N_q, 1)
+    sink = None if sinks is None else sinks.to(torch.float64).view(1, H_q, 1, 1)
+    if sink is not None:
+        row_max = torch.maximum(row_max, sink)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # all-masked rows: −∞ → 0
     e = torch.exp(masked - row_max)
     total = e.sum(dim=-1, keepdim=True)
+    sink_weight = None
+    if sink is not None:
+        e_sink = torch.exp(sink - row_max)  # (B, H_q, N_q, 1): one more column, whose value is zero
+        total = total + e_sink
+        sink_weight = (e_sink / total).squeeze(-1)
     weights = torch.where(total > 0, e / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(e))
     lse = (row_max + torch.log(total)).squeeze(-1)  # log(0) = −∞ for fully masked rows
-    out = weights @ v  # (B, H_q, N_q, D_v)
-    return Steps(q, k, v, scores, scaled, masked, weights, lse, out)
+    dropped = None
+    if dropout_p:
+        keep = score_mods.dropout_keep(dropout_seed, dropout_p, *positions)
+        dropped = weights * keep / (1.0 - dropout_p)
+    out = (weights if dropped is None else dropped) @ v  # (B, H_q, N_q, D_v)
+    return Steps(q, k, v, scores, scaled, masked, weights, lse, out, modified, sink_weight, dropped)
 
 
 def attention(
@@ -107,6 +135,10 @@ def attention(
     return_weights: bool = False,
     q_pos0: int | None = None,
     k_pos0: int = 0,
+    score_mod=None,
+    sinks: Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ):
     """softmax(Q·Kᵀ·scale + bias, masked)·V in float64. Returns ``out`` or a tuple (out, [lse], [weights]).
 
@@ -115,7 +147,8 @@ def attention(
     tensor([[1.0000, 0.0000],
             [0.3302, 0.6698]], dtype=torch.float64)
     """
-    s = steps(q, k, v, scale=scale, mask=mask, bias=bias, causal=causal, q_pos0=q_pos0, k_pos0=k_pos0)
+    s = steps(q, k, v, scale=scale, mask=mask, bias=bias, causal=causal, q_pos0=q_pos0, k_pos0=k_pos0,
+              score_mod=score_mod, sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout_seed)
     extra = ([s.lse] if return_lse else []) + ([s.weights] if return_weights else [])
     return (s.out, *extra) if extra else s.out
 

@@ -34,6 +34,33 @@ def naive(q, k, v, *, scale=None, mask=None, bias=None, causal=False) -> Tensor:
     return p @ v
 
 
+def naive_modded(q, k, v, *, scale=None, mask=None, bias=None, causal=False, score_mod=None, sinks=None,
+                 dropout_p=0.0, dropout_seed=0) -> Tensor:
+    """``naive`` with a score modifier, sinks and dropout (``selfattn.score_mods``), in the inputs' dtype."""
+    from selfattn import score_mods
+    from selfattn.masks import grid
+
+    B, H_q, N_q, D = q.shape
+    H_kv, N_k = k.shape[1], k.shape[2]
+    group = H_q // H_kv
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D) if scale is None else scale)
+    positions = grid(B, H_q, N_q, N_k, q.device, q_pos0=N_k - N_q)
+    if score_mod is not None:
+        s = score_mods.apply(score_mods.as_score_mod(score_mod), s, *positions)
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    visible = reference.dense_visible(mask, causal, B, H_q, N_q, N_k, q.device)
+    if visible is not None:
+        s = s.masked_fill(~visible, -math.inf)
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(s.dtype).view(1, H_q, 1, 1).expand(B, H_q, N_q, 1)], dim=-1)
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)[..., :N_k]
+    if dropout_p:
+        p = p * score_mods.dropout_keep(dropout_seed, dropout_p, *positions) / (1 - dropout_p)
+    return p @ v
+
+
 def naive_grads_from_out(q, k, v, d_out, *, scale=None, mask=None, bias=None, causal=False):
     """(dq, dk, dv) of the naive computation in the inputs' dtype, in the other textbook form of the softmax
     backward: δ = rowsum(dO∘O) from the output (as FlashAttention computes it), dS = P∘(dP − δ). Where the true
@@ -94,4 +121,4 @@ def poison_allocator(nbytes: int = 64 << 20) -> None:
     del t
 
 
-__all__ = ["naive", "naive_grads_from_out", "check_against_oracle", "max_error", "poison_allocator"]
+__all__ = ["naive", "naive_modded", "naive_grads_from_out", "check_against_oracle", "max_error", "poison_allocator"]

@@ -50,6 +50,10 @@ def varlen_attention(
     backend: str | None = None,
     return_lse: bool = False,
     cu_seqlens_k: Tensor | None = None,
+    score_mod=None,
+    sinks: Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed=None,
 ):
     """Attention within each of the packed sequences ``cu_seqlens`` describes (``flash_attn_varlen_func``'s layout).
 
@@ -66,6 +70,8 @@ def varlen_attention(
         return_lse: also return the log-sum-exp (T, H_q) in float32 (−inf for rows that see nothing).
         cu_seqlens_k: only for code written for flash-attn's (cu_seqlens_q, cu_seqlens_k): it must describe the
             same packing as ``cu_seqlens`` (queries and keys packed alike); a different key packing is refused.
+        score_mod, sinks, dropout_p, dropout_seed: as for ``selfattn.attention``. The modifier sees packed
+            positions (0..T-1); kv_idx − q_idx, what ALiBi and relative biases read, is the same within a sequence.
 
     Returns:
         out (T, H_q, D_v) in the input dtype (a transposed view of a (1, H_q, T, D_v) result), or (out, lse).
@@ -86,7 +92,8 @@ def varlen_attention(
     mask = packed_mask(cu_seqlens, T, q.device, causal=causal, window=window)
     # (T, H, D) -> (1, H, T, D): a view; the batch is the one packed row
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    out, lse = attention(q4, k4, v4, mask=mask, scale=scale, backend=backend, return_lse=True)
+    out, lse = attention(q4, k4, v4, mask=mask, scale=scale, backend=backend, return_lse=True, score_mod=score_mod,
+                         sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout_seed)
     out = out[0].transpose(0, 1)  # (1, H_q, T, D_v) -> (T, H_q, D_v)
     return (out, lse[0].transpose(0, 1)) if return_lse else out  # lse (1, H_q, T) -> (T, H_q)
 

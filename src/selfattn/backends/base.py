@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from selfattn.masks import Mask
+from selfattn.score_mods import ScoreMod
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class AttentionCall:
     causal: bool = False
     q_pos0: int | None = None
     k_pos0: int = 0
+    score_mod: ScoreMod | None = None  # applied to the scaled scores, before the bias and the mask
+    sinks: Tensor | None = None  # (H_q,) logits of one extra softmax column with value zero
+    dropout_p: float = 0.0  # dropout on the weights, positions from score_mods.dropout_keep(dropout_seed, ...)
+    dropout_seed: int = 0
 
     @property
     def q_start(self) -> int:
@@ -75,13 +80,22 @@ class AttentionCall:
     @property
     def needs_grad(self) -> bool:
         tensors = (self.q, self.k, self.v) + ((self.bias,) if self.bias is not None else ())
+        tensors += ((self.sinks,) if self.sinks is not None else ()) + self.captures
         return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+    @property
+    def captures(self) -> tuple[Tensor, ...]:
+        return () if self.score_mod is None else self.score_mod.captures
 
     def describe(self) -> str:
         return (
             f"B={self.B} H_q={self.H_q} H_kv={self.H_kv} N_q={self.N_q} N_k={self.N_k} D={self.D} D_v={self.D_v} "
             f"{self.dtype} on {self.device.type}, mask={self.mask.name if self.mask else None}, "
-            f"bias={'yes' if self.bias is not None else 'no'}, grad={'yes' if self.needs_grad else 'no'}"
+            f"bias={'yes' if self.bias is not None else 'no'}, "
+            + (f"score_mod={self.score_mod.name}, " if self.score_mod is not None else "")
+            + ("sinks, " if self.sinks is not None else "")
+            + (f"dropout_p={self.dropout_p}, " if self.dropout_p else "")
+            + f"grad={'yes' if self.needs_grad else 'no'}"
         )
 
 
@@ -111,6 +125,9 @@ class Backend:
     supports_gqa: bool = True
     supports_dv_differs: bool = True
     supports_blocks: bool = False
+    supports_score_mods: bool = False  # custom and ready-made score_mod functions
+    supports_sinks: bool = False
+    supports_dropout: bool = False
     auto_devices: frozenset[str] | None = None  # where the chooser may pick it unnamed (None: all it runs on)
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -142,6 +159,12 @@ class Backend:
             reasons.append(f"does not take masks (got {call.mask.name})")
         if call.bias is not None and not self.supports_bias:
             reasons.append("does not take an additive bias")
+        if call.score_mod is not None and not self.supports_score_mods:
+            reasons.append(f"does not take score modifiers (got {call.score_mod.name})")
+        if call.sinks is not None and not self.supports_sinks:
+            reasons.append("does not take attention sinks")
+        if call.dropout_p and not self.supports_dropout:
+            reasons.append(f"has no dropout (got dropout_p={call.dropout_p})")
         if call.needs_grad and not self.supports_grad:
             reasons.append("has no backward (inputs require grad)")
         if call.H_q != call.H_kv and not self.supports_gqa:

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from selfattn import reference
+from selfattn import reference, score_mods
 from selfattn.backends.base import AttentionCall, Backend
+from selfattn.masks import grid
 
 
 @dataclass(frozen=True)
@@ -21,19 +22,29 @@ class ReferenceBackend(Backend):
         return s.out.to(call.dtype), s.lse.to(torch.float32)
 
     def forward_block(self, call: AttentionCall):
-        with torch.no_grad():
-            s = self._steps(call, call.q, call.k, call.v)
+        with torch.no_grad():  # sinks are added once the blocks are merged (score_mods.add_sinks)
+            s = self._steps(call, call.q, call.k, call.v, sinks=False)
         return s.out.to(_acc(call)), s.lse.to(_acc(call))
 
     def backward_block(self, call: AttentionCall, out, lse, d_out):
         with torch.no_grad():
-            s = self._steps(call, call.q, call.k, call.v)
+            s = self._steps(call, call.q, call.k, call.v, sinks=False)
             lse = lse.to(torch.float64)[..., None]  # (B, H_q, N_q, 1)
             p = torch.where(torch.isneginf(s.masked) | torch.isneginf(lse), 0.0, torch.exp(s.masked - lse))
             d_out, out = d_out.to(torch.float64), out.to(torch.float64)
-            dv = p.transpose(-2, -1) @ d_out  # (B, H_q, N_k, D_v)
-            dp = d_out @ s.v.transpose(-2, -1)  # (B, H_q, N_q, N_k)
+            keep = 1.0
+            if call.dropout_p:
+                keep = score_mods.dropout_keep(call.dropout_seed, call.dropout_p, *self._grid(call))
+                keep = keep / (1 - call.dropout_p)
+            dv = (p * keep).transpose(-2, -1) @ d_out  # (B, H_q, N_k, D_v)
+            dp = (d_out @ s.v.transpose(-2, -1)) * keep  # (B, H_q, N_q, N_k)
             ds = p * (dp - (d_out * out).sum(-1, keepdim=True))
+            if call.score_mod is not None:  # through the modifier: dS_raw = dS · ∂score_mod/∂s
+                def grad(ds=ds):
+                    x = (s.scores * call.scale).requires_grad_(True)
+                    return torch.autograd.grad(score_mods.apply(call.score_mod, x, *self._grid(call)), x, ds)[0]
+
+                ds = score_mods.with_autograd(grad)
             dq = ds @ s.k * call.scale  # (B, H_q, N_q, D)
             dk = ds.transpose(-2, -1) @ s.q * call.scale  # (B, H_q, N_k, D)
             group = call.H_q // call.H_kv
@@ -42,9 +53,14 @@ class ReferenceBackend(Backend):
         return dq.to(_acc(call)), dk.to(_acc(call)), dv.to(_acc(call))
 
     @staticmethod
-    def _steps(call: AttentionCall, q, k, v):
+    def _grid(call: AttentionCall):
+        return grid(call.B, call.H_q, call.N_q, call.N_k, call.device, q_pos0=call.q_start, k_pos0=call.k_pos0)
+
+    @staticmethod
+    def _steps(call: AttentionCall, q, k, v, sinks=True):
         return reference.steps(q, k, v, scale=call.scale, mask=call.mask, bias=call.bias, q_pos0=call.q_start,
-                               k_pos0=call.k_pos0)
+                               k_pos0=call.k_pos0, score_mod=call.score_mod, sinks=call.sinks if sinks else None,
+                               dropout_p=call.dropout_p, dropout_seed=call.dropout_seed)
 
 
 def _acc(call: AttentionCall) -> torch.dtype:
@@ -55,4 +71,7 @@ BACKEND = ReferenceBackend(
     name="reference",
     description="the textbook computation in float64 (the oracle); O(N_q·N_k) memory",
     supports_blocks=True,
+    supports_score_mods=True,
+    supports_sinks=True,
+    supports_dropout=True,
 )

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from selfattn import masks
+from selfattn import masks, score_mods
 from selfattn.backends.base import AttentionCall, Backend, merge_by_lse, sum_to_bias
 
 BLOCK_Q = 256  # query rows per tile: big enough that one tile's matrix products dwarf the Python overhead
@@ -50,6 +50,9 @@ BLOCK_K = 256  # keys per tile: the granularity at which masked regions are skip
 # (key/value) heads per core; fewer heads (B = H = 1) take the tiled backward, parallel over key blocks. It is also
 # slow on short runs (measured: 75 ms per 256-row call of a sliding window), so only no mask and plain causal use it.
 KERNEL_BACKWARD_MIN_HEADS = 2
+# Query rows per fused-kernel call when an additive score modifier (ALiBi, a relative bias) travels as the kernel's
+# additive mask: its (heads x rows x N_k) float block is the memory this costs (O(N), 512·N·H·4 bytes).
+ADDITIVE_BLOCK_Q = 512
 
 # Packed sequences (a document mask whose documents are contiguous, & causal or a sliding window, queries aligned
 # with keys): the forward runs the fused kernel document by document, as if each were its own call (a causal one is
@@ -263,15 +266,30 @@ def _additive_mask(plan: _Plan, q0: int, q1: int, k0: int, k1: int, masked: bool
     (B or 1, H_q or 1, rows, keys), and the rows that see no key at all in this run (the kernel reports lse 0 for
     them, not −inf)."""
     c = plan.call
-    if c.bias is None:
+    if c.bias is None and c.score_mod is None:
         if not masked:
             return None, None
         return plan.cached(f"add-{dtype}", q0, q1, k0, k1, lambda: _with_dead(
             torch.zeros((), dtype=dtype).masked_fill(plan.hidden(q0, q1, k0, k1, folded=False), -math.inf)))
-    add = _bias4(c.bias)[:, :, q0:q1, k0:k1].to(dtype)
+    add = _additive_terms(plan, q0, q1, k0, k1, dtype)
     if masked:
         add = add.masked_fill(plan.hidden(q0, q1, k0, k1, folded=False), -math.inf)
+    elif c.bias is None:  # a modifier's terms are finite: every row of an unmasked run sees its keys
+        return add, None
     return _with_dead(add)
+
+
+def _additive_terms(plan: _Plan, q0: int, q1: int, k0: int, k1: int, dtype: torch.dtype) -> Tensor:
+    """The bias plus an additive score modifier's term (ALiBi, relative bias) on rows q0:q1 and keys k0:k1:
+    (B or 1, H_q or 1, rows, k1 − k0). Exact: such a modifier adds a term that does not depend on the score."""
+    c = plan.call
+    add = None if c.bias is None else _bias4(c.bias)[:, :, q0:q1, k0:k1].to(dtype)
+    if c.score_mod is not None:
+        b, h, qi, ki = masks.grid(c.B, c.H_q, q1 - q0, k1 - k0, c.device, q_pos0=c.q_start + q0, k_pos0=c.k_pos0 + k0)
+        term = score_mods.additive_term(c.score_mod, b, h, qi, ki, dtype)  # (B or 1, H_q or 1, rows, bk)
+        term = term.expand(*term.shape[:2], q1 - q0, k1 - k0)
+        add = term if add is None else add + term
+    return add
 
 
 def _with_dead(add: Tensor):
@@ -289,7 +307,8 @@ def _kernel_causal(plan: _Plan, q0: int, q1: int, k0: int, k1: int) -> bool:
     """True when this run is exactly the fused kernel's own top-left causal mask (row r sees keys c <= r): a plain
     causal mask, query q0 at the position of key k0, and no more rows than keys."""
     c = plan.call
-    return c.mask.spec == ("causal",) and c.bias is None and plan.offset(q0, k0) == 0 and q1 - q0 <= k1 - k0
+    return (c.mask.spec == ("causal",) and c.bias is None and c.score_mod is None and plan.offset(q0, k0) == 0
+            and q1 - q0 <= k1 - k0)
 
 
 # Grouped-query attention on the fused kernel, in one of two layouts; neither copies K or V:
@@ -399,7 +418,11 @@ def _split_keys(q, k, v, scale, chunks):
 def kernel_block_q(call: AttentionCall) -> int:
     """Query rows per fused-kernel call. No mask: all rows in one call (blocking the queries would gain nothing).
     Plain causal with queries and keys aligned: also one call, on the kernel's own causal mask. Other causal calls:
-    large blocks. Any other mask: one tile's worth, to skip as much as possible."""
+    large blocks. Any other mask: one tile's worth, to skip as much as possible.
+    An additive score modifier (ALiBi) is handed to the kernel as an additive mask per run: ADDITIVE_BLOCK_Q rows,
+    so that mask stays O(N) in memory."""
+    if call.score_mod is not None:
+        return ADDITIVE_BLOCK_Q if call.mask is None or call.mask.spec == ("causal",) else BLOCK_Q
     if call.mask is None:
         return max(call.N_q, 1)
     if call.mask.spec == ("causal",):
@@ -413,7 +436,8 @@ def _whole_call(call: AttentionCall) -> bool | None:
     """For a call that is one kernel call on all of q, k, v: whether it is the kernel's own causal mask; None for any
     other call (those are planned tile by tile). Called on every decoding step: kept to a few comparisons."""
     mask = call.mask
-    if call.bias is not None or call.q.dtype == torch.float64 or kernel_block_q(call) < call.q.shape[2]:
+    if (call.bias is not None or call.score_mod is not None or call.dropout_p or call.q.dtype == torch.float64
+            or kernel_block_q(call) < call.q.shape[2]):
         return None
     if mask is None:
         return False
@@ -440,7 +464,8 @@ def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = 
     bounds = _document_bounds(call) if block_q is None else None
     if bounds is not None:
         return _forward_by_document(call, bounds, out_dtype)
-    block_q = (BLOCK_Q if call.dtype == torch.float64 else kernel_block_q(call)) if block_q is None else block_q
+    by_tiles = call.dtype == torch.float64 or _torch_tiles(call)
+    block_q = (BLOCK_Q if by_tiles else kernel_block_q(call)) if block_q is None else block_q
     plan = _plan(call, block_q, block_k)
     g = plan.group
     mask_dtype = call.dtype if call.dtype in (torch.float32, torch.float64) else torch.float32
@@ -450,14 +475,15 @@ def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = 
     for i in range(plan.states.shape[0]):
         q0, q1 = plan.q_range(i)
         parts = []
-        if call.dtype == torch.float64:
+        if by_tiles:
             Z, R = call.B * call.H_kv, g * (q1 - q0)
             k3, v3 = call.k.reshape(Z, call.N_k, call.D), call.v.reshape(Z, call.N_k, call.D_v)
-            o, l_ = _online_softmax_rows(plan, i, _fold(call.q[:, :, q0:q1], g).reshape(Z, R, call.D), k3, v3)
+            qf = _fold(call.q[:, :, q0:q1], g).reshape(Z, R, call.D).to(acc)
+            o, l_ = _online_softmax_rows(plan, i, qf, k3.to(acc), v3.to(acc))
             o, l_ = o.view(call.B, call.H_kv, R, -1), l_.view(call.B, call.H_kv, R, 1)  # folded
             parts.append((_unfold(o, g), _unfold(l_, g)[..., 0]))
             n_tiles += int((plan.states[i] != masks.EMPTY).sum())
-        for j0, j1, masked in ([] if call.dtype == torch.float64 else plan.runs(i)):
+        for j0, j1, masked in ([] if by_tiles else plan.runs(i)):
             k0, k1 = j0 * block_k, plan.k_range(j1 - 1)[1]
             if masked and _kernel_causal(plan, q0, q1, k0, k1):
                 add, dead, causal = None, None, True
@@ -491,7 +517,7 @@ def _document_bounds(call: AttentionCall) -> list[tuple[int, int]] | None:
     float64 keeps the tile path (its backward recomputes the forward's scores bit for bit, tile by tile)."""
     c = call
     if (c.mask is None or c.mask.spec is None or c.bias is not None or c.dtype == torch.float64
-            or c.N_q != c.N_k or c.q_start != 0 or c.k_pos0 != 0):
+            or c.score_mod is not None or c.dropout_p or c.N_q != c.N_k or c.q_start != 0 or c.k_pos0 != 0):
         return None
     leaves = _leaves(c.mask.spec)
     docs = [leaf for leaf in leaves if leaf[0] == "document"]
@@ -538,10 +564,19 @@ def _tile_scores(plan: _Plan, i: int, j: int, qi: Tensor, kj: Tensor, neg_lse: T
     −lse enters as the matrix product's addend, which saves a pass over the tile. Without it (float64), the scores
     are bit-identical to those of the float64 forward, so that exp(S − lse) reproduces its probabilities to the ulp.
     """
+    c = plan.call
+    if c.score_mod is not None:  # S·scale → score_mod → + bias → mask → − lse
+        s = _modified(plan, i, j, torch.bmm(qi, kj.transpose(1, 2)).mul_(c.scale))
+        s = _bias_and_mask(plan, i, j, s, partial)
+        return s if neg_lse is None else s.add_(neg_lse)
     if neg_lse is None:
         s = torch.bmm(qi, kj.transpose(1, 2)).mul_(plan.call.scale)
     else:
         s = torch.baddbmm(neg_lse, qi, kj.transpose(1, 2), alpha=plan.call.scale)
+    return _bias_and_mask(plan, i, j, s, partial)
+
+
+def _bias_and_mask(plan: _Plan, i: int, j: int, s: Tensor, partial: bool) -> Tensor:
     c = plan.call
     if c.bias is not None or partial:
         (q0, q1), (k0, k1) = plan.q_range(i), plan.k_range(j)
@@ -551,6 +586,67 @@ def _tile_scores(plan: _Plan, i: int, j: int, qi: Tensor, kj: Tensor, neg_lse: T
         if partial:
             s4.masked_fill_(plan.hidden(q0, q1, k0, k1), -math.inf)
     return s
+
+
+# ----------------------------------------------------------------- score modifiers and dropout on one tile (Z, R, bk)
+
+
+def _torch_tiles(call: AttentionCall) -> bool:
+    """Calls the fused kernel cannot compute: a score modifier that is not additive (soft-capping, a custom one) or
+    dropout (the tiles then run in torch operations, and their backward recomputes the modified scores and
+    regenerates the dropout mask tile by tile)."""
+    return (call.score_mod is not None and not call.score_mod.additive) or call.dropout_p > 0
+
+
+def _capture_grads(call: AttentionCall) -> bool:
+    return any(t.requires_grad for t in call.captures)
+
+
+def _tile_grid(plan: _Plan, i: int, j: int):
+    c = plan.call
+    (q0, q1), (k0, k1) = plan.q_range(i), plan.k_range(j)
+    return masks.grid(c.B, c.H_q, q1 - q0, k1 - k0, c.device, q_pos0=c.q_start + q0, k_pos0=c.k_pos0 + k0)
+
+
+def _unfolded(plan: _Plan, s: Tensor) -> Tensor:
+    """A folded tile (Z, g·rows, bk) viewed per query head: (B, H_q, rows, bk)."""
+    c = plan.call
+    return s.view(c.B, c.H_q, -1, s.shape[-1])
+
+
+def _modified(plan: _Plan, i: int, j: int, s: Tensor) -> Tensor:
+    """score_mod on a folded tile of scaled scores, evaluated at the tile's positions."""
+    return score_mods.apply(plan.call.score_mod, _unfolded(plan, s), *_tile_grid(plan, i, j)).reshape(s.shape)
+
+
+def _keep_scale(plan: _Plan, i: int, j: int, dtype: torch.dtype) -> Tensor:
+    """keep / (1 − p) of tile (i, j) (0 where dropped), folded: (Z, R, bk)."""
+    c = plan.call
+    keep = score_mods.dropout_keep(c.dropout_seed, c.dropout_p, *_tile_grid(plan, i, j))
+    (q0, q1), (k0, k1) = plan.q_range(i), plan.k_range(j)
+    keep = keep.expand(c.B, c.H_q, q1 - q0, k1 - k0)
+    scale = torch.tensor(1.0 / (1.0 - c.dropout_p), dtype=dtype)
+    return torch.where(keep, scale, torch.zeros((), dtype=dtype)).reshape(c.B * c.H_kv, -1, k1 - k0)
+
+
+def _mod_backward(plan: _Plan, i: int, j: int, qi: Tensor, kj: Tensor, ds: Tensor, cap_grads: list) -> Tensor:
+    """dS before the score modifier, ∂L/∂s = dS · ∂score_mod/∂s, by autograd on this tile (recomputed); adds the
+    gradients of the modifier's captured tensors to ``cap_grads`` (one slot per capture)."""
+    c = plan.call
+    if c.score_mod.spec is not None and c.score_mod.spec[0] == "softcap":  # d(cap·tanh(x/cap))/dx = 1 − tanh²
+        t = torch.bmm(qi, kj.transpose(1, 2)).mul_(c.scale / c.score_mod.spec[1]).tanh_()
+        return t.mul_(t).neg_().add_(1.0).mul_(ds)
+    caps = [t for t in c.captures if t.requires_grad]
+
+    def grad():
+        x = torch.bmm(qi, kj.transpose(1, 2)).mul_(c.scale).requires_grad_(True)
+        return torch.autograd.grad(_modified(plan, i, j, x), [x, *caps], ds, allow_unused=True)
+
+    grads = score_mods.with_autograd(grad)
+    for n, g in enumerate(grads[1:]):
+        if g is not None:
+            cap_grads[n] = g if cap_grads[n] is None else cap_grads[n] + g
+    return grads[0]
 
 
 def _online_softmax_rows(plan: _Plan, i: int, qi: Tensor, k3: Tensor, v3: Tensor):
@@ -565,19 +661,20 @@ def _online_softmax_rows(plan: _Plan, i: int, qi: Tensor, k3: Tensor, v3: Tensor
     for j, state in tiles:
         k0, k1 = plan.k_range(j)
         s = _tile_scores(plan, i, j, qi, k3[:, k0:k1], None, state == masks.PARTIAL)
+        keep = _keep_scale(plan, i, j, s.dtype) if plan.call.dropout_p else None
         if len(tiles) == 1:  # the whole row in one tile: the textbook order (normalise P, then multiply by V)
             m = s.amax(-1, keepdim=True)
             e = s.sub_(torch.where(torch.isneginf(m), 0.0, m)).exp_()
             l_ = e.sum(-1, keepdim=True)
             p = torch.where(l_ > 0, e / torch.where(l_ > 0, l_, 1.0), 0.0)
             lse = (torch.where(torch.isneginf(m), 0.0, m) + torch.log(l_))[..., 0]
-            return torch.bmm(p, v3[:, k0:k1]), lse
+            return torch.bmm(p if keep is None else p.mul_(keep), v3[:, k0:k1]), lse
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         m_safe = torch.where(torch.isneginf(m_new), 0.0, m_new)  # rows that have seen no key yet
         alpha = torch.exp(m - m_safe)
         p = s.sub_(m_safe).exp_()
         l_ = l_ * alpha + p.sum(-1, keepdim=True)
-        o = o * alpha + torch.bmm(p, v3[:, k0:k1])
+        o = o * alpha + torch.bmm(p if keep is None else p.mul_(keep), v3[:, k0:k1])
         m = m_new
     lse = (torch.where(torch.isneginf(m), 0.0, m) + torch.log(l_))[..., 0]  # log 0 = −inf: rows that see nothing
     out = torch.where(l_ > 0, o / torch.where(l_ > 0, l_, 1.0), 0.0)
@@ -592,9 +689,10 @@ def _workers() -> int:
 
 
 def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, block_q: int = BLOCK_Q,
-              block_k: int = BLOCK_K, bias_grad: bool = False):
+              block_k: int = BLOCK_K, bias_grad: bool = False, capture_grads: list | None = None):
     """(dq, dk, dv) in the accumulation dtype, given the final ``out`` and ``lse`` of every query row; with
-    ``bias_grad`` also dS, the gradient of the bias, as (B, H_q, N_q, N_k) (O(N_q·N_k), like the bias)."""
+    ``bias_grad`` also dS, the gradient of the bias, as (B, H_q, N_q, N_k) (O(N_q·N_k), like the bias). The
+    gradients of the score modifier's captured tensors that require grad are written into ``capture_grads``."""
     acc = _acc_dtype(call.dtype)
     call = _upcast_if_slow(call, "backward")
     plan = _plan(call, block_q, block_k)
@@ -605,7 +703,8 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     lse_b = torch.where(torch.isneginf(lse), math.inf, lse.to(acc))  # (B, H_q, N_q)
     heads = B * call.H_q  # the kernel runs grouped-query attention by query heads
     if (acc == torch.float32 and heads >= KERNEL_BACKWARD_MIN_HEADS * _workers() and kernel_block_q(call) > BLOCK_Q
-            and not bias_grad):  # the fused kernel does not hand out dS
+            and not bias_grad and not _torch_tiles(call)
+            and not (capture_grads and _capture_grads(call))):  # the fused kernel does not hand out dS
         # in the inputs' dtype: the kernel accumulates half precision in float32 itself (and torch 2.13's is fast)
         out, d_out = out.to(call.dtype), d_out.to(call.dtype)
         return _kernel_backward(_plan(call, kernel_block_q(call), block_k), call.q, call.k, call.v, out, lse_b,
@@ -632,22 +731,29 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     exact = acc == torch.float64
     columns = [[i for i in range(n_qb) if states[i][j] != masks.EMPTY] for j in range(n_kb)]
 
-    def key_block(j: int, dq_rows: list) -> int:
+    def key_block(j: int, dq_rows: list, cap_grads: list) -> int:
         k0, k1 = plan.k_range(j)
         kj, vj = k3[:, k0:k1], v3[:, k0:k1]
         dkj, dvj = dk3[:, k0:k1], dv3[:, k0:k1]
         for i in columns[j]:
             qi, doi, neg_lse, di = rows[i]
-            if exact:  # float64: the forward's scores bit for bit, then − lse
+            if exact or call.score_mod is not None:  # float64: the forward's scores bit for bit, then − lse
                 s = _tile_scores(plan, i, j, qi, kj, None, states[i][j] == masks.PARTIAL).add_(neg_lse)
             else:
                 s = _tile_scores(plan, i, j, qi, kj, neg_lse, states[i][j] == masks.PARTIAL)  # (Z, R, bk)
             p = s.exp_()  # P = exp(S − lse), the forward's probabilities
-            dvj.baddbmm_(p.transpose(1, 2), doi)
-            ds = torch.bmm(doi, vj.transpose(1, 2)).sub_(di).mul_(p)  # dS = P∘(dP − δ)
+            if call.dropout_p:  # the forward multiplied P by keep/(1 − p) before V: so do dV and dP
+                keep = _keep_scale(plan, i, j, p.dtype)
+                dvj.baddbmm_((p * keep).transpose(1, 2), doi)
+                ds = torch.bmm(doi, vj.transpose(1, 2)).mul_(keep).sub_(di).mul_(p)
+            else:
+                dvj.baddbmm_(p.transpose(1, 2), doi)
+                ds = torch.bmm(doi, vj.transpose(1, 2)).sub_(di).mul_(p)  # dS = P∘(dP − δ)
             if dbias is not None:
                 q0, q1 = plan.q_range(i)
                 dbias[:, :, :, q0:q1, k0:k1] = ds.view(B, H_kv, g, q1 - q0, k1 - k0)  # (Z, g·rows, bk) unfolded
+            if call.score_mod is not None:
+                ds = _mod_backward(plan, i, j, qi, kj, ds, cap_grads)
             dkj.baddbmm_(ds.transpose(1, 2), qi, alpha=scale)
             if dq_rows[i] is None:
                 dq_rows[i] = torch.zeros_like(qi)
@@ -658,6 +764,7 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     shares = _balance([len(c) for c in columns], n_workers)
     dq = torch.zeros(B, H_kv, g, N_q, D, dtype=acc, device=call.device)  # (B, H_kv, g, N_q, D) = (B, H_q, N_q, D)
     dq_parts = [[None] * n_qb for _ in shares]  # per worker, per query block, allocated when first touched
+    cap_parts = [[None] * len([t for t in call.captures if t.requires_grad]) for _ in shares]  # per worker
     # Each query block's first worker accumulates straight into dq (with g == 1 its folded block is a view of dq);
     # only the other workers that touch the block need a buffer of their own (for a band such as a sliding window,
     # just the blocks where two workers' key ranges meet).
@@ -672,13 +779,13 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
                 q0, q1 = plan.q_range(i)
                 dq_parts[w][i] = dq[:, :, 0, q0:q1].view(Z, q1 - q0, D)
     if n_workers == 1:
-        n_tiles = sum(key_block(j, dq_parts[0]) for j in shares[0])
+        n_tiles = sum(key_block(j, dq_parts[0], cap_parts[0]) for j in shares[0])
     else:
         def work(w):
             # grad mode is per thread (the workers must not record history), and so is the intra-op thread count:
             # one worker per core, each single-threaded
             with torch.no_grad(), _one_thread():
-                return sum(key_block(j, dq_parts[w]) for j in shares[w])
+                return sum(key_block(j, dq_parts[w], cap_parts[w]) for j in shares[w])
 
         with ThreadPoolExecutor(n_workers) as pool:
             n_tiles = sum(pool.map(work, range(len(shares))))
@@ -689,6 +796,10 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
         for w, part in enumerate(dq_parts):
             if part[i] is not None and not (g == 1 and w == owner[i]):
                 dq[:, :, :, q0:q1] += part[i].view(B, H_kv, g, q1 - q0, D)
+    if capture_grads is not None:  # summed over the workers in a fixed order: deterministic
+        for n in range(len(capture_grads)):
+            parts = [part[n] for part in cap_parts if part[n] is not None]
+            capture_grads[n] = sum(parts[1:], parts[0]) if parts else None
     if bias_grad:
         return dq.view(B, call.H_q, N_q, D), dk, dv, dbias.view(B, call.H_q, N_q, call.N_k)
     return dq.view(B, call.H_q, N_q, D), dk, dv
@@ -781,30 +892,47 @@ class _TiledAttention(torch.autograd.Function):
     """One autograd Function for every variant: the call (mask, bias, positions, scale) is an argument."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, call: AttentionCall):
-        out, lse = _forward(call, out_dtype=q.dtype)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
+    def forward(ctx, q, k, v, bias, sinks, call: AttentionCall, *captures):
+        if sinks is None:
+            out, lse = _forward(call, out_dtype=q.dtype)
+        else:  # the sink joins each row's softmax (score_mods.add_sinks); the backward sees the final out and lse
+            out, lse = score_mods.add_sinks(*_forward(call), sinks)
+            out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, bias, sinks, out, lse)
         ctx.call = call
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, _d_lse):
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        call = ctx.call
-        call = AttentionCall(q, k, v, call.scale, call.mask, bias, call.causal, call.q_pos0, call.k_pos0)
-        if bias is None or not ctx.needs_input_grad[3]:
-            dq, dk, dv = _backward(call, out, lse, d_out)
-            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
-        dq, dk, dv, dbias = _backward(call, out, lse, d_out, bias_grad=True)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), sum_to_bias(dbias, bias), None
+        q, k, v, bias, sinks, out, lse = ctx.saved_tensors
+        call = dataclasses.replace(ctx.call, q=q, k=k, v=v, bias=bias)
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        wanted = [n for n, t in enumerate(call.captures) if ctx.needs_input_grad[6 + n]]
+        cap_grads = [None] * len([t for t in call.captures if t.requires_grad])
+        dq, dk, dv, *dbias = _backward(call, out, lse, d_out, bias_grad=bias_grad, capture_grads=cap_grads)
+        dbias = sum_to_bias(dbias[0], bias) if bias_grad else None
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[4]:
+            dsinks = score_mods.sinks_grad(out, lse, d_out, sinks)
+        by_capture = [None] * len(call.captures)
+        grads_of_requiring = iter(cap_grads)
+        for n, t in enumerate(call.captures):
+            if t.requires_grad:
+                g = next(grads_of_requiring)
+                if n in wanted:  # no tile visited (every key masked): the capture did not matter
+                    by_capture[n] = torch.zeros_like(t) if g is None else g.to(t.dtype)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dsinks, None, *by_capture)
 
 
 @dataclass(frozen=True)
 class TiledBackend(Backend):
     def forward(self, call: AttentionCall):
         if call.needs_grad:
-            out, lse = _TiledAttention.apply(call.q, call.k, call.v, call.bias, call)
+            out, lse = _TiledAttention.apply(call.q, call.k, call.v, call.bias, call.sinks, call, *call.captures)
+        elif call.sinks is not None:
+            out, lse = score_mods.add_sinks(*_forward(call), call.sinks)
+            out = out.to(call.dtype)
         else:
             out, lse = _forward(call, out_dtype=call.dtype)
         return out, (lse if lse.dtype == torch.float32 else lse.to(torch.float32))
@@ -824,4 +952,7 @@ BACKEND = TiledBackend(
                 "CPU kernel, masked blocks skipped, threaded backward; O(N) memory",
     devices=frozenset({"cpu"}),
     supports_blocks=True,
+    supports_score_mods=True,
+    supports_sinks=True,
+    supports_dropout=True,
 )

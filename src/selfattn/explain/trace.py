@@ -103,9 +103,14 @@ def trace_vectors(
     causal: bool = False,
     scale: float | None = None,
     tokens: Sequence[str] | None = None,
+    score_mod=None,
+    sink: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> Trace:
     """Trace single-head self-attention on matrices you give: X (N, d_model), W_Q and W_K (d_model, d_k),
     W_V (d_model, d_v). ``token`` picks the query row the tables show (negative counts from the end).
+    ``score_mod``, ``sink`` (this head's sink logit) and dropout add their steps (see ``selfattn.score_mods``).
 
     Examples:
         >>> t = trace_vectors(torch.eye(3), torch.eye(3), torch.eye(3), torch.eye(3), causal=True)
@@ -125,11 +130,12 @@ def trace_vectors(
     named = [Step("X", "the inputs; row i is x_i", X), Step("W_Q", "query projection", W_Q),
              Step("W_K", "key projection", W_K), Step("W_V", "value projection", W_V),
              Step("Q", "q_i = x_i·W_Q", Q), Step("K", "k_j = x_j·W_K", K), Step("V", "v_j = x_j·W_V", V)]
-    return _finish(named, Q, K, V, token=token, causal=causal, scale=scale, mask=None, tokens=tokens, N=N)
+    return _finish(named, Q, K, V, token=token, causal=causal, scale=scale, mask=None, tokens=tokens, N=N,
+                   variants=dict(score_mod=score_mod, sink=sink, dropout_p=dropout_p, dropout_seed=dropout_seed))
 
 
 def _finish(named: list[Step], Q: Tensor, K: Tensor, V: Tensor, *, token, causal, scale, mask, tokens, N,
-            layer=None, head=None, where="", bias=None) -> Trace:
+            layer=None, head=None, where="", bias=None, variants=None) -> Trace:
     """Add the oracle's steps from the scores to Y for one head's Q (N_q, d_k), K (N_k, d_k), V (N_k, d_v)."""
     tokens = _labels(tokens, N)
     token = _check_index("token", token, N, "a query row of the text")
@@ -141,14 +147,33 @@ def _finish(named: list[Step], Q: Tensor, K: Tensor, V: Tensor, *, token, causal
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}; leave it out for 1/√d_k = "
                          f"{1 / math.sqrt(d_k):.4g}")
+    v = variants or {}
+    sink = v.get("sink")
+    sinks = None if sink is None else torch.tensor([float(sink)], dtype=torch.float64)
     s = reference.steps(Q[None, None], K[None, None], V[None, None], scale=float(scale), mask=mask, causal=causal,
-                        bias=bias)
+                        score_mod=v.get("score_mod"), sinks=sinks, dropout_p=v.get("dropout_p", 0.0),
+                        dropout_seed=v.get("dropout_seed", 0), bias=bias)
     named += [Step("scores", "s_ij = q_i·k_j", s.scores[0, 0]),
-              Step("scaled", f"s_ij · {_scale_text(scale, d_k)}" + (" + bias_ij" if bias is not None else ""),
-                   s.scaled[0, 0]),
-              Step("masked", "−∞ where query i may not see key j" + (" (j > i)" if causal else ""), s.masked[0, 0]),
-              Step("weights", "a_ij = exp(s_ij) / Σ_j' exp(s_ij')", s.weights[0, 0]),
-              Step("Y", "y_i = Σ_j a_ij v_j", s.out[0, 0])]
+              Step("scaled", f"s_ij · {_scale_text(scale, d_k)}", (s.scores * scale)[0, 0])]
+    if s.modified is not None:
+        name = getattr(v["score_mod"], "name", "score_mod")
+        named.append(Step("modified", f"{name}(s_ij, i, j)", s.modified[0, 0]))
+    if bias is not None:
+        named.append(Step("biased", "+ bias_ij", s.scaled[0, 0]))
+    named.append(Step("masked", "−∞ where query i may not see key j" + (" (j > i)" if causal else ""),
+                      s.masked[0, 0]))
+    if sinks is None:
+        named.append(Step("weights", "a_ij = exp(s_ij) / Σ_j' exp(s_ij')", s.weights[0, 0]))
+    else:
+        named += [Step("weights", f"a_ij = exp(s_ij) / (exp(sink) + Σ_j' exp(s_ij')), sink = {float(sink):.4g}",
+                       s.weights[0, 0]),
+                  Step("sink share", "exp(sink) / (exp(sink) + Σ_j' exp(s_ij')): the weight no value receives",
+                       s.sink_weight[0, 0])]
+    if s.dropped is not None:
+        p = v["dropout_p"]
+        named.append(Step("dropout", f"a_ij · keep_ij / (1 − {p:g}), keep from a hash of (seed, i, j)",
+                          s.dropped[0, 0]))
+    named.append(Step("Y", "y_i = Σ_j a_ij v_j", s.out[0, 0]))
     return Trace(tuple(named), tokens, token, float(scale), causal, layer, head, where)
 
 

@@ -17,31 +17,37 @@ padding and ``masks.key_range(starts, ends)`` for left padding (batched generati
 run on the Triton kernels on a GPU and let every tiled backend skip whole blocks without reading N_q x N_k values. Any
 other pattern is passed as the dense bool mask. A float mask is an additive bias.
 
+Model variants: ``softcap`` (Gemma-2's logit soft-capping) becomes ``score_mods.softcap``, ``s_aux`` (gpt-oss's
+learned sinks) becomes ``sinks=``, and the attention dropout transformers passes in training becomes selfattn's
+counter-based dropout, seeded from torch's global generator (``torch.manual_seed`` repeats a training step).
+
 Differences from transformers' eager attention: a query row whose keys are all masked (a left-padding position)
-gets zeros, not a uniform average; dropout is not supported (``model.eval()``, or ``attention_dropout=0``).
+gets zeros (plus the sink's share), not a uniform average; dropout drops other weights than torch's RNG would (the
+same ones on every selfattn backend).
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
 from torch import Tensor
 
 import selfattn
-from selfattn import masks
+from selfattn import masks, score_mods
 
 NAME = "selfattn"
 
-_UNSUPPORTED_KWARGS = {"softcap": "logit soft-capping", "s_aux": "attention sinks"}
 
 # Callables that see every call's q, k (after rotary), v and its mask, as selfattn gets them (selfattn.explain's
 # capture adds one while a model runs); empty, this costs one truth test per call.
 recorders: list = []
 
 
-def register(name: str = NAME) -> str:
-    """Register selfattn with transformers under ``name`` (done on import with "selfattn"); returns the name."""
+def register(name: str = NAME, *, backend: str | None = None) -> str:
+    """Register selfattn with transformers under ``name`` (done on import with "selfattn"); returns the name.
+    ``backend`` pins a backend (e.g. ``register("selfattn-oracle", backend="reference")`` to check a model)."""
     try:
         from transformers import AttentionInterface, AttentionMaskInterface
         from transformers.masking_utils import sdpa_mask
@@ -49,22 +55,18 @@ def register(name: str = NAME) -> str:
         raise ImportError(f"selfattn.integrations.hf needs transformers with AttentionInterface and "
                           f"AttentionMaskInterface (tested with 5.24): pip install 'selfattn[hf]' ({e})") from e
 
-    AttentionInterface.register(name, attention_forward)
+    AttentionInterface.register(name, attention_forward if backend is None else
+                                functools.partial(attention_forward, backend=backend))
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
 
 
 def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      is_causal: bool | None = None, **kwargs):
+                      is_causal: bool | None = None, backend: str | None = None, **kwargs):
     """transformers' attention-function signature: query (B, H_q, N_q, D), key (B, H_kv, N_k, D),
     value (B, H_kv, N_k, D_v) -> (out (B, N_q, H_q, D_v), weights (B, H_q, N_q, N_k) or None)."""
-    if dropout:
-        raise ValueError(f"selfattn computes attention without dropout, got dropout={dropout}; call model.eval() "
-                         "for inference, or set the config's attention dropout to 0 for training")
-    for kw, what in _UNSUPPORTED_KWARGS.items():
-        if kwargs.get(kw) is not None:
-            raise ValueError(f"selfattn does not support {what} ({kw}=...); use attn_implementation='eager'")
+    extra = _variants(dropout, kwargs.get("softcap"), kwargs.get("s_aux"), query)
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     N_q, N_k = query.shape[2], key.shape[2]
     bias = kwargs.get("position_bias")
@@ -82,11 +84,25 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         bias = attention_mask if bias is None else bias + attention_mask
     for record in recorders:
         record(module, query, key, value, causal=causal, mask=mask, bias=bias, scale=scaling)
-    out = selfattn.attention(query, key, value, causal=causal, mask=mask, bias=bias, scale=scaling)
+    out = selfattn.attention(query, key, value, causal=causal, mask=mask, bias=bias, scale=scaling, backend=backend,
+                             **extra)
     weights = None
     if _weights_requested(module, kwargs):
-        weights = selfattn.attention_weights(query, key, causal=causal, mask=mask, bias=bias, scale=scaling)
+        weights = selfattn.attention_weights(query, key, causal=causal, mask=mask, bias=bias, scale=scaling,
+                                             score_mod=extra.get("score_mod"), sinks=extra.get("sinks"))
     return out.transpose(1, 2).contiguous(), weights  # (B, N_q, H_q, D_v)
+
+
+def _variants(dropout, softcap, s_aux, query: Tensor) -> dict:
+    """selfattn's arguments for transformers' ``dropout`` (already 0 outside training), ``softcap`` and ``s_aux``."""
+    extra = {}
+    if dropout:
+        extra["dropout_p"] = float(dropout)
+    if softcap is not None:
+        extra["score_mod"] = score_mods.softcap(float(softcap))
+    if s_aux is not None:
+        extra["sinks"] = s_aux if s_aux.dtype == query.dtype else s_aux.to(query.dtype)
+    return extra
 
 
 def _weights_requested(module, kwargs) -> bool:
