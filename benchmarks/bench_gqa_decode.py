@@ -152,10 +152,12 @@ def half_point(H, N, dtype, rounds):
 def sections(args):
     quick = args.quick
     if "prefill" in args.only:
-        ns = [512, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384]
-        for dtype in ([torch.float32] if quick else [torch.float32, torch.bfloat16]):
-            for D in ([64] if quick or dtype != torch.float32 else [64, 128]):
+        ns = [512, 4096] if quick else args.n
+        for dtype in ([torch.float32] if quick else args.dtypes):
+            for D in ([64] if quick or dtype != torch.float32 else args.d):
                 for H_q, H_kv in (HEADS[:1] if quick else HEADS):
+                    if D != 64 and (H_q, H_kv) not in HEADS[:2]:
+                        continue
                     for causal in (True, False):
                         for mode in ("fwd", "fwd+bwd"):
                             for N in ns:
@@ -246,11 +248,15 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a smoke run")
     p.add_argument("--only", default="prefill,decode,overhead,half", help="comma-separated sections")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--n", type=int, nargs="+", default=[512, 1024, 4096, 16384], help="prefill lengths")
+    p.add_argument("--d", type=int, nargs="+", default=[64, 128], help="float32 head dims (D != 64: 9/3 and 32/8)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="prefill dtypes")
     p.add_argument("--max-work", type=float, default=9 * 8192 * 8192,
                    help="skip prefill points whose N²·H_q·D/64 (x3.5 with backward) exceeds this")
     p.add_argument("--out", default=str(HERE / "results" / "gqa_decode.json"))
     args = p.parse_args(argv)
     args.only = set(args.only.split(","))
+    args.dtypes = [getattr(torch, d) for d in args.dtypes]
     meta = machine()
     print(json.dumps(meta))
     rows = []

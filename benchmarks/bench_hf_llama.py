@@ -66,7 +66,7 @@ def main(argv=None):
     times = {impl: {"prefill": [], "decode_per_token": []} for impl in models}
     tokens = {}
     with torch.no_grad():
-        for impl, m in models.items():  # warm-up
+        for m in models.values():  # warm-up
             prefill(m, ids_prefill[:, :64])
             generate(m, ids_prompt[:, :64], 2)
         for r in range(args.rounds):

@@ -320,8 +320,8 @@ def _kernel_causal(plan: _Plan, q0: int, q1: int, k0: int, k1: int) -> bool:
 FOLD_MAX_ROWS = 128
 # A run this long for few rows is cut into chunks of keys that become extra kernel heads (flash-decoding), merged by
 # log-sum-exp, until every core has SPLIT_ITEMS_PER_CORE heads x chunks to work on.
-SPLIT_MIN_KEYS = 4096
-SPLIT_MIN_CHUNK = 1024
+SPLIT_MIN_KEYS = 16384  # measured: below it the chunks' merge costs more than the second core gains
+SPLIT_MIN_CHUNK = 4096
 SPLIT_ITEMS_PER_CORE = 4
 
 
