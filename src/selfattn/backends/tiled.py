@@ -346,6 +346,18 @@ def _fused_run(q: Tensor, k: Tensor, v: Tensor, scale: float, add: Tensor | None
     return (out if D_v == out.shape[-1] else out[..., :D_v]), lse
 
 
+def _grouped(b: int, H_kv: int, g: int, *, queries, keys, add):
+    """Batch element b in the by-heads layout, views only: each of ``queries`` (B, H_q, ·, ·) as (H_kv, g, ·, ·), each
+    of ``keys`` (B, H_kv, n, ·) expanded with stride 0 to (H_kv, g, n, ·), and ``add`` (B or 1, H_q or 1, R, n) as
+    (H_kv, g, R, n) or (1, 1, R, n); returns them in that order (add last, None if None)."""
+    ab = None
+    if add is not None:
+        ab = add[b if add.shape[0] > 1 else 0]  # (H_q or 1, R, n)
+        ab = ab.unsqueeze(0) if ab.shape[0] == 1 else ab.unflatten(0, (H_kv, g))
+    return (*(t[b].unflatten(0, (H_kv, g)) for t in queries),
+            *(t[b].unsqueeze(1).expand(H_kv, g, *t.shape[2:]) for t in keys), ab)
+
+
 def _by_heads(q, k, v, scale, add, causal, g):
     """The fused kernel with the g query heads of each group on its head axis and K, V expanded (stride 0) to them,
     one call per batch element."""
@@ -353,13 +365,7 @@ def _by_heads(q, k, v, scale, add, causal, g):
     H_kv = k.shape[1]
     outs, lses = [], []
     for b in range(B):
-        qb = q[b].unflatten(0, (H_kv, g))  # (H_kv, g, R, D)
-        kb = k[b].unsqueeze(1).expand(H_kv, g, *k.shape[2:])  # (H_kv, g, n, D), no copy
-        vb = v[b].unsqueeze(1).expand(H_kv, g, *v.shape[2:])
-        ab = None
-        if add is not None:
-            ab = add[b if add.shape[0] > 1 else 0]  # (H_q or 1, R, n)
-            ab = ab.unsqueeze(0) if ab.shape[0] == 1 else ab.unflatten(0, (H_kv, g))
+        qb, kb, vb, ab = _grouped(b, H_kv, g, queries=(q,), keys=(k, v), add=add)
         o, l_ = _kernel(qb, kb, vb, scale, ab, causal)
         outs.append(o.flatten(0, 1))  # (H_q, R, D_v)
         lses.append(l_.flatten(0, 1))  # (H_q, R)
@@ -397,7 +403,7 @@ def _split_keys(q, k, v, scale, chunks):
     n = k.shape[2]
     C = n // chunks
     main = chunks * C
-    acc = torch.float32 if q.dtype != torch.float64 else torch.float64
+    acc = _acc_dtype(q.dtype)
     outs, lses = [], []
     for b in range(B):
         kb = k[b, :, :main].unflatten(1, (chunks, C))  # (H, chunks, C, D): chunks on the kernel's head axis
@@ -860,13 +866,7 @@ def _fused_backward(do, q, k, v, out, lse, scale, add, causal):
     sum_dtype = _acc_dtype(q.dtype)
     dqs, dks, dvs = [], [], []
     for b in range(q.shape[0]):
-        grouped = [t[b].unflatten(0, (H_kv, g)) for t in (do, q, out, lse)]  # (H_kv, g, R, ·)
-        kb, vb = (t[b].unsqueeze(1).expand(H_kv, g, *t.shape[2:]) for t in (k, v))  # stride 0 over the group
-        ab = None
-        if add is not None:
-            ab = add[b if add.shape[0] > 1 else 0]
-            ab = ab.unsqueeze(0) if ab.shape[0] == 1 else ab.unflatten(0, (H_kv, g))
-        dob, qb, ob, lb = grouped
+        dob, qb, ob, lb, kb, vb, ab = _grouped(b, H_kv, g, queries=(do, q, out, lse), keys=(k, v), add=add)
         dq, dk, dv = bwd(dob, qb, kb, vb, ob, lb, 0.0, causal, attn_mask=ab, scale=scale)
         dqs.append(dq.flatten(0, 1))
         dks.append(dk.sum(1, dtype=sum_dtype))
