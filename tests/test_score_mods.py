@@ -255,3 +255,20 @@ def test_the_explain_trace_shows_the_new_steps():
     assert "modified" in names and names.index("scaled") < names.index("modified") < names.index("masked")
     plain = trace.trace_vectors(X, W, W, W, causal=True)
     assert "modified" not in [s.name for s in plain.steps]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mod_kind", ["alibi", "alibi-batch", "relative", "t5"])
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "window"])
+def test_additive_modifiers_as_band_views_over_many_blocks(monkeypatch, dtype, mod_kind, mask_kind):
+    """The tiled backend hands an additive modifier under a shift-invariant mask to the fused kernel as strided views
+    of one band per head, rows reversed: several query blocks, queries offset from the keys (N_q < N_k), grouped
+    heads, forward and the kernel's backward, against the oracle."""
+    from selfattn.backends import tiled
+
+    views = []
+    band_mask = tiled._band_mask
+    monkeypatch.setattr(tiled, "_band_mask", lambda *a: views.append(a[1:5]) or band_mask(*a))
+    shape = (2, 4, 2, 2 * tiled.BAND_BLOCK_Q + 37, 2 * tiled.BAND_BLOCK_Q + 300, 16)
+    test_matches_the_oracle("tiled", dtype, shape, mod_kind, mask_kind, False, False, zlib.crc32(mod_kind.encode()))
+    assert len({q0 for q0, *_ in views}) >= 3, f"the band views were not used on every query block: {views}"

@@ -51,8 +51,10 @@ BLOCK_K = 256  # keys per tile: the granularity at which masked regions are skip
 # slow on short runs (measured: 75 ms per 256-row call of a sliding window), so only no mask and plain causal use it.
 KERNEL_BACKWARD_MIN_HEADS = 2
 # Query rows per fused-kernel call when an additive score modifier (ALiBi, a relative bias) travels as the kernel's
-# additive mask: its (heads x rows x N_k) float block is the memory this costs (O(N), 512·N·H·4 bytes).
+# additive mask. With no mask or a shift-invariant one (causal, sliding windows) the mask of every run is a strided
+# view of one band per head (see _band): the rows are few so that the diagonal run wastes little.
 ADDITIVE_BLOCK_Q = 512
+BAND_BLOCK_Q = 256
 
 # Packed sequences (a document mask whose documents are contiguous, & causal or a sliding window, queries aligned
 # with keys): the forward runs the fused kernel document by document, as if each were its own call (a causal one is
@@ -292,6 +294,79 @@ def _additive_terms(plan: _Plan, q0: int, q1: int, k0: int, k1: int, dtype: torc
     return add
 
 
+# An additive modifier of kv_idx − q_idx only (ALiBi, relative and T5 biases) with no bias tensor, under no mask or a
+# mask of kv_idx − q_idx only (causal, sliding windows): the additive mask of a run, term(h, d) or −inf, is constant
+# along its diagonals. With the run's rows in reverse order it is constant along anti-diagonals instead, so it is a
+# view with strides (1, 1) into one vector per head over every distance of the call, A[t] = term(d_lo + t): nothing
+# is built per run, and the kernel reads the same few kilobytes for every row. The rows are reversed (copies of
+# rows x D) around each kernel call.
+
+
+def _banded(call: AttentionCall) -> bool:
+    return (call.bias is None and call.score_mod is not None and call.score_mod.additive
+            and (call.mask is None or _shift_invariant(call.mask.spec)))
+
+
+def _band(plan: _Plan, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(A (B or 1, H_q or 1, L) with A[t] = the term at distance d_lo + t, −inf where the mask hides it;
+    seen (L + 1,) int64, the number of visible distances below t), L = N_q + N_k − 1, once per plan."""
+    key = ("band", dtype)
+    if key not in plan.cache:
+        c = plan.call
+        d_lo = c.k_pos0 - (c.q_start + c.N_q - 1)  # the last query to the first key
+        L = c.N_q + c.N_k - 1
+        q_at = max(0, -d_lo)  # a query position that keeps every key index >= 0
+        b, h, _, _ = masks.grid(c.B, c.H_q, 1, 1, c.device)
+        qi = torch.full((1, 1, 1, 1), q_at, device=c.device)
+        ki = torch.arange(q_at + d_lo, q_at + d_lo + L, device=c.device).view(1, 1, 1, L)
+        term = score_mods.additive_term(c.score_mod, b, h, qi, ki, dtype)  # (B or 1, H_q or 1, 1, L)
+        visible = torch.ones(L, dtype=torch.bool) if c.mask is None else c.mask.mask_mod(b, h, qi, ki).reshape(L)
+        band = term.masked_fill(~visible, -math.inf)[:, :, 0].contiguous()
+        seen = torch.nn.functional.pad(visible.cumsum(0), (1, 0))
+        plan.cache[key] = band, seen
+    return plan.cache[key]
+
+
+def _band_mask(plan: _Plan, q0: int, q1: int, k0: int, k1: int, dtype: torch.dtype):
+    """The additive mask of the run rows q0:q1 x keys k0:k1 with its rows reversed, as a view of the band:
+    (B or 1, H_q or 1, rows, keys), and the rows (in their own order) that see no key of the run, (1, 1, rows) or
+    None."""
+    band, seen = _band(plan, dtype)
+    R, K = q1 - q0, k1 - k0
+    t0 = k0 + plan.call.N_q - q1  # reversed row r' and key c: distance d_lo + t0 + r' + c
+    add = band.as_strided((*band.shape[:2], R, K), (band.stride(0), band.stride(1), 1, 1), band.storage_offset() + t0)
+    lo = t0 + torch.arange(R - 1, -1, -1)  # row r is reversed row R − 1 − r
+    dead = (seen[lo + K] - seen[lo]) == 0
+    return add, (dead.view(1, 1, R) if bool(dead.any()) else None)
+
+
+def _kernel_runs(plan: _Plan, i: int) -> list[tuple[int, int, bool]]:
+    """The runs of query block i for the fused kernel; adjacent ones joined when the mask is a band view (a masked
+    tile then costs nothing extra to describe)."""
+    runs = plan.runs(i)
+    if not _banded(plan.call) or len(runs) < 2:
+        return runs
+    joined = [runs[0]]
+    for j0, j1, masked in runs[1:]:
+        if joined[-1][1] == j0:
+            joined[-1] = (joined[-1][0], j1, True)
+        else:
+            joined.append((j0, j1, masked))
+    return joined
+
+
+def _run_mask(plan: _Plan, q0: int, q1: int, k0: int, k1: int, masked: bool, dtype: torch.dtype):
+    """How the fused kernel runs rows q0:q1 x keys k0:k1: (additive mask or None, rows that see no key or None,
+    the kernel's own causal mask, rows reversed)."""
+    if masked and _kernel_causal(plan, q0, q1, k0, k1):
+        return None, None, True, False
+    if _banded(plan.call):
+        return (*_band_mask(plan, q0, q1, k0, k1, dtype), False, True)
+    with _one_thread():
+        add, dead = _additive_mask(plan, q0, q1, k0, k1, masked, dtype)
+    return add, dead, False, False
+
+
 def _with_dead(add: Tensor):
     dead = torch.isneginf(add).all(-1)  # (B', H', R): rows with no visible key in this run
     return add, (dead if bool(dead.any()) else None)
@@ -428,6 +503,8 @@ def kernel_block_q(call: AttentionCall) -> int:
     An additive score modifier (ALiBi) is handed to the kernel as an additive mask per run: ADDITIVE_BLOCK_Q rows,
     so that mask stays O(N) in memory."""
     if call.score_mod is not None:
+        if _banded(call):
+            return BAND_BLOCK_Q
         return ADDITIVE_BLOCK_Q if call.mask is None or call.mask.spec == ("causal",) else BLOCK_Q
     if call.mask is None:
         return max(call.N_q, 1)
@@ -489,14 +566,12 @@ def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = 
             o, l_ = o.view(call.B, call.H_kv, R, -1), l_.view(call.B, call.H_kv, R, 1)  # folded
             parts.append((_unfold(o, g), _unfold(l_, g)[..., 0]))
             n_tiles += int((plan.states[i] != masks.EMPTY).sum())
-        for j0, j1, masked in ([] if by_tiles else plan.runs(i)):
+        for j0, j1, masked in ([] if by_tiles else _kernel_runs(plan, i)):
             k0, k1 = j0 * block_k, plan.k_range(j1 - 1)[1]
-            if masked and _kernel_causal(plan, q0, q1, k0, k1):
-                add, dead, causal = None, None, True
-            else:
-                with _one_thread():
-                    (add, dead), causal = _additive_mask(plan, q0, q1, k0, k1, masked, mask_dtype), False
-            o, l_ = _fused_run(call.q[:, :, q0:q1], call.k[:, :, k0:k1], call.v[:, :, k0:k1], call.scale, add, causal)
+            add, dead, causal, reverse = _run_mask(plan, q0, q1, k0, k1, masked, mask_dtype)
+            qr = call.q[:, :, q0:q1].flip(2) if reverse else call.q[:, :, q0:q1]
+            o, l_ = _fused_run(qr, call.k[:, :, k0:k1], call.v[:, :, k0:k1], call.scale, add, causal)
+            o, l_ = (o.flip(2), l_.flip(2)) if reverse else (o, l_)
             l_ = l_.to(acc)
             if dead is not None:
                 l_ = l_.masked_fill(dead.expand_as(l_), -math.inf)
@@ -708,8 +783,8 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     # Rows that see no key have lse −inf; +inf there makes exp(S − lse) = 0 instead of NaN.
     lse_b = torch.where(torch.isneginf(lse), math.inf, lse.to(acc))  # (B, H_q, N_q)
     heads = B * call.H_q  # the kernel runs grouped-query attention by query heads
-    if (acc == torch.float32 and heads >= KERNEL_BACKWARD_MIN_HEADS * _workers() and kernel_block_q(call) > BLOCK_Q
-            and not bias_grad and not _torch_tiles(call)
+    if (acc == torch.float32 and heads >= KERNEL_BACKWARD_MIN_HEADS * _workers()
+            and (kernel_block_q(call) > BLOCK_Q or _banded(call)) and not bias_grad and not _torch_tiles(call)
             and not (capture_grads and _capture_grads(call))):  # the fused kernel does not hand out dS
         # in the inputs' dtype: the kernel accumulates half precision in float32 itself (and torch 2.13's is fast)
         out, d_out = out.to(call.dtype), d_out.to(call.dtype)
@@ -827,14 +902,12 @@ def _kernel_backward(plan: _Plan, q, k, v, out, lse_b, d_out):
     for i in range(plan.states.shape[0]):
         q0, q1 = plan.q_range(i)
         qb, ob, dob, lb = (t[:, :, q0:q1] for t in (q, out, d_out, lse_b))  # (B, H_q, rows, ·), lb (B, H_q, rows)
-        for j0, j1, masked in plan.runs(i):
+        for j0, j1, masked in _kernel_runs(plan, i):
             k0, k1 = j0 * plan.block_k, plan.k_range(j1 - 1)[1]
-            if masked and _kernel_causal(plan, q0, q1, k0, k1):
-                add, causal = None, True
-            else:
-                with _one_thread():
-                    add, causal = _additive_mask(plan, q0, q1, k0, k1, masked, torch.float32)[0], False
-            dqr, dkr, dvr = _fused_backward(dob, qb, k[:, :, k0:k1], v[:, :, k0:k1], ob, lb, c.scale, add, causal)
+            add, _, causal, reverse = _run_mask(plan, q0, q1, k0, k1, masked, torch.float32)
+            rows = [t.flip(2) for t in (dob, qb, ob, lb)] if reverse else (dob, qb, ob, lb)
+            dqr, dkr, dvr = _fused_backward(*rows[:2], k[:, :, k0:k1], v[:, :, k0:k1], *rows[2:], c.scale, add, causal)
+            dqr = dqr.flip(2) if reverse else dqr
             if plan.states.shape[0] == 1 and (k0, k1) == (0, c.N_k):  # one call did it all: no accumulators
                 _count("backward", j1 - j0)
                 return dqr[..., :D], dkr[..., :D], dvr[..., :D_v]
