@@ -272,3 +272,33 @@ def test_additive_modifiers_as_band_views_over_many_blocks(monkeypatch, dtype, m
     shape = (2, 4, 2, 2 * tiled.BAND_BLOCK_Q + 37, 2 * tiled.BAND_BLOCK_Q + 300, 16)
     test_matches_the_oracle("tiled", dtype, shape, mod_kind, mask_kind, False, False, zlib.crc32(mod_kind.encode()))
     assert len({q0 for q0, *_ in views}) >= 3, f"the band views were not used on every query block: {views}"
+
+
+def test_dropout_hash_in_int32_has_the_bits_of_the_unsigned_arithmetic():
+    """dropout_keep computes its per-score rounds in int32 (wrapping products, masked shifts, a sign flip for the
+    comparison): the same decisions as the plain unsigned 32-bit arithmetic, written here in int64."""
+    mask32 = 0xFFFFFFFF
+
+    def unsigned(seed, p, b, h, q, k):
+        mix = score_mods._mix
+        s = mix(seed & mask32)
+        row = mix((mix((mix(s ^ b) + h * score_mods._GOLDEN) & mask32) + q * score_mods._GOLDEN) & mask32)
+        x = row ^ mix((s + k * score_mods._GOLDEN) & mask32)
+        x = ((x >> 16) ^ x) * score_mods._MIX & mask32
+        return ((x >> 16) ^ x) >= round(p * 2**32)
+
+    b, h, q, k = M.grid(3, 5, 130, 700, q_pos0=7, k_pos0=2**31 - 300)  # counters past 2³¹ too
+    for seed in (0, 1, 2**31 - 2):
+        for p in (1e-4, 0.1, 0.5, 0.999):
+            keep = score_mods.dropout_keep(seed, p, b, h, q, k)
+            assert torch.equal(keep, unsigned(seed, p, b, h, q, k)), (seed, p)
+            assert abs(keep.float().mean().item() - (1 - p)) < 0.01, (seed, p, keep.float().mean().item())
+
+
+@pytest.mark.parametrize("T", [0, 1, 2, 3, 2**31 - 1, 2**31, 2**31 + 1, 429496730, 429496731, 2**32 - 1, 2**32])
+def test_dropout_threshold_in_int32_is_the_unsigned_comparison(T):
+    """The int32 comparison behind dropout (u >= T for u read as unsigned) at the values around T and the ends."""
+    near = [0, 1, 2, 3, T - 2, T - 1, T, T + 1, T + 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2, 2**32 - 1]
+    u = torch.tensor(sorted({x for x in near if 0 <= x < 2**32}), dtype=torch.int64)
+    got = score_mods._at_least(score_mods._as_int32(u), T, torch.float32)
+    assert torch.equal(got, (u >= T).float()), list(zip(u.tolist(), got.tolist(), strict=True))

@@ -289,6 +289,7 @@ def sinks_grad(out: Tensor, lse: Tensor, d_out: Tensor, sinks: Tensor) -> Tensor
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # < 2^31: a 32-bit value times it stays below 2^63 in int64
 _GOLDEN = 0x61C88647  # 2^32 / golden ratio (mod 2^31): spreads consecutive counters
+_SIGN = -(2**31)  # the int32 with only the sign bit set
 
 
 def _mix(x: Tensor) -> Tensor:
@@ -304,12 +305,51 @@ def dropout_keep(seed: int, p: float, b: Tensor, h: Tensor, q_idx: Tensor, kv_id
 
     The hash is mixed per row from (seed, b, h, q_idx) and per key from (seed, kv_idx), each over the broadcast
     shapes only (O(rows + keys) work); per score there is one xor and one multiply-xorshift round."""
+    return dropout_kept(dropout_rows(seed, b, h, q_idx), dropout_cols(seed, kv_idx), p, torch.float32) > 0
+
+
+# In int32, with the bits of the unsigned 32-bit arithmetic: a product keeps its low 32 bits, and ">> 16 & 0xFFFF"
+# is the logical shift. The first xorshift of the per-score round, x ^ (x >>> 16) with x = row ^ col, equals
+# (row ^ row >>> 16) ^ (col ^ col >>> 16): it is done on the halves.
+
+
+def dropout_rows(seed: int, b: Tensor, h: Tensor, q_idx: Tensor) -> Tensor:
+    """The per-row half of the dropout hash (int32, broadcast shape of b, h, q_idx), its first xorshift done."""
     s = _mix(seed & _MASK32)
     row = _mix((_mix((_mix(s ^ b) + h * _GOLDEN) & _MASK32) + (q_idx & _MASK32) * _GOLDEN) & _MASK32)
-    col = _mix((s + (kv_idx & _MASK32) * _GOLDEN) & _MASK32)
-    x = row ^ col
-    x = ((x >> 16) ^ x) * _MIX & _MASK32
-    return ((x >> 16) ^ x) >= int(round(p * 2**32))
+    return _as_int32(row ^ (row >> 16))
+
+
+def dropout_cols(seed: int, kv_idx: Tensor) -> Tensor:
+    """The per-key half of the dropout hash (int32, kv_idx's shape), its first xorshift done."""
+    col = _mix((_mix(seed & _MASK32) + (kv_idx & _MASK32) * _GOLDEN) & _MASK32)
+    return _as_int32(col ^ (col >> 16))
+
+
+def dropout_kept(rows: Tensor, cols: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """1 where kept, 0 where dropped, in ``dtype`` (broadcast shape of the halves)."""
+    x = (rows ^ cols).mul_(_MIX)  # the round's multiply
+    u = torch.bitwise_right_shift(x, 16).bitwise_and_(0xFFFF).bitwise_xor_(x)  # the round's last xorshift
+    return _at_least(u, int(round(p * 2**32)), dtype, scratch=x)
+
+
+def _at_least(u: Tensor, T: int, dtype: torch.dtype, scratch: Tensor | None = None) -> Tensor:
+    """(u >= T) as 1 / 0 in ``dtype``, for u int32 read as unsigned and 0 <= T <= 2³². Integer operations and one
+    conversion, no bools (torch's comparisons and bool products are several times slower than its integer
+    arithmetic): with h = u >>> 1 and T = 2t + τ, u >= T  <=>  h − t − τ + τ·(u & 1) >= 0, a difference that cannot
+    overflow. ``u`` (and ``scratch``, u's shape) are overwritten."""
+    t, tau = divmod(T, 2)
+    if t >= 2**31:  # T = 2³²: nothing reaches it
+        return torch.zeros(u.shape, dtype=dtype, device=u.device)
+    d = torch.bitwise_right_shift(u, 1, out=scratch).bitwise_and_(0x7FFFFFFF).sub_(t + tau)
+    if tau:
+        d.add_(u.bitwise_and_(1))
+    return d.to(dtype).clamp_(-1.0, 0.0).add_(1.0)  # d >= 0: 1; d <= −1: 0 (a float keeps an integer's sign)
+
+
+def _as_int32(x: Tensor) -> Tensor:
+    """A value in [0, 2³²) as the int32 with the same bits."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
 
 
 def check_dropout(p, seed) -> tuple[float, int]:

@@ -550,23 +550,17 @@ def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = 
     by_tiles = call.dtype == torch.float64 or _torch_tiles(call)
     block_q = (BLOCK_Q if by_tiles else kernel_block_q(call)) if block_q is None else block_q
     plan = _plan(call, block_q, block_k)
-    g = plan.group
     mask_dtype = call.dtype if call.dtype in (torch.float32, torch.float64) else torch.float32
     out = torch.empty(call.B, call.H_q, call.N_q, call.D_v, dtype=out_dtype, device=call.device)
     lse = torch.empty(call.B, call.H_q, call.N_q, dtype=acc, device=call.device)
+    if by_tiles:
+        _count("forward", _forward_tiles(plan, out, lse))
+        return out, lse
     n_tiles = 0
     for i in range(plan.states.shape[0]):
         q0, q1 = plan.q_range(i)
         parts = []
-        if by_tiles:
-            Z, R = call.B * call.H_kv, g * (q1 - q0)
-            k3, v3 = call.k.reshape(Z, call.N_k, call.D), call.v.reshape(Z, call.N_k, call.D_v)
-            qf = _fold(call.q[:, :, q0:q1], g).reshape(Z, R, call.D).to(acc)
-            o, l_ = _online_softmax_rows(plan, i, qf, k3.to(acc), v3.to(acc))
-            o, l_ = o.view(call.B, call.H_kv, R, -1), l_.view(call.B, call.H_kv, R, 1)  # folded
-            parts.append((_unfold(o, g), _unfold(l_, g)[..., 0]))
-            n_tiles += int((plan.states[i] != masks.EMPTY).sum())
-        for j0, j1, masked in ([] if by_tiles else _kernel_runs(plan, i)):
+        for j0, j1, masked in _kernel_runs(plan, i):
             k0, k1 = j0 * block_k, plan.k_range(j1 - 1)[1]
             add, dead, causal, reverse = _run_mask(plan, q0, q1, k0, k1, masked, mask_dtype)
             qr = call.q[:, :, q0:q1].flip(2) if reverse else call.q[:, :, q0:q1]
@@ -588,6 +582,45 @@ def _forward(call: AttentionCall, *, block_q: int | None = None, block_k: int = 
             rows_l.copy_(l_)
     _count("forward", n_tiles)
     return out, lse
+
+
+def _forward_tiles(plan: _Plan, out: Tensor, lse: Tensor) -> int:
+    """The forward in torch operations (float64; score modifiers and dropout the kernel cannot take) into ``out``
+    and ``lse``. Query blocks are independent: they are shared among the cores, one thread each, by tile counts (a
+    thread of its own runs the small operations of a tile without waking another). Returns the tiles computed."""
+    c = plan.call
+    acc, g, Z = lse.dtype, plan.group, c.B * c.H_kv
+    k3, v3 = c.k.reshape(Z, c.N_k, c.D).to(acc), c.v.reshape(Z, c.N_k, c.D_v).to(acc)  # (Z, N_k, ·)
+    costs = [int((plan.states[i] != masks.EMPTY).sum()) for i in range(plan.states.shape[0])]
+    if c.dropout_p:
+        _dropout_halves(plan)  # made once, before the threads share them
+
+    def block(i: int) -> None:
+        q0, q1 = plan.q_range(i)
+        rows_o, rows_l = out[:, :, q0:q1], lse[:, :, q0:q1]  # (B, H_q, rows, D_v), (B, H_q, rows)
+        if not costs[i]:
+            rows_o.zero_()
+            rows_l.fill_(-math.inf)
+            return
+        R = g * (q1 - q0)
+        qf = _fold(c.q[:, :, q0:q1], g).reshape(Z, R, c.D).to(acc)
+        o, l_ = _online_softmax_rows(plan, i, qf, k3, v3)  # folded: (Z, R, D_v), (Z, R)
+        rows_o.copy_(_unfold(o.view(c.B, c.H_kv, R, -1), g))
+        rows_l.copy_(_unfold(l_.view(c.B, c.H_kv, R, 1), g)[..., 0])
+
+    shares = _balance(costs, min(_workers(), len(costs)))
+
+    def work(share: list[int]) -> None:
+        with torch.no_grad(), _one_thread():
+            for i in share:
+                block(i)
+
+    if len(shares) == 1:
+        work(shares[0])
+    else:
+        with ThreadPoolExecutor(len(shares)) as pool:
+            list(pool.map(work, shares))
+    return sum(costs)
 
 
 def _document_bounds(call: AttentionCall) -> list[tuple[int, int]] | None:
@@ -700,14 +733,29 @@ def _modified(plan: _Plan, i: int, j: int, s: Tensor) -> Tensor:
     return score_mods.apply(plan.call.score_mod, _unfolded(plan, s), *_tile_grid(plan, i, j)).reshape(s.shape)
 
 
-def _keep_scale(plan: _Plan, i: int, j: int, dtype: torch.dtype) -> Tensor:
-    """keep / (1 − p) of tile (i, j) (0 where dropped), folded: (Z, R, bk)."""
+def _keep(plan: _Plan, i: int, j: int, dtype: torch.dtype) -> Tensor:
+    """The dropout's keep mask of tile (i, j), folded: 1 / 0 in ``dtype``, (Z, R, bk). The hash's per-row and
+    per-key halves are made once per call (O(rows + keys)); a tile costs its per-score round only. The weights kept
+    are scaled by 1 / (1 − p) where the tile's products are summed (``_kept_scale``)."""
     c = plan.call
-    keep = score_mods.dropout_keep(c.dropout_seed, c.dropout_p, *_tile_grid(plan, i, j))
+    rows, cols = _dropout_halves(plan)
     (q0, q1), (k0, k1) = plan.q_range(i), plan.k_range(j)
-    keep = keep.expand(c.B, c.H_q, q1 - q0, k1 - k0)
-    scale = torch.tensor(1.0 / (1.0 - c.dropout_p), dtype=dtype)
-    return torch.where(keep, scale, torch.zeros((), dtype=dtype)).reshape(c.B * c.H_kv, -1, k1 - k0)
+    keep = score_mods.dropout_kept(rows[:, :, q0:q1], cols[..., k0:k1], c.dropout_p, dtype)  # (B, H_q, rows, bk)
+    return keep.reshape(c.B * c.H_kv, -1, k1 - k0)
+
+
+def _dropout_halves(plan: _Plan) -> tuple[Tensor, Tensor]:
+    """The dropout hash's halves of the call: per row (B, H_q, N_q, 1) and per key (1, 1, 1, N_k), int32."""
+    if "dropout" not in plan.cache:
+        c = plan.call
+        b, h, qi, ki = masks.grid(c.B, c.H_q, c.N_q, c.N_k, c.device, q_pos0=c.q_start, k_pos0=c.k_pos0)
+        plan.cache["dropout"] = (score_mods.dropout_rows(c.dropout_seed, b, h, qi),
+                                 score_mods.dropout_cols(c.dropout_seed, ki))
+    return plan.cache["dropout"]
+
+
+def _kept_scale(call: AttentionCall) -> float:
+    return 1.0 / (1.0 - call.dropout_p)
 
 
 def _mod_backward(plan: _Plan, i: int, j: int, qi: Tensor, kj: Tensor, ds: Tensor, cap_grads: list) -> Tensor:
@@ -742,14 +790,16 @@ def _online_softmax_rows(plan: _Plan, i: int, qi: Tensor, k3: Tensor, v3: Tensor
     for j, state in tiles:
         k0, k1 = plan.k_range(j)
         s = _tile_scores(plan, i, j, qi, k3[:, k0:k1], None, state == masks.PARTIAL)
-        keep = _keep_scale(plan, i, j, s.dtype) if plan.call.dropout_p else None
+        keep = _keep(plan, i, j, s.dtype) if plan.call.dropout_p else None
         if len(tiles) == 1:  # the whole row in one tile: the textbook order (normalise P, then multiply by V)
             m = s.amax(-1, keepdim=True)
             e = s.sub_(torch.where(torch.isneginf(m), 0.0, m)).exp_()
             l_ = e.sum(-1, keepdim=True)
             p = torch.where(l_ > 0, e / torch.where(l_ > 0, l_, 1.0), 0.0)
             lse = (torch.where(torch.isneginf(m), 0.0, m) + torch.log(l_))[..., 0]
-            return torch.bmm(p if keep is None else p.mul_(keep), v3[:, k0:k1]), lse
+            if keep is None:
+                return torch.bmm(p, v3[:, k0:k1]), lse
+            return torch.bmm(p.mul_(keep), v3[:, k0:k1]).mul_(_kept_scale(plan.call)), lse
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         m_safe = torch.where(torch.isneginf(m_new), 0.0, m_new)  # rows that have seen no key yet
         alpha = torch.exp(m - m_safe)
@@ -758,6 +808,8 @@ def _online_softmax_rows(plan: _Plan, i: int, qi: Tensor, k3: Tensor, v3: Tensor
         o = o * alpha + torch.bmm(p if keep is None else p.mul_(keep), v3[:, k0:k1])
         m = m_new
     lse = (torch.where(torch.isneginf(m), 0.0, m) + torch.log(l_))[..., 0]  # log 0 = −inf: rows that see nothing
+    if plan.call.dropout_p:
+        l_ = l_ * (1.0 - plan.call.dropout_p)  # the kept weights' 1 / (1 − p)
     out = torch.where(l_ > 0, o / torch.where(l_ > 0, l_, 1.0), 0.0)
     return out, lse
 
@@ -811,6 +863,8 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     states = plan.states.tolist()
     exact = acc == torch.float64
     columns = [[i for i in range(n_qb) if states[i][j] != masks.EMPTY] for j in range(n_kb)]
+    if call.dropout_p:
+        _dropout_halves(plan)  # made once, before the threads share them
 
     def key_block(j: int, dq_rows: list, cap_grads: list) -> int:
         k0, k1 = plan.k_range(j)
@@ -823,22 +877,26 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
             else:
                 s = _tile_scores(plan, i, j, qi, kj, neg_lse, states[i][j] == masks.PARTIAL)  # (Z, R, bk)
             p = s.exp_()  # P = exp(S − lse), the forward's probabilities
-            if call.dropout_p:  # the forward multiplied P by keep/(1 − p) before V: so do dV and dP
-                keep = _keep_scale(plan, i, j, p.dtype)
-                dvj.baddbmm_((p * keep).transpose(1, 2), doi)
-                ds = torch.bmm(doi, vj.transpose(1, 2)).mul_(keep).sub_(di).mul_(p)
+            if call.dropout_p:  # the forward multiplied P by keep·c, c = 1/(1 − p), before V: so do dV and dP
+                keep, c = _keep(plan, i, j, p.dtype), _kept_scale(call)
+                dvj.baddbmm_((p * keep).transpose(1, 2), doi, alpha=c)
+                # dS = P∘(c·keep∘dP − δ) = c·P∘(keep∘dP − δ/c): c joins the products that take dS
+                ds = torch.bmm(doi, vj.transpose(1, 2)).mul_(keep).sub_(di * (1.0 - call.dropout_p)).mul_(p)
             else:
+                c = 1.0
                 dvj.baddbmm_(p.transpose(1, 2), doi)
                 ds = torch.bmm(doi, vj.transpose(1, 2)).sub_(di).mul_(p)  # dS = P∘(dP − δ)
+            if c != 1.0 and (dbias is not None or call.score_mod is not None):  # those need dS itself
+                ds, c = ds.mul_(c), 1.0
             if dbias is not None:
                 q0, q1 = plan.q_range(i)
                 dbias[:, :, :, q0:q1, k0:k1] = ds.view(B, H_kv, g, q1 - q0, k1 - k0)  # (Z, g·rows, bk) unfolded
             if call.score_mod is not None:
                 ds = _mod_backward(plan, i, j, qi, kj, ds, cap_grads)
-            dkj.baddbmm_(ds.transpose(1, 2), qi, alpha=scale)
+            dkj.baddbmm_(ds.transpose(1, 2), qi, alpha=scale * c)
             if dq_rows[i] is None:
                 dq_rows[i] = torch.zeros_like(qi)
-            dq_rows[i].baddbmm_(ds, kj, alpha=scale)
+            dq_rows[i].baddbmm_(ds, kj, alpha=scale * c)
         return len(columns[j])
 
     n_workers = min(_workers(), n_kb)
