@@ -233,7 +233,7 @@ def kernel_mod(call: AttentionCall) -> KernelMod:
             if sum(k == kind or (kind == "table" and k in ("relative", "t5")) for k in kinds) > 1:
                 raise _NoKernelForm(f"score_mod {mod.name!r} has more than one of its {what}; the kernels take at "
                                     "most one soft-cap, one ALiBi and one relative bias")
-        cap_at = kinds.index("softcap") if "softcap" in kinds else len(kinds)
+        cap_at = kinds.index("softcap") if "softcap" in kinds else -1
         for at, leaf in enumerate(leaves):
             where = 1 if at < cap_at else 2  # added before the soft-cap, or after it (or with none)
             if leaf[0] == "softcap":
