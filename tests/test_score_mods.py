@@ -186,11 +186,16 @@ def test_softcap_needs_a_finite_positive_cap(cap):
         score_mods.softcap(cap)
 
 
-def test_triton_declines_score_mods_sinks_and_dropout_with_reasons():
+def test_triton_takes_ready_made_modifiers_sinks_and_dropout_and_declines_a_custom_one():
+    """Its capabilities, without running a kernel (tests/triton_cases.py runs them under the interpreter)."""
     q = k = v = torch.randn(1, 2, 5, 8)
-    call = selfattn.api.make_call(q, k, v, score_mod=score_mods.softcap(5.0), sinks=torch.zeros(2), dropout_p=0.1)
-    reasons = " ".join(backends.get("triton").not_supported_reasons(call))
-    assert "score modifiers" in reasons and "sinks" in reasons and "dropout" in reasons
+    triton = backends.get("triton")
+    call = selfattn.api.make_call(q, k, v, score_mod=score_mods.softcap(5.0) >> score_mods.alibi(torch.ones(2)),
+                                  sinks=torch.zeros(2), dropout_p=0.1)
+    assert triton.call_reasons(call) == []
+    custom = selfattn.api.make_call(q, k, v, score_mod=lambda s, b, h, qi, ki: s * 2)
+    assert any("is a custom function" in r for r in triton.call_reasons(custom))
+    assert backends.choose(custom).name == "tiled"  # on the CPU the chooser takes tiled, which evaluates it
 
 
 def test_alibi_through_score_mod_equals_alibi_as_a_dense_bias():

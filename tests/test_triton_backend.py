@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import selfattn
-from selfattn import backends, masks
+from selfattn import backends, masks, score_mods
 from selfattn.backends import triton_flash
 
 
@@ -111,3 +111,47 @@ def test_a_mask_tensor_changed_in_place_is_translated_again():
     assert triton_flash.kernel_mask(_call(mask=mask)).key_lengths.tolist() == [3, 9]
     lengths[0] = 5
     assert triton_flash.kernel_mask(_call(mask=mask)).key_lengths.tolist() == [5, 9]
+
+
+def _mod_call(score_mod=None, B=2, H=2, N_q=6, N_k=10, **kw):
+    q, k = torch.randn(B, H, N_q, 16), torch.randn(B, H, N_k, 16)
+    return selfattn.api.make_call(q, k, k, score_mod=score_mod, **kw)
+
+
+@pytest.mark.parametrize("mod, words", [
+    (lambda: score_mods.ScoreMod(lambda s, b, h, q, k: s, "mine"), "score_mod 'mine' is a custom function"),
+    (lambda: score_mods.softcap(2.0) >> score_mods.softcap(3.0), "more than one of its soft-caps"),
+    (lambda: score_mods.alibi(torch.ones(2)) >> score_mods.alibi(torch.ones(2)), "more than one of its ALiBi terms"),
+    (lambda: score_mods.alibi(torch.ones(3)), "alibi slopes have shape (3,)"),
+    (lambda: score_mods.relative_bias(torch.zeros(2, 5, requires_grad=True)), "table requires grad"),
+    (lambda: score_mods.relative_bias(torch.zeros(3, 5)), "relative_bias table has 3 rows"),
+], ids=["custom", "two-softcaps", "two-alibis", "slopes-shape", "table-grad", "table-rows"])
+def test_score_mods_without_kernel_form_are_declined_with_the_reason(mod, words):
+    assert any(words in r for r in backends.get("triton").call_reasons(_mod_call(mod())))
+
+
+def test_score_mods_become_kernel_arguments():
+    cap, slopes = score_mods.softcap(2.0), torch.tensor([0.5, 0.25])
+    table = torch.arange(14.0).view(2, 7)  # M = 3
+    km = triton_flash.kernel_mod(_mod_call(score_mods.relative_bias(table) >> cap >> score_mods.alibi(slopes)))
+    assert (km.softcap, km.rel, km.alibi) == (2.0, 1, 2)  # the table before the soft-cap, ALiBi after it
+    assert km.slopes.shape == (1, 2)
+    # distances k_pos − q_pos from the first key against the last query (0 − 9) to the last key against the first
+    # query (9 − 4), each read from the table clamped to ±3
+    assert km.rel_d0 == -9 and km.rel_bias.shape == (2, 6 + 10 - 1)
+    d = torch.arange(-9, 6)
+    assert torch.equal(km.rel_bias, table[:, d.clamp(-3, 3) + 3])
+    t5 = torch.randn(2, 8)
+    km = triton_flash.kernel_mod(_mod_call(score_mods.relative_bias(t5, buckets=8, max_distance=20)))
+    assert (km.rel, km.softcap, km.alibi) == (2, 0.0, 0)
+    assert torch.equal(km.rel_bias, t5[:, score_mods.t5_bucket(d, True, 8, 20)])
+    km = triton_flash.kernel_mod(_mod_call(score_mods.alibi(torch.rand(2, 2))))
+    assert km.slopes.shape == (2, 2) and km.alibi == 2
+
+
+def test_dropout_becomes_the_hash_seed_and_threshold_as_int32_bits():
+    km = triton_flash.kernel_mod(_mod_call(dropout_p=0.75, dropout_seed=2**40 + 7))
+    assert km.dropout and km.drop_scale == 4.0
+    assert km.thr == 3 * 2**30 - 2**32 and -(2**31) <= km.seed < 2**31
+    assert km.seed % 2**32 == score_mods._mix((2**40 + 7) & 0xFFFFFFFF)
+    assert any("rounds to 1" in r for r in backends.get("triton").call_reasons(_mod_call(dropout_p=1 - 2**-40)))

@@ -9,6 +9,7 @@ import pytest
 triton = pytest.importorskip("triton", reason="triton not installed (pip install 'selfattn[gpu]')")
 
 ALL_MASKS = dict(CAUSAL=True, WINDOW=True, HAS_LEN=True, HAS_DOC=True, DOC_RUNS=True)  # HAS_LEN: key starts and lengths
+MODS = dict(SOFTCAP=True, ALIBI=1, REL=2)  # ALiBi before the soft-cap, the relative bias after it
 
 
 @pytest.mark.parametrize("name, arch, dtype, head_dim, flags", [
@@ -21,8 +22,13 @@ ALL_MASKS = dict(CAUSAL=True, WINDOW=True, HAS_LEN=True, HAS_DOC=True, DOC_RUNS=
     ("attn_fwd", 90, "fp16", 64, dict(CAUSAL=True, HAS_BIAS=True)),
     ("attn_bwd_dkdv", 90, "bf16", 128, dict(CAUSAL=True, HAS_BIAS=True)),
     ("attn_bwd_dq", 90, "bf16", 128, dict(ALL_MASKS, HAS_BIAS=True, BIAS_GRAD=True)),
+    ("attn_fwd", 90, "bf16", 128, dict(CAUSAL=True, **MODS, HAS_SINK=True, DROPOUT=True)),
+    ("attn_bwd_dkdv", 90, "bf16", 128, dict(ALL_MASKS, **MODS, DROPOUT=True)),
+    ("attn_bwd_dq", 80, "fp16", 64, dict(ALL_MASKS, **MODS, DROPOUT=True, SLOPE_GRAD=True, HAS_BIAS=True,
+                                         BIAS_GRAD=True)),
 ], ids=["fwd-sm90-causal", "fwd-sm80-masks", "dkdv-sm90-masks", "dq-sm90-masks-D96", "delta-sm90", "fwd-sm90-tma",
-        "fwd-sm90-bias", "dkdv-sm90-bias", "dq-sm90-bias-grad"])
+        "fwd-sm90-bias", "dkdv-sm90-bias", "dq-sm90-bias-grad", "fwd-sm90-mods-sinks-dropout",
+        "dkdv-sm90-mods-dropout", "dq-sm80-mods-dropout-grads"])
 def test_kernels_compile_for_gpu_targets(name, arch, dtype, head_dim, flags):
     from selfattn.backends import triton_tuning
 

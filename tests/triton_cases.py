@@ -399,3 +399,205 @@ def test_varlen_attention(lengths, H_q, H_kv, D, window, dtype):
     for name, a, r, n in zip("qkv", got, ref, naive, strict=True):  # floor relative to |dP| (see check_case)
         testing.check_against_oracle(a, n, r, factor=3.0, what=f"triton varlen d{name}",
                                      floor=testing.floor_for(dtype, max(big, r.abs().max().item())))
+
+
+# ------------------------------------------------------------------- score modifiers, sinks and dropout (issue 13)
+
+
+def build_mod(kind: str, B: int, H_q: int, g: torch.Generator):
+    """(make(captures) -> ScoreMod or None, the captured float64 tensors that get gradients)."""
+    from selfattn import score_mods as sm
+
+    slopes = sm.alibi_slopes(H_q).double() * 4  # steep: distances matter at these lengths
+    if kind == "none":
+        return lambda caps: None, []
+    if kind == "softcap":
+        return lambda caps: sm.softcap(1.5), []
+    if kind == "alibi":
+        return lambda caps: sm.alibi(caps[0]), [slopes]
+    if kind == "alibi-batch":
+        return lambda caps: sm.alibi(caps[0]), [torch.rand(B, H_q, generator=g, dtype=torch.float64)]
+    if kind == "relative":  # the table has no gradient here (the kernels decline one that needs it)
+        table = torch.randn(H_q, 21, generator=g, dtype=torch.float64)
+        return lambda caps: sm.relative_bias(table), []
+    if kind == "t5":
+        table = torch.randn(H_q, 12, generator=g, dtype=torch.float64)
+        return lambda caps: sm.relative_bias(table, buckets=12, bidirectional=True, max_distance=30), []
+    if kind == "t5-decoder":
+        table = torch.randn(H_q, 8, generator=g, dtype=torch.float64)
+        return lambda caps: sm.relative_bias(table, buckets=8, bidirectional=False, max_distance=20), []
+    if kind == "softcap>>alibi":
+        return lambda caps: sm.softcap(2.0) >> sm.alibi(caps[0]), [slopes]
+    if kind == "alibi>>softcap":
+        return lambda caps: sm.alibi(caps[0]) >> sm.softcap(2.0), [slopes]
+    if kind == "relative>>softcap>>alibi":
+        table = torch.randn(H_q, 9, generator=g, dtype=torch.float64)
+        return lambda caps: sm.relative_bias(table) >> sm.softcap(3.0) >> sm.alibi(caps[0]), [slopes]
+    raise ValueError(kind)
+
+
+def check_mod_case(shape, mod_kind: str, mask_kind: str, dtype: torch.dtype, sinks: bool, dropout: bool, seed: int):
+    """Forward (out, lse) and the gradients of q, k, v, the ALiBi slopes and the sinks of backend "triton" with a
+    ready-made score modifier, sinks and dropout, against the float64 oracle (2x / 3x the naive error + a floor)."""
+    B, H_q, H_kv, N_q, N_k, D = shape
+    g = torch.Generator().manual_seed(seed)
+    q64, k64, v64 = (torch.randn(B, h, n, D, generator=g, dtype=torch.float64)
+                     for h, n in ((H_q, N_q), (H_kv, N_k), (H_kv, N_k)))
+    make_mod, caps64 = build_mod(mod_kind, B, H_q, g)
+    sinks64 = torch.randn(H_q, generator=g, dtype=torch.float64) if sinks else None
+    kw = build_mask(mask_kind, B, N_q, N_k, g)
+    kw |= dict(dropout_p=0.3, dropout_seed=seed) if dropout else {}
+    d_out = torch.randn(B, H_q, N_q, D, generator=g, dtype=torch.float64)
+
+    def leaves(dt):
+        ts = [t.to(DEVICE, dt).requires_grad_() for t in (q64, k64, v64, *caps64)]
+        snk = sinks64.to(DEVICE, dt).requires_grad_() if sinks else None
+        return ts, snk, ts + ([snk] if sinks else [])
+
+    testing.poison_allocator()
+    (q, k, v, *caps), snk, wrt = leaves(dtype)
+    out, lse = selfattn.attention(q, k, v, score_mod=make_mod(caps), sinks=snk, backend="triton", return_lse=True,
+                                  **kw)
+    fast = [out, *torch.autograd.grad(out, wrt, d_out.to(dtype))]
+    (qr, kr, vr, *capr), sr, wrt_r = leaves(torch.float64)
+    out_r, lse_r = reference.attention(qr, kr, vr, score_mod=make_mod(capr), sinks=sr, return_lse=True, **kw)
+    ref = [out_r, *torch.autograd.grad(out_r, wrt_r, d_out)]
+    (qn, kn, vn, *capn), sn, wrt_n = leaves(dtype)
+    out_n = testing.naive_modded(qn, kn, vn, score_mod=make_mod(capn), sinks=sn, **kw)
+    naive = [out_n, *torch.autograd.grad(out_n, wrt_n, d_out.to(dtype))]
+
+    ident = f"{shape} {mod_kind} {mask_kind} {dtype} sinks={sinks} dropout={dropout}"
+    dead = torch.isneginf(lse_r)
+    assert torch.equal(torch.isneginf(lse), dead), f"{ident}: lse −inf exactly where no key (and no sink) is seen"
+    torch.testing.assert_close(lse[~dead].double(), lse_r[~dead], rtol=0, atol=1e-2 if dtype != F32 else 1e-5,
+                               msg=lambda m: f"{ident} lse: {m}")
+    unseen = (out_r == 0).all(-1)  # rows that see no key: zeros, with or without a sink
+    assert (out[unseen] == 0).all(), f"{ident}: rows that see no key must be zeros"
+    names = ["out", "dq", "dk", "dv"] + ["dslopes"] * len(caps) + (["dsinks"] if sinks else [])
+    # dS = P·(dP − δ) cancels; a slope's gradient sums dS·distance over N_q·N_k scores and a sink's P_sink·δ over
+    # N_q rows: the floor is eps at those magnitudes (as in test_score_mods), and P = exp(S − L) carries eps·|L|
+    dp = (d_out.abs().sum(-1).max() * v64.abs().max()).item()
+    lse_mag = max(1.0, lse_r.detach().nan_to_num(0.0, 0.0, 0.0).abs().max().item())
+    for name, a, r, n in zip(names, fast, ref, naive, strict=True):
+        assert a.dtype == dtype and a.shape == r.shape, f"{ident} {name}"
+        big = r.abs().max().item() * lse_mag
+        if name == "dslopes":
+            big = max(big, dp * (N_q * N_k) ** 0.5 * (N_q + N_k))
+        elif name == "dsinks":
+            big = max(big, dp * N_q ** 0.5)
+        elif name != "out":
+            big = max(big, dp)
+        testing.check_against_oracle(a, n, r, factor=2.0 if name == "out" else 3.0, what=f"triton {name} {ident}",
+                                     floor=testing.floor_for(dtype, big))
+
+
+MOD_CASES = [  # (B, H_q, H_kv, N_q, N_k, D), modifier, mask kind, dtype, sinks, dropout
+    ((1, 2, 1, 37, 53, 16), "softcap", "causal", F32, False, False),
+    ((2, 2, 2, 29, 29, 32), "softcap", "none", BF16, True, False),
+    ((2, 2, 1, 45, 37, 16), "softcap", "padding", F16, False, True),  # N_q > N_k; batch 0 sees no key
+    ((1, 2, 1, 37, 53, 16), "alibi", "causal", F32, False, False),
+    ((2, 2, 2, 23, 41, 32), "alibi", "none", F16, True, True),
+    ((2, 4, 2, 30, 30, 16), "alibi", "window", BF16, False, False),
+    ((2, 2, 1, 37, 53, 16), "alibi-batch", "causal", F32, True, False),
+    ((2, 2, 2, 41, 23, 16), "alibi-batch", "left-padding", F32, False, True),
+    ((1, 2, 1, 37, 53, 16), "relative", "causal", F16, False, False),
+    ((2, 2, 2, 40, 40, 32), "relative", "none", F32, True, False),
+    ((2, 2, 1, 33, 47, 16), "relative", "window&key-range", BF16, False, True),
+    ((1, 2, 2, 37, 53, 16), "t5", "none", F32, False, False),
+    ((2, 2, 1, 37, 37, 16), "t5-decoder", "causal", F16, True, False),
+    ((1, 2, 1, 37, 53, 16), "softcap>>alibi", "causal", F32, True, True),
+    ((2, 2, 1, 31, 31, 32), "softcap>>alibi", "document", BF16, False, False),
+    ((1, 2, 1, 37, 53, 16), "alibi>>softcap", "none", F32, False, False),
+    ((2, 2, 2, 45, 40, 16), "alibi>>softcap", "causal+padding", F16, True, True),
+    ((1, 2, 1, 35, 35, 16), "relative>>softcap>>alibi", "causal", F32, True, False),
+    ((1, 1, 1, 1, 1, 16), "alibi>>softcap", "causal", F32, True, True),  # N = 1
+    ((1, 1, 1, 1, 67, 16), "alibi", "none", F32, True, True),  # a decoding step
+    ((2, 2, 1, 37, 53, 16), "none", "causal", F32, True, False),  # sinks alone
+    ((2, 2, 1, 37, 53, 16), "none", "padding", BF16, True, True),  # sinks and dropout, a batch element with no key
+    ((1, 2, 1, 37, 53, 16), "none", "window", F32, False, True),  # dropout alone
+]
+
+
+@interpreted
+@pytest.mark.parametrize("shape, mod_kind, mask_kind, dtype, sinks, dropout", MOD_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{m}-{k}-{str(d)[6:]}" + ("-sinks" if si else "")
+                              + ("-dropout" if dr else "") for s, m, k, d, si, dr in MOD_CASES])
+def test_score_mods_sinks_dropout_match_the_oracle(shape, mod_kind, mask_kind, dtype, sinks, dropout):
+    check_mod_case(shape, mod_kind, mask_kind, dtype, sinks, dropout,
+                   seed=zlib.crc32(f"{shape}{mod_kind}{mask_kind}".encode()))
+
+
+@interpreted
+def test_dropout_drops_exactly_the_oracles_weights():
+    """V = I makes out = P·keep/(1 − p): its zeros are the dropped weights, which must be score_mods.dropout_keep's
+    for the same seed bit for bit (a seed above 2³², negative query positions, GQA); the backward regenerates them."""
+    from selfattn import score_mods as sm
+
+    g = torch.Generator().manual_seed(13)
+    B, H_q, H_kv, N_q, N_k = 2, 2, 1, 40, 32
+    q = (torch.randn(B, H_q, N_q, 16, generator=g) * 0.1).requires_grad_()
+    k = (torch.randn(B, H_kv, N_k, 16, generator=g) * 0.1).requires_grad_()
+    v = torch.eye(N_k).expand(B, H_kv, N_k, N_k).contiguous().requires_grad_()
+    seed, p = 2**40 + 12345, 0.37
+    out = selfattn.attention(q, k, v, dropout_p=p, dropout_seed=seed, backend="triton")
+    keep = sm.dropout_keep(seed, p, *masks.grid(B, H_q, N_q, N_k, torch.device("cpu"), q_pos0=N_k - N_q))
+    assert torch.equal(out != 0, keep), f"{int(((out != 0) != keep).sum())} weights dropped differently"
+    out_r = reference.attention(q.double(), k.double(), v.double(), dropout_p=p, dropout_seed=seed)
+    torch.testing.assert_close(out.double(), out_r, rtol=1e-5, atol=1e-6)
+    d_out = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, (q, k, v), d_out)
+    q_r, k_r, v_r = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = torch.autograd.grad(reference.attention(q_r, k_r, v_r, dropout_p=p, dropout_seed=seed), (q_r, k_r, v_r),
+                              d_out.double())
+    for name, a, r in zip("qkv", got, ref, strict=True):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@interpreted
+def test_slope_and_sink_gradients_repeat_bitwise():
+    """The slopes' gradient is summed per row in its own slot and then in a fixed order: no atomics."""
+    from selfattn import score_mods as sm
+
+    g = torch.Generator().manual_seed(14)
+    q, k, v = (torch.randn(1, 2, 21, 16, generator=g) for _ in range(3))
+    slopes, sinks = torch.rand(2, generator=g), torch.randn(2, generator=g)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, slopes, sinks)]
+        out = selfattn.attention(*leaves[:3], causal=True, score_mod=sm.softcap(2.0) >> sm.alibi(leaves[3]),
+                                 sinks=leaves[4], dropout_p=0.2, dropout_seed=5, backend="triton")
+        return (out, *torch.autograd.grad(out, leaves, torch.ones_like(out)))
+
+    for a, b in zip(run(), run(), strict=True):
+        assert torch.equal(a, b)
+
+
+@interpreted
+def test_gradient_through_lse_reaches_the_sinks():
+    """L' = logaddexp(L, sink): a loss on the returned lse gives the sinks P_sink·d_lse as well."""
+    g = torch.Generator().manual_seed(15)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g).requires_grad_() for n in (21, 29, 29))
+    sinks = torch.randn(2, generator=g).requires_grad_()
+    out, lse = selfattn.attention(q, k, v, causal=True, sinks=sinks, backend="triton", return_lse=True)
+    w = torch.randn(lse.shape, generator=g)
+    got = torch.autograd.grad((out.sum(-1) + w * lse).sum(), (q, k, v, sinks))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    out_r, lse_r = reference.attention(*leaves[:3], causal=True, sinks=leaves[3], return_lse=True)
+    ref = torch.autograd.grad((out_r.sum(-1) + w.double() * lse_r).sum(), leaves)
+    for name, a, r in zip(["q", "k", "v", "sinks"], got, ref, strict=True):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@interpreted
+def test_custom_score_mod_is_declined_and_auto_picks_tiled():
+    from selfattn import score_mods as sm
+
+    q = torch.randn(1, 2, 8, 16)
+    gate = sm.ScoreMod(lambda s, b, h, qi, ki: s * 0.5, "half")
+    call = selfattn.api.make_call(q, q, q, score_mod=gate)
+    with pytest.raises(ValueError, match="score_mod 'half' is a custom function"):
+        selfattn.attention(q, q, q, score_mod=gate, backend="triton")
+    assert backends.choose(call).name == "tiled"
+    out = selfattn.attention(q, q, q, score_mod=gate)
+    torch.testing.assert_close(out.double(), reference.attention(q.double(), q.double(), q.double(), score_mod=gate),
+                               rtol=1e-5, atol=1e-6)

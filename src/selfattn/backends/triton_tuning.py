@@ -18,7 +18,7 @@ import triton
 from selfattn.backends import triton_kernels as tk
 
 _KEY = ["TUNE_N_Q", "TUNE_N_K", "HEAD_D", "HEAD_DV", "CAUSAL", "WINDOW", "HAS_LEN", "HAS_DOC", "PRECISION", "HAS_BIAS",
-        "BIAS_GRAD", "TMA_OK"]  # each kernel is keyed on those of its arguments
+        "BIAS_GRAD", "TMA_OK", "SOFTCAP", "ALIBI", "REL", "HAS_SINK", "DROPOUT", "SLOPE_GRAD"]  # those it has
 
 
 @functools.cache
@@ -117,7 +117,8 @@ def compile_for(name: str, *, arch: int = 90, dtype: str = "bf16", head_dim: int
                   BLOCK_DV=max(16, triton.next_power_of_2(head_dim)), PRECISION="ieee" if dtype == "fp32" else "tf32",
                   UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n, HAS_DLSE=True)
     consts |= dict(CAUSAL=False, WINDOW=False, HAS_LEN=False, HAS_DOC=False, DOC_RUNS=False, TMA_OK=False,
-                   TMA=False, HAS_BIAS=False, BIAS_GRAD=False) | (flags or {})
+                   TMA=False, HAS_BIAS=False, BIAS_GRAD=False, SOFTCAP=False, ALIBI=0, REL=0, HAS_SINK=False,
+                   DROPOUT=False, SLOPE_GRAD=False) | (flags or {})
     consts = {n: c for n, c in consts.items() if n in fn.arg_names}
     signature = {}
     for arg in fn.arg_names:
@@ -125,13 +126,13 @@ def compile_for(name: str, *, arch: int = 90, dtype: str = "bf16", head_dim: int
             signature[arg] = "constexpr"
         elif arg in _POINTERS:
             signature[arg] = "*" + dtype
-        elif arg in ("LSE", "DELTA", "DLSE", "BIAS", "DBIAS"):
+        elif arg in ("LSE", "DELTA", "DLSE", "BIAS", "DBIAS", "SLOPES", "RELD", "SINKS", "DSLOPE"):
             signature[arg] = "*fp32"
         elif arg in ("KLEN", "KSTART", "RUN_LO", "RUN_HI"):
             signature[arg] = "*i32"
         elif arg == "DOC":
             signature[arg] = "*i64"
-        elif arg in ("qk_scale", "sm_scale"):
+        elif arg in ("qk_scale", "sm_scale", "cap2", "drop_scale"):
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
