@@ -680,7 +680,11 @@ def _tile_scores(plan: _Plan, i: int, j: int, qi: Tensor, kj: Tensor, neg_lse: T
     """
     c = plan.call
     if c.score_mod is not None:  # S·scale → score_mod → + bias → mask → − lse
-        s = _modified(plan, i, j, torch.bmm(qi, kj.transpose(1, 2)).mul_(c.scale))
+        cap = _softcap(c)
+        if cap is not None:
+            s = _tanh_scores(qi, kj, c.scale, cap).mul_(cap)
+        else:
+            s = _modified(plan, i, j, torch.bmm(qi, kj.transpose(1, 2)).mul_(c.scale))
         s = _bias_and_mask(plan, i, j, s, partial)
         return s if neg_lse is None else s.add_(neg_lse)
     if neg_lse is None:
@@ -710,6 +714,18 @@ def _torch_tiles(call: AttentionCall) -> bool:
     dropout (the tiles then run in torch operations, and their backward recomputes the modified scores and
     regenerates the dropout mask tile by tile)."""
     return (call.score_mod is not None and not call.score_mod.additive) or call.dropout_p > 0
+
+
+def _softcap(call: AttentionCall) -> float | None:
+    """The cap when the score modifier is a soft-cap alone (Gemma-2), computed in place without the modifier's
+    generic machinery; else None."""
+    spec = None if call.score_mod is None else call.score_mod.spec
+    return spec[1] if spec is not None and spec[0] == "softcap" else None
+
+
+def _tanh_scores(qi: Tensor, kj: Tensor, scale: float, cap: float) -> Tensor:
+    """tanh(S·scale / cap) of a tile: the soft-capped scores over cap. The backward keeps it for dS·(1 − tanh²)."""
+    return torch.bmm(qi, kj.transpose(1, 2)).mul_(scale / cap).tanh_()
 
 
 def _capture_grads(call: AttentionCall) -> bool:
@@ -762,9 +778,6 @@ def _mod_backward(plan: _Plan, i: int, j: int, qi: Tensor, kj: Tensor, ds: Tenso
     """dS before the score modifier, ∂L/∂s = dS · ∂score_mod/∂s, by autograd on this tile (recomputed); adds the
     gradients of the modifier's captured tensors to ``cap_grads`` (one slot per capture)."""
     c = plan.call
-    if c.score_mod.spec is not None and c.score_mod.spec[0] == "softcap":  # d(cap·tanh(x/cap))/dx = 1 − tanh²
-        t = torch.bmm(qi, kj.transpose(1, 2)).mul_(c.scale / c.score_mod.spec[1]).tanh_()
-        return t.mul_(t).neg_().add_(1.0).mul_(ds)
     caps = [t for t in c.captures if t.requires_grad]
 
     def grad():
@@ -865,6 +878,7 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
     columns = [[i for i in range(n_qb) if states[i][j] != masks.EMPTY] for j in range(n_kb)]
     if call.dropout_p:
         _dropout_halves(plan)  # made once, before the threads share them
+    cap = _softcap(call)
 
     def key_block(j: int, dq_rows: list, cap_grads: list) -> int:
         k0, k1 = plan.k_range(j)
@@ -872,7 +886,10 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
         dkj, dvj = dk3[:, k0:k1], dv3[:, k0:k1]
         for i in columns[j]:
             qi, doi, neg_lse, di = rows[i]
-            if exact or call.score_mod is not None:  # float64: the forward's scores bit for bit, then − lse
+            if cap is not None:  # the tile's tanh is kept for the soft-cap's derivative
+                t = _tanh_scores(qi, kj, scale, cap)
+                s = _bias_and_mask(plan, i, j, t * cap, states[i][j] == masks.PARTIAL).add_(neg_lse)
+            elif exact or call.score_mod is not None:  # float64: the forward's scores bit for bit, then − lse
                 s = _tile_scores(plan, i, j, qi, kj, None, states[i][j] == masks.PARTIAL).add_(neg_lse)
             else:
                 s = _tile_scores(plan, i, j, qi, kj, neg_lse, states[i][j] == masks.PARTIAL)  # (Z, R, bk)
@@ -891,7 +908,9 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
             if dbias is not None:
                 q0, q1 = plan.q_range(i)
                 dbias[:, :, :, q0:q1, k0:k1] = ds.view(B, H_kv, g, q1 - q0, k1 - k0)  # (Z, g·rows, bk) unfolded
-            if call.score_mod is not None:
+            if cap is not None:  # d(cap·tanh(x/cap))/dx = 1 − tanh²: dS − dS·tanh²
+                ds.addcmul_(ds, t.mul_(t), value=-1.0)
+            elif call.score_mod is not None:
                 ds = _mod_backward(plan, i, j, qi, kj, ds, cap_grads)
             dkj.baddbmm_(ds.transpose(1, 2), qi, alpha=scale * c)
             if dq_rows[i] is None:
