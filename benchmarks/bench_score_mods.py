@@ -1,12 +1,14 @@
 """Cost of score modifiers, sinks and dropout on the tiled CPU backend, against plain attention in the same run.
 
 Not a test: a script. Forward+backward of causal attention (B = 1, H = 8, D = 64, float32) with no modifier,
-soft-capping, ALiBi through ``score_mod``, the same ALiBi as a dense ``bias`` tensor, sinks and dropout. The variants
+soft-capping, ALiBi through ``score_mod``, the same ALiBi as a dense ``bias`` tensor, torch's SDPA with that ALiBi and
+the causal mask as one dense float ``attn_mask`` (what selfattn replaces; up to N = 8192), sinks and dropout. The variants
 run in interleaved rounds (each round times every variant once) and the median is kept, so the ratios compare like
 with like on a loaded machine. Peak memory of the ALiBi pair is measured in fresh processes (ru_maxrss).
 Writes benchmarks/results/score_mods.json and score_mods.png.
 
     flock -x /tmp/selfattn-bench.lock python benchmarks/bench_score_mods.py            # N = 4096, 8192
+    flock -x /tmp/selfattn-bench.lock python benchmarks/bench_score_mods.py --n 4096 8192 16384
     flock -x /tmp/selfattn-bench.lock python benchmarks/bench_score_mods.py --n 4096 --rounds 2
 
 The issue's targets: soft-capping and ALiBi within 1.3x of no modifier, dropout within 1.5x of none, ALiBi through
@@ -27,8 +29,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["none", "softcap", "alibi", "alibi-bias", "sinks", "dropout"]
+VARIANTS = ["none", "softcap", "alibi", "alibi-bias", "alibi-sdpa", "sinks", "dropout"]
 DENSE_MAX_N = 8192  # the dense (1, H, N, N) float32 bias: 2 GiB at N = 8192
+DENSE = ("alibi-bias", "alibi-sdpa")
 
 
 def inputs(N, H=8, D=64, grad=True):
@@ -52,6 +55,10 @@ def kwargs_for(variant, N, H=8):
     if variant == "alibi-bias":
         pos = torch.arange(N)
         return dict(bias=(slopes.view(1, H, 1, 1) * (pos[None, :] - pos[:, None]).float()))  # (1, H, N, N)
+    if variant == "alibi-sdpa":  # what selfattn replaces: torch's SDPA with ALiBi and causal as one dense float mask
+        pos = torch.arange(N)
+        dist = (pos[None, :] - pos[:, None]).float()
+        return dict(sdpa_mask=(slopes.view(1, H, 1, 1) * dist).masked_fill(dist > 0, float("-inf")))
     if variant == "sinks":
         return dict(sinks=torch.zeros(H, requires_grad=True))
     if variant == "dropout":
@@ -63,7 +70,12 @@ def run_once(q, k, v, d_out, kw) -> float:
     import selfattn
 
     t0 = time.perf_counter()
-    out = selfattn.attention(q, k, v, causal=True, backend="tiled", **kw)
+    if "sdpa_mask" in kw:
+        import torch
+
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=kw["sdpa_mask"])
+    else:
+        out = selfattn.attention(q, k, v, causal=True, backend="tiled", **kw)
     out.backward(d_out)
     return time.perf_counter() - t0
 
@@ -111,7 +123,7 @@ def main(argv=None) -> None:
     print(f"{info['cpu']}, ISA {info['isa']}, {info['threads']} threads, torch {info['torch']}")
     rows = []
     for N in args.n:
-        variants = [v for v in VARIANTS if v != "alibi-bias" or N <= DENSE_MAX_N]
+        variants = [v for v in VARIANTS if v not in DENSE or N <= DENSE_MAX_N]
         q, k, v, d_out = inputs(N)
         kws = {name: kwargs_for(name, N) for name in variants}
         run_once(q, k, v, d_out, kws["none"])  # warm-up
@@ -126,10 +138,12 @@ def main(argv=None) -> None:
             row = {"N": N, "variant": name, "seconds": t, "all_seconds": times[name], "ratio_to_none": t / base}
             if name == "alibi" and "alibi-bias" in times:
                 row["speedup_vs_dense_bias"] = statistics.median(times["alibi-bias"]) / t
-            if not args.no_memory and name in ("alibi", "alibi-bias", "none"):  # extra over no modifier's run
+                row["speedup_vs_sdpa_dense_mask"] = statistics.median(times["alibi-sdpa"]) / t
+            if not args.no_memory and name in ("alibi", *DENSE, "none"):  # extra over no modifier's run
                 row["peak_mib"] = peak_rss(N, name)
             rows.append(row)
-            extra = "".join(f"  {key}={row[key]:.2f}" for key in ("speedup_vs_dense_bias", "peak_mib") if key in row)
+            extra = "".join(f"  {key}={row[key]:.2f}" for key in ("speedup_vs_dense_bias", "speedup_vs_sdpa_dense_mask",
+                                                                    "peak_mib") if key in row)
             print(f"N={N:6d} {name:11s} {t:8.3f} s  x{t / base:5.2f} of none{extra}", flush=True)
     info["loadavg_after"] = os.getloadavg()
     out = Path(args.out)
