@@ -306,5 +306,5 @@ def test_dropout_threshold_in_int32_is_the_unsigned_comparison(T):
     """The int32 comparison behind dropout (u >= T for u read as unsigned) at the values around T and the ends."""
     near = [0, 1, 2, 3, T - 2, T - 1, T, T + 1, T + 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2, 2**32 - 1]
     u = torch.tensor(sorted({x for x in near if 0 <= x < 2**32}), dtype=torch.int64)
-    got = score_mods._at_least(score_mods._as_int32(u), T, torch.float32)
-    assert torch.equal(got, (u >= T).float()), list(zip(u.tolist(), got.tolist(), strict=True))
+    got = score_mods._at_least(score_mods._as_int32(u), T)
+    assert torch.equal(got, -(u >= T).to(torch.int32)), list(zip(u.tolist(), got.tolist(), strict=True))

@@ -305,7 +305,7 @@ def dropout_keep(seed: int, p: float, b: Tensor, h: Tensor, q_idx: Tensor, kv_id
 
     The hash is mixed per row from (seed, b, h, q_idx) and per key from (seed, kv_idx), each over the broadcast
     shapes only (O(rows + keys) work); per score there is one xor and one multiply-xorshift round."""
-    return dropout_kept(dropout_rows(seed, b, h, q_idx), dropout_cols(seed, kv_idx), p, torch.float32) > 0
+    return dropout_kept(dropout_rows(seed, b, h, q_idx), dropout_cols(seed, kv_idx), p) != 0
 
 
 # In int32, with the bits of the unsigned 32-bit arithmetic: a product keeps its low 32 bits, and ">> 16 & 0xFFFF"
@@ -326,25 +326,26 @@ def dropout_cols(seed: int, kv_idx: Tensor) -> Tensor:
     return _as_int32(col ^ (col >> 16))
 
 
-def dropout_kept(rows: Tensor, cols: Tensor, p: float, dtype: torch.dtype) -> Tensor:
-    """1 where kept, 0 where dropped, in ``dtype`` (broadcast shape of the halves)."""
+def dropout_kept(rows: Tensor, cols: Tensor, p: float) -> Tensor:
+    """The keep mask as int32 bits (broadcast shape of the halves): −1 (every bit set) where kept, 0 where dropped;
+    ANDed with a float32 tensor's bits it zeroes the dropped weights in place."""
     x = (rows ^ cols).mul_(_MIX)  # the round's multiply
     u = torch.bitwise_right_shift(x, 16).bitwise_and_(0xFFFF).bitwise_xor_(x)  # the round's last xorshift
-    return _at_least(u, int(round(p * 2**32)), dtype, scratch=x)
+    return _at_least(u, int(round(p * 2**32)))
 
 
-def _at_least(u: Tensor, T: int, dtype: torch.dtype, scratch: Tensor | None = None) -> Tensor:
-    """(u >= T) as 1 / 0 in ``dtype``, for u int32 read as unsigned and 0 <= T <= 2³². Integer operations and one
-    conversion, no bools (torch's comparisons and bool products are several times slower than its integer
-    arithmetic): with h = u >>> 1 and T = 2t + τ, u >= T  <=>  h − t − τ + τ·(u & 1) >= 0, a difference that cannot
-    overflow. ``u`` (and ``scratch``, u's shape) are overwritten."""
-    t, tau = divmod(T, 2)
-    if t >= 2**31:  # T = 2³²: nothing reaches it
-        return torch.zeros(u.shape, dtype=dtype, device=u.device)
-    d = torch.bitwise_right_shift(u, 1, out=scratch).bitwise_and_(0x7FFFFFFF).sub_(t + tau)
-    if tau:
-        d.add_(u.bitwise_and_(1))
-    return d.to(dtype).clamp_(-1.0, 0.0).add_(1.0)  # d >= 0: 1; d <= −1: 0 (a float keeps an integer's sign)
+def _at_least(u: Tensor, T: int) -> Tensor:
+    """u >= T for u int32 read as unsigned and 0 <= T <= 2³², as int32 −1 / 0; ``u`` is overwritten. Integer
+    operations only: torch's comparisons and bool products are several times slower than its integer arithmetic.
+    With the sign bit flipped, s = u − 2³¹ and T' = T − 2³¹ compare as signed values; s is clamped so that s − T'
+    cannot overflow (the clamped values stay on their side of T'), and ~(s − T') >> 31 spreads the sign: −1 when
+    s − T' >= 0."""
+    if T >= 2**32:  # nothing reaches it
+        return torch.zeros_like(u)
+    t = T - 2**31
+    s = u.bitwise_xor_(_SIGN)
+    s = s.clamp_(max=2**31 - 1 + t) if t < 0 else s.clamp_(min=t - 2**31)
+    return s.sub_(t).bitwise_not_().bitwise_right_shift_(31)
 
 
 def _as_int32(x: Tensor) -> Tensor:

@@ -752,15 +752,23 @@ def _modified(plan: _Plan, i: int, j: int, s: Tensor) -> Tensor:
     return score_mods.apply(plan.call.score_mod, _unfolded(plan, s), *_tile_grid(plan, i, j)).reshape(s.shape)
 
 
-def _keep(plan: _Plan, i: int, j: int, dtype: torch.dtype) -> Tensor:
-    """The dropout's keep mask of tile (i, j), folded: 1 / 0 in ``dtype``, (Z, R, bk). The hash's per-row and
-    per-key halves are made once per call (O(rows + keys)); a tile costs its per-score round only. The weights kept
-    are scaled by 1 / (1 − p) where the tile's products are summed (``_kept_scale``)."""
+def _keep(plan: _Plan, i: int, j: int) -> Tensor:
+    """The dropout's keep mask of tile (i, j), folded: int32 bits, −1 where kept and 0 where dropped, (Z, R, bk),
+    for ``_drop``. The hash's per-row and per-key halves are made once per call (O(rows + keys)); a tile costs its
+    per-score round only. The weights kept are scaled by 1 / (1 − p) where the tile's products are summed
+    (``_kept_scale``)."""
     c = plan.call
     rows, cols = _dropout_halves(plan)
     (q0, q1), (k0, k1) = plan.q_range(i), plan.k_range(j)
-    keep = score_mods.dropout_kept(rows[:, :, q0:q1], cols[..., k0:k1], c.dropout_p, dtype)  # (B, H_q, rows, bk)
+    keep = score_mods.dropout_kept(rows[:, :, q0:q1], cols[..., k0:k1], c.dropout_p)  # (B, H_q, rows, bk)
     return keep.reshape(c.B * c.H_kv, -1, k1 - k0)
+
+
+def _drop(t: Tensor, keep: Tensor, inplace: bool = True) -> Tensor:
+    """``t`` (float32 or float64) with the dropped entries zeroed: its bits ANDed with the keep mask."""
+    bits = t.view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+    keep = keep if bits.dtype == torch.int32 else keep.to(torch.int64)  # −1 stays every bit set
+    return (bits.bitwise_and_(keep) if inplace else torch.bitwise_and(bits, keep)).view(t.dtype)
 
 
 def _dropout_halves(plan: _Plan) -> tuple[Tensor, Tensor]:
@@ -806,7 +814,7 @@ def _online_softmax_rows(plan: _Plan, i: int, qi: Tensor, k3: Tensor, v3: Tensor
     for j, state in tiles:
         k0, k1 = plan.k_range(j)
         s = _tile_scores(plan, i, j, qi, k3[:, k0:k1], None, state == masks.PARTIAL)
-        keep = _keep(plan, i, j, s.dtype) if plan.call.dropout_p else None
+        keep = _keep(plan, i, j) if plan.call.dropout_p else None
         if len(tiles) == 1:  # the whole row in one tile: the textbook order (normalise P, then multiply by V)
             m = s.amax(-1, keepdim=True)
             e = s.sub_(torch.where(torch.isneginf(m), 0.0, m)).exp_()
@@ -815,13 +823,13 @@ def _online_softmax_rows(plan: _Plan, i: int, qi: Tensor, k3: Tensor, v3: Tensor
             lse = (torch.where(torch.isneginf(m), 0.0, m) + torch.log(l_))[..., 0]
             if keep is None:
                 return torch.bmm(p, v3[:, k0:k1]), lse
-            return torch.bmm(p.mul_(keep), v3[:, k0:k1]).mul_(_kept_scale(plan.call)), lse
+            return torch.bmm(_drop(p, keep), v3[:, k0:k1]).mul_(_kept_scale(plan.call)), lse
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         m_safe = torch.where(torch.isneginf(m_new), 0.0, m_new)  # rows that have seen no key yet
         alpha = torch.exp(m - m_safe)
         p = s.sub_(m_safe).exp_()
         l_ = l_ * alpha + p.sum(-1, keepdim=True)
-        o = o * alpha + torch.bmm(p if keep is None else p.mul_(keep), v3[:, k0:k1])
+        o = o * alpha + torch.bmm(p if keep is None else _drop(p, keep), v3[:, k0:k1])
         m = m_new
     lse = (torch.where(torch.isneginf(m), 0.0, m) + torch.log(l_))[..., 0]  # log 0 = −inf: rows that see nothing
     if plan.call.dropout_p:
@@ -898,10 +906,10 @@ def _backward(call: AttentionCall, out: Tensor, lse: Tensor, d_out: Tensor, *, b
                 s = _tile_scores(plan, i, j, qi, kj, neg_lse, states[i][j] == masks.PARTIAL)  # (Z, R, bk)
             p = s.exp_()  # P = exp(S − lse), the forward's probabilities
             if call.dropout_p:  # the forward multiplied P by keep·c, c = 1/(1 − p), before V: so do dV and dP
-                keep, c = _keep(plan, i, j, p.dtype), _kept_scale(call)
-                dvj.baddbmm_((p * keep).transpose(1, 2), doi, alpha=c)
+                keep, c = _keep(plan, i, j), _kept_scale(call)
+                dvj.baddbmm_(_drop(p, keep, inplace=False).transpose(1, 2), doi, alpha=c)
                 # dS = P∘(c·keep∘dP − δ) = c·P∘(keep∘dP − δ/c): c joins the products that take dS
-                ds = torch.bmm(doi, vj.transpose(1, 2)).mul_(keep).sub_(di * (1.0 - call.dropout_p)).mul_(p)
+                ds = _drop(torch.bmm(doi, vj.transpose(1, 2)), keep).sub_(di * (1.0 - call.dropout_p)).mul_(p)
             else:
                 c = 1.0
                 dvj.baddbmm_(p.transpose(1, 2), doi)
