@@ -502,8 +502,8 @@ def kernel_block_q(call: AttentionCall) -> int:
     """Query rows per fused-kernel call. No mask: all rows in one call (blocking the queries would gain nothing).
     Plain causal with queries and keys aligned: also one call, on the kernel's own causal mask. Other causal calls:
     large blocks. Any other mask: one tile's worth, to skip as much as possible.
-    An additive score modifier (ALiBi) is handed to the kernel as an additive mask per run: ADDITIVE_BLOCK_Q rows,
-    so that mask stays O(N) in memory."""
+    An additive score modifier (ALiBi) is handed to the kernel as an additive mask per run: a view of the band
+    (BAND_BLOCK_Q) where the mask is shift-invariant, else ADDITIVE_BLOCK_Q rows, so that mask stays O(N) in memory."""
     if call.score_mod is not None:
         if _banded(call):
             low, high = BAND_BLOCK_Q

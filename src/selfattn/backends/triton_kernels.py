@@ -122,6 +122,16 @@ def _modify(s, q_pos, k_pos, ok, slope, rel_base, rel_d0, cap2,
 
 
 @triton.jit
+def _head_mods(SLOPES, RELD, b, h, s_sl_b, s_rel_h, ALIBI: tl.constexpr):
+    """Head h's ALiBi slope in log2 units (0.0 without ALiBi) and the start of its row of the gathered relative-bias
+    table (read only with REL)."""
+    slope = 0.0
+    if ALIBI > 0:
+        slope = tl.load(SLOPES + b * s_sl_b + h) * LOG2E
+    return slope, RELD + h * s_rel_h
+
+
+@triton.jit
 def _mix(x):
     """score_mods._mix on uint32 (products wrap mod 2³², as the int64 version's & 0xFFFFFFFF makes them)."""
     x = ((x >> 16) ^ x) * MIX
@@ -344,10 +354,7 @@ def attn_fwd(Q, K, V, OUT, LSE, KLEN, KSTART, DOC, RUN_LO, RUN_HI, BIAS, SLOPES,
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
     bias_rows = BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm  # (BLOCK_M, 1); read only with HAS_BIAS
-    slope = 0.0
-    if ALIBI > 0:
-        slope = tl.load(SLOPES + b * s_sl_b + h) * LOG2E
-    rel_base = RELD + h * s_rel_h  # read only with REL
+    slope, rel_base = _head_mods(SLOPES, RELD, b, h, s_sl_b, s_rel_h, ALIBI)
     drop_rows = q_pos
     if DROPOUT:
         drop_rows = _drop_rows(seed, b, h, q_pos)
@@ -551,10 +558,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KLEN, KSTART, DOC, RUN_LO, RU
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
         bias_cols = BIAS + b * sbb + h * sbh + offs_n[:, None] * sbn  # (BLOCK_N, 1); read only with HAS_BIAS
-        slope = 0.0
-        if ALIBI > 0:
-            slope = tl.load(SLOPES + b * s_sl_b + h) * LOG2E
-        rel_base = RELD + h * s_rel_h  # read only with REL
+        slope, rel_base = _head_mods(SLOPES, RELD, b, h, s_sl_b, s_rel_h, ALIBI)
         for part in tl.static_range(3):
             if part == 1:
                 dk, dv = _dkdv_inner(dk, dv, k, v, offs_n, k_ok, k_doc, q_base, do_base, doc_base, LSE, DELTA,
@@ -645,10 +649,7 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KLEN, KSTART, DOC, RUN_LO, RUN_HI, 
     v_base = V + b * svb + hk * svh
     bias_rows = BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm  # (BLOCK_M, 1); read only with HAS_BIAS
     dbias_rows = DBIAS + (pid_bh.to(tl.int64) * N_q + offs_m[:, None]) * N_k  # written only with BIAS_GRAD
-    slope = 0.0
-    if ALIBI > 0:
-        slope = tl.load(SLOPES + b * s_sl_b + h) * LOG2E
-    rel_base = RELD + h * s_rel_h  # read only with REL
+    slope, rel_base = _head_mods(SLOPES, RELD, b, h, s_sl_b, s_rel_h, ALIBI)
     drop_rows = q_pos
     if DROPOUT:
         drop_rows = _drop_rows(seed, b, h, q_pos)
