@@ -8,13 +8,15 @@ backend and why.
 from __future__ import annotations
 
 from selfattn.backends.base import AttentionCall, Backend, merge_by_lse
+from selfattn.backends.native import BACKEND as _native  # loads the compiled kernel when a call first asks
 from selfattn.backends.reference import BACKEND as _reference
 from selfattn.backends.tiled import BACKEND as _tiled
 from selfattn.backends.triton_flash import BACKEND as _triton  # imports no Triton (that happens when a call runs)
 
 __all__ = ["AttentionCall", "Backend", "BackendError", "merge_by_lse", "register", "get", "names", "choose", "REGISTRY"]
 
-# Priority order: the first that can serve a call is chosen (triton for CUDA, tiled for CPU, then the oracle).
+# Priority order: the first that can serve a call is chosen (triton for CUDA, native then tiled for CPU, then the
+# oracle).
 REGISTRY: dict[str, Backend] = {}
 
 
@@ -72,4 +74,5 @@ def choose(call: AttentionCall, name: str | None = None) -> Backend:
 
 register(_reference)
 register(_tiled, before="reference")
+register(_native, before="tiled")  # the fused C++ kernel; tiled takes what it declines
 register(_triton, before=names()[0])  # first in priority: it declines, with its reasons, what it cannot serve

@@ -1,0 +1,75 @@
+"""Builds selfattn's native CPU kernel (src/selfattn/csrc/attention.cpp) when the package is installed.
+
+The kernel is compiled once per x86 instruction set that PyTorch itself dispatches on (AVX-512, AVX2, and the
+baseline), as three small extension modules; at run time selfattn loads the one matching
+``torch.backends.cpu.get_cpu_capability()`` (so ``ATEN_CPU_CAPABILITY=avx2`` exercises the AVX2 build).
+
+It needs torch importable while building, hence ``pip install --no-build-isolation -e .`` (what ``make`` runs)
+after torch is installed, and a C++ compiler. Without either the package installs all the same, without the kernel:
+``selfattn info`` then says ``native: not built`` and why, and the ``tiled`` backend serves the CPU.
+SELFATTN_NATIVE=0 skips the build; SELFATTN_NATIVE_ISAS=avx512,avx2,default chooses the variants.
+"""
+
+import os
+import platform
+import sys
+
+from setuptools import setup
+
+ISA_FLAGS = {  # the flags and macros PyTorch compiles its own CPU kernels with, per capability
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
+               "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "default": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+
+
+def _say(msg: str) -> None:
+    print(f"selfattn setup: {msg}", file=sys.stderr)
+
+
+def native_extensions():
+    if os.environ.get("SELFATTN_NATIVE", "1") == "0":
+        _say("SELFATTN_NATIVE=0: the native kernel is not built")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as e:
+        _say(f"torch is not importable while building ({e}): the native kernel is not built. Install torch first, "
+             "then `pip install --no-build-isolation -e .`")
+        return [], {}
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    isas = os.environ.get("SELFATTN_NATIVE_ISAS", "avx512,avx2,default" if x86 else "default").split(",")
+    mkl = torch.backends.mkl.is_available()
+    common = ["-O3", "-fopenmp", "-std=c++17"] + (["-DSELFATTN_MKL"] if mkl else [])
+    exts = [
+        CppExtension(
+            f"selfattn._native_{isa}",
+            ["src/selfattn/csrc/attention.cpp"],
+            extra_compile_args=common + ISA_FLAGS[isa] + [f'-DSELFATTN_ISA="{isa}"'],
+            extra_link_args=["-fopenmp"],
+        )
+        for isa in isas
+    ]
+
+    class Build(BuildExtension):
+        """Builds the variants two at a time, and installs the package even when a compiler is missing."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            if self.parallel is None:
+                self.parallel = os.cpu_count() or 1
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:  # noqa: BLE001 — any build failure leaves a working pure-Python package
+                _say(f"the native kernel failed to build ({type(e).__name__}: {e}); selfattn works without it "
+                     "(the tiled backend). Needs g++ and torch: `pip install --no-build-isolation -e .`")
+
+    return exts, {"build_ext": Build.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = native_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

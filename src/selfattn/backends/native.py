@@ -1,0 +1,390 @@
+"""The native backend: selfattn's own fused C++ kernel on the CPU (``src/selfattn/csrc/attention.cpp``).
+
+How it differs from the oracle, and how a call reaches the kernel:
+
+* float32 arithmetic with FlashAttention-2's tiling and online softmax, forward and backward, in one C++ kernel
+  that applies the score modifier, the bias, the mask and dropout to each row of a tile while it is in cache.
+  bfloat16 / float16 inputs are computed in float32 (O(N) copies in and out); float64 is left to ``tiled`` and the
+  oracle (it is the checking dtype).
+* What the kernel reads is prepared here, once per call, in O(N) memory:
+  - the mask: plain causal goes by positions; any other mask becomes a table of EMPTY / PARTIAL / FULL tiles (its
+    ``block_states``) and the bits of its PARTIAL tiles, made by its own ``mask_mod`` (tiles at the same offset of a
+    shift-invariant mask share their bits). A mask whose partial tiles would need more than ``MAX_MASK_BYTES`` of
+    bits is declined (``tiled`` evaluates it tile by tile).
+  - additive ready-made score modifiers (ALiBi, relative and T5 biases) depend on kv_idx − q_idx only: they become
+    one float per head and distance, ``dist`` (B or 1, H_q, N_q + N_k − 1), made by the modifiers themselves with
+    torch operations, so autograd carries the kernel's ``d dist`` on to slopes and tables;
+  - a soft-cap is a number; a custom Python ``score_mod`` is declined (``tiled`` runs it with autograd);
+  - dropout: the per-row and per-key halves of ``score_mods``'s counter-based hash (the kernel does the per-score
+    round), so the dropped weights are the oracle's bit for bit;
+  - sinks join the softmax after the kernel (``score_mods.add_sinks``), and their gradient is O(N).
+* Work is split over the cores by (batch, query-head group, query block) in the forward, with the query heads of a
+  grouped-query group folded into one tile's rows, and by key ranges as well when there are few rows
+  (flash-decoding); by (batch, K/V head, key block) in the backward.
+
+The kernel is compiled at install (``setup.py``), once per instruction set PyTorch dispatches on; the variant that
+matches ``torch.backends.cpu.get_cpu_capability()`` is loaded. Without it, ``unavailable_reasons`` says why and how
+to build it, and ``tiled`` serves the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from selfattn import masks, score_mods
+from selfattn.backends.base import AttentionCall, Backend
+
+# Tiles: query rows x keys per kernel tile. The forward folds the heads of a group into one tile's rows
+# (FORWARD_ROWS rows in all); the backward holds four BQ x BK float tiles per core.
+FORWARD_ROWS = 128
+FORWARD_BK = 512
+BACKWARD_BQ = 128
+BACKWARD_BK = 256
+MAX_MASK_BYTES = 256 << 20  # bits of partial tiles a call may prepare; beyond it the call is tiled's
+# Flash-decoding: with fewer work items than this many per core, the keys are split too, in ranges of at least
+# SPLIT_MIN_KEYS (below that the parts' merge costs more than a second core gains).
+SPLIT_ITEMS_PER_CORE = 2
+SPLIT_MIN_KEYS = 1024
+
+_ISAS = {"AVX512": ("avx512", "avx2", "default"), "AVX2": ("avx2", "default")}
+_HOW = "build it with `pip install --no-build-isolation -e .` (needs torch installed first and g++)"
+_LOADED: dict = {}
+_LOCK = threading.Lock()
+
+
+def extension():
+    """The compiled module for this CPU's instruction set, or None; ``load_error()`` says why."""
+    with _LOCK:
+        if "module" not in _LOADED:
+            _LOADED["module"], _LOADED["error"] = _load()
+        return _LOADED["module"]
+
+
+def load_error() -> str | None:
+    extension()
+    return _LOADED["error"]
+
+
+def _load():
+    capability = torch.backends.cpu.get_cpu_capability()
+    tried = []
+    for isa in _ISAS.get(capability, ("default",)):
+        try:
+            return importlib.import_module(f"selfattn._native_{isa}"), None
+        except ImportError as e:
+            tried.append(f"_native_{isa}: {e}")
+    return None, (f"not built (no compiled kernel for {capability} here: {'; '.join(tried)}); {_HOW}")
+
+
+# ---------------------------------------------------------------------------------------------------- call → kernel
+
+
+@dataclass
+class _Plan:
+    """The kernel's arguments for one call, except q, k, v (and dist, which carries gradients)."""
+
+    BQ: int
+    BK: int
+    mask_kind: int = 0  # 0 none, 1 causal from positions, 2 block table + partial bits
+    states: Tensor | None = None
+    bits_at: Tensor | None = None
+    bits: Tensor | None = None
+    mask_heads: int = 1  # 1 when the mask does not depend on h
+    extras: dict = field(default_factory=dict)
+
+
+def _mask_plan(call: AttentionCall, BQ: int, BK: int) -> _Plan | str:
+    """The mask as the kernel reads it, or the reason it cannot."""
+    mask = call.mask
+    if mask is None:
+        return _Plan(BQ, BK)
+    if mask.spec == ("causal",):
+        return _Plan(BQ, BK, mask_kind=1)
+    key = _mask_key(call, BQ, BK)
+    if key is not None and key in _MASK_CACHE:
+        return _MASK_CACHE[key]
+    B, H, N_q, N_k = call.B, call.H_q, call.N_q, call.N_k
+    st = mask.block_states(B, H, N_q, N_k, BQ, BK, q_pos0=call.q_start, k_pos0=call.k_pos0)
+    st = st.reshape(-1, st.shape[-2], st.shape[-1])
+    lo, hi = st.amin(0), st.amax(0)
+    states = torch.where(hi == masks.EMPTY, masks.EMPTY, torch.where(lo == masks.FULL, masks.FULL, masks.PARTIAL))
+    states = states.to(torch.int8).contiguous()
+    partial = (states == masks.PARTIAL).nonzero().tolist()
+    shift_invariant = _shift_invariant(mask.spec)
+    by_offset: dict = {}
+    tiles: list[Tensor] = []
+    at = torch.full(states.shape, -1, dtype=torch.int32)
+    for qb, kb in partial:
+        q0, k0 = qb * BQ, kb * BK
+        nr, nk = min(BQ, N_q - q0), min(BK, N_k - k0)
+        offset = (call.q_start + q0 - call.k_pos0 - k0, nr, nk)
+        if shift_invariant and offset in by_offset:
+            at[qb, kb] = by_offset[offset]
+            continue
+        b, h, qi, ki = masks.grid(B, H, nr, nk, q_pos0=call.q_start + q0, k_pos0=call.k_pos0 + k0)
+        m = mask.mask_mod(b, h, qi, ki)
+        m = m.expand(*m.shape[:2], nr, nk)
+        tiles.append(torch.nn.functional.pad(m, (0, BK - nk, 0, BQ - nr)))
+        at[qb, kb] = by_offset[offset] = len(tiles) - 1
+        if len(tiles) * m.shape[0] * m.shape[1] * BQ * BK > MAX_MASK_BYTES:
+            return (f"the mask's partial tiles would need over {MAX_MASK_BYTES >> 20} MiB of bits "
+                    "(tiled evaluates them tile by tile)")
+    Bm = max([t.shape[0] for t in tiles], default=1)
+    Hm = max([t.shape[1] for t in tiles], default=1)
+    bits = torch.stack([t.expand(Bm, Hm, BQ, BK) for t in tiles]) if tiles else \
+        torch.zeros(0, 1, 1, BQ, BK, dtype=torch.bool)
+    plan = _Plan(BQ, BK, 2, states, at, bits.to(torch.uint8).contiguous(), Hm)
+    if key is not None:
+        if len(_MASK_CACHE) > 64:
+            _MASK_CACHE.clear()
+        _MASK_CACHE[key] = plan
+    return plan
+
+
+_MASK_CACHE: dict = {}
+
+
+def _mask_key(call: AttentionCall, BQ: int, BK: int):
+    """A cache key for masks described by plain data without tensors (windows, causal combinations), else None."""
+    def plain(spec):
+        return all(plain(s) if isinstance(s, tuple) else not isinstance(s, Tensor) for s in spec)
+
+    spec = call.mask.spec
+    if spec is None or not plain(spec):
+        return None
+    return spec, call.B, call.H_q, call.N_q, call.N_k, call.q_start, call.k_pos0, BQ, BK
+
+
+def _shift_invariant(spec) -> bool:
+    if spec is None:
+        return False
+    if spec[0] in ("and", "or"):
+        return _shift_invariant(spec[1]) and _shift_invariant(spec[2])
+    return spec[0] in ("causal", "sliding_window")
+
+
+def _modifier(call: AttentionCall) -> tuple[float, list, bool] | str:
+    """(soft-cap or 0, additive ready-made modifiers, whether they come after the cap), or why not."""
+    mod = call.score_mod
+    if mod is None:
+        return 0.0, [], True
+    if mod.spec is None:
+        return f"a custom score_mod ({mod.name}) runs as Python on tiles: the tiled backend takes it"
+    leaves = score_mods.leaves(mod.spec)
+    caps = [i for i, leaf in enumerate(leaves) if leaf[0] == "softcap"]
+    if len(caps) > 1:
+        return "more than one soft-cap in a chain"
+    cap = leaves[caps[0]][1] if caps else 0.0
+    at = caps[0] if caps else len(leaves)
+    before, after = leaves[:at], leaves[at + 1:]
+    if before and after:
+        return "additive modifiers both before and after the soft-cap"
+    return cap, [score_mods.from_spec(leaf) for leaf in before + after], not before
+
+
+def _dist(call: AttentionCall, additive: list) -> tuple[Tensor | None, int]:
+    """Σ of the additive modifiers by head and distance d = kv_pos − q_pos: (B or 1, H_q, N_q + N_k − 1) float32,
+    index d − d_min; differentiable in the slopes and tables."""
+    d_min = call.k_pos0 - (call.q_start + call.N_q - 1)
+    if not additive:
+        return None, d_min
+    L = call.N_q + call.N_k - 1
+    per_batch = any(m.spec[0] == "alibi" and m.spec[1].dim() == 2 for m in additive)
+    b = torch.arange(call.B if per_batch else 1).view(-1, 1, 1, 1)
+    h = torch.arange(call.H_q).view(1, -1, 1, 1)
+    qi = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    ki = torch.arange(d_min, d_min + L).view(1, 1, 1, L)
+    zero = torch.zeros((), dtype=torch.float32)
+    total = sum(m.score_mod(zero, b, h, qi, ki).float() for m in additive)
+    return total.expand(b.shape[0], call.H_q, 1, L).reshape(b.shape[0], call.H_q, L).contiguous(), d_min
+
+
+def _dropout(call: AttentionCall):
+    if not call.dropout_p:
+        return None, None, 0, 1.0
+    b = torch.arange(call.B).view(-1, 1, 1)
+    h = torch.arange(call.H_q).view(1, -1, 1)
+    qi = torch.arange(call.q_start, call.q_start + call.N_q).view(1, 1, -1)
+    rows = score_mods.dropout_rows(call.dropout_seed, b, h, qi).expand(call.B, call.H_q, call.N_q).contiguous()
+    cols = score_mods.dropout_cols(call.dropout_seed, torch.arange(call.k_pos0, call.k_pos0 + call.N_k)).contiguous()
+    return rows, cols, int(round(call.dropout_p * 2**32)), 1.0 / (1.0 - call.dropout_p)
+
+
+def _bias(call: AttentionCall) -> Tensor | None:
+    if call.bias is None:
+        return None
+    bias = call.bias.detach().float()
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    if bias.shape[-1] > 1 and bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    return bias.expand(call.B, call.H_q, call.N_q, call.N_k)
+
+
+def _tiles(call: AttentionCall, phase: str) -> tuple[int, int, int]:
+    """(BQ, BK, fold): query rows per head in a tile, keys per tile, query heads folded into a tile's rows."""
+    group = call.H_q // call.H_kv
+    if phase == "backward":
+        return min(BACKWARD_BQ, call.N_q), BACKWARD_BK, 1
+    fold = group
+    BQ = max(1, min(call.N_q, max(16, FORWARD_ROWS // fold)))
+    return BQ, FORWARD_BK, fold
+
+
+def _args(call: AttentionCall, plan: _Plan, dist: Tensor | None, d_min: int, cap: float, after: bool):
+    drop_rows, drop_cols, T, drop_scale = plan.extras["dropout"]
+    return dict(scale=call.scale, q_start=call.q_start, k_pos0=call.k_pos0, mask_kind=plan.mask_kind, BQ=plan.BQ,
+                BK=plan.BK, states=plan.states, bits_at=plan.bits_at, bits=plan.bits, cap=cap, dist=dist, d_min=d_min,
+                dist_after_cap=after, bias=plan.extras["bias"], drop_rows=drop_rows, drop_cols=drop_cols, drop_T=T,
+                drop_scale=drop_scale)
+
+
+def _prepare(call: AttentionCall, phase: str) -> _Plan:
+    BQ, BK, fold = _tiles(call, phase)
+    plan = _mask_plan(call, BQ, BK)
+    if isinstance(plan, str):
+        raise ValueError(plan)  # declined earlier by call_reasons; here only if the call changed in between
+    plan = _Plan(plan.BQ, plan.BK, plan.mask_kind, plan.states, plan.bits_at, plan.bits, plan.mask_heads)
+    plan.extras.update(fold=fold if plan.mask_heads == 1 else 1, bias=_bias(call), dropout=_dropout(call))
+    return plan
+
+
+def _f32(t: Tensor) -> Tensor:
+    t = t if t.dtype == torch.float32 else t.float()
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _splits(call: AttentionCall, plan: _Plan) -> int:
+    items = call.B * (call.H_q // plan.extras["fold"]) * -(-call.N_q // plan.BQ)
+    cores = torch.get_num_threads()
+    n_kb = -(-call.N_k // plan.BK)
+    if items >= SPLIT_ITEMS_PER_CORE * cores or call.N_k < 2 * SPLIT_MIN_KEYS:
+        return 1
+    want = -(-SPLIT_ITEMS_PER_CORE * cores // items)
+    return max(1, min(want, call.N_k // SPLIT_MIN_KEYS, n_kb))
+
+
+def forward_f32(call: AttentionCall, q: Tensor, k: Tensor, v: Tensor, dist: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(out, lse) float32 without sinks, no autograd."""
+    cap, _, after = call_modifier(call)
+    plan = _prepare(call, "forward")
+    d_min = call.k_pos0 - (call.q_start + call.N_q - 1)
+    out, lse = extension().forward(q, k, v, **_args(call, plan, dist, d_min, cap, after), fold=plan.extras["fold"],
+                                   splits=_splits(call, plan))
+    return out, lse
+
+
+def backward_f32(call: AttentionCall, q, k, v, dist, out, lse, d_out):
+    """(dq, dk, dv, d_dist or None) float32 given the final out and lse (sinks included)."""
+    cap, _, after = call_modifier(call)
+    plan = _prepare(call, "backward")
+    d_min = call.k_pos0 - (call.q_start + call.N_q - 1)
+    out, d_out, lse = (t.float().contiguous() for t in (out, d_out, lse))
+    delta = (d_out * out).sum(-1).contiguous()
+    grads = extension().backward(q, k, v, out, d_out, lse, delta, **_args(call, plan, dist, d_min, cap, after))
+    return (*grads[:3], grads[3] if dist is not None else None)
+
+
+def call_modifier(call: AttentionCall):
+    mod = _modifier(call)
+    if isinstance(mod, str):
+        raise ValueError(mod)
+    return mod
+
+
+class _NativeAttention(torch.autograd.Function):
+    """q, k, v (float32), dist (or None) and sinks (or None) in; out (float32) and lse out."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dist, sinks, call: AttentionCall):
+        out, lse = forward_f32(call, q, k, v, None if dist is None else dist.detach())
+        if sinks is not None:
+            out, lse = score_mods.add_sinks(out, lse, sinks.detach())
+        ctx.save_for_backward(q, k, v, dist, sinks, out, lse)
+        ctx.call = call
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, _d_lse):
+        q, k, v, dist, sinks, out, lse = ctx.saved_tensors
+        dq, dk, dv, d_dist = backward_f32(ctx.call, q, k, v, dist, out, lse, d_out)
+        d_sinks = score_mods.sinks_grad(out, lse, d_out, sinks) if sinks is not None and ctx.needs_input_grad[4] \
+            else None
+        return dq, dk, dv, d_dist if ctx.needs_input_grad[3] else None, d_sinks, None
+
+
+@dataclass(frozen=True)
+class NativeBackend(Backend):
+    def unavailable_reasons(self) -> list[str]:
+        return [] if extension() is not None else [load_error()]
+
+    def call_reasons(self, call: AttentionCall) -> list[str]:
+        reasons = []
+        mod = _modifier(call)
+        if isinstance(mod, str):
+            reasons.append(mod)
+        if call.bias is not None and call.bias.requires_grad and torch.is_grad_enabled():
+            reasons.append("the gradient of a dense bias is a N_q x N_k tensor: the tiled backend makes it")
+        if call.dropout_p and round(call.dropout_p * 2**32) >= 2**32:
+            reasons.append(f"dropout_p={call.dropout_p} rounds to 1 in 32 bits")
+        if call.mask is not None and call.device.type == "cpu" and not reasons and extension() is not None:
+            plan = _mask_plan(call, *_tiles(call, "forward")[:2])
+            if isinstance(plan, str):
+                reasons.append(plan)
+        return reasons
+
+    def forward(self, call: AttentionCall):
+        _, additive, _ = call_modifier(call)
+        dist, _ = _dist(call, additive)
+        q, k, v = _f32(call.q), _f32(call.k), _f32(call.v)
+        if call.needs_grad:
+            out, lse = _NativeAttention.apply(q, k, v, dist, call.sinks, call)
+        else:
+            with torch.no_grad():
+                out, lse = forward_f32(call, q, k, v, dist)
+                if call.sinks is not None:
+                    out, lse = score_mods.add_sinks(out, lse, call.sinks)
+        return out.to(call.dtype), lse
+
+    def forward_block(self, call: AttentionCall):
+        _, additive, _ = call_modifier(call)
+        with torch.no_grad():
+            dist, _ = _dist(call, additive)
+            return forward_f32(call, _f32(call.q), _f32(call.k), _f32(call.v), dist)
+
+    def backward_block(self, call: AttentionCall, out, lse, d_out):
+        _, additive, _ = call_modifier(call)
+        with torch.no_grad():
+            dist, _ = _dist(call, additive)
+            return backward_f32(call, _f32(call.q), _f32(call.k), _f32(call.v), dist, out, lse, d_out)[:3]
+
+
+BACKEND = NativeBackend(
+    name="native",
+    description="selfattn's fused C++ CPU kernel (FlashAttention-2 tiling; modifiers, masks, dropout fused; "
+                "float32 arithmetic, bf16/fp16 in and out)",
+    devices=frozenset({"cpu"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    supports_blocks=True,
+    supports_score_mods=True,
+    supports_sinks=True,
+    supports_dropout=True,
+)
+
+
+def describe() -> str:
+    """One line for ``selfattn info``."""
+    mod = extension()
+    if mod is None:
+        return f"native: {load_error()}"
+    blas = "MKL sgemm" if mod.uses_mkl() else "plain loops (no MKL in this torch: slow)"
+    return f"native: built for {mod.isa} (CPU capability {torch.backends.cpu.get_cpu_capability()}), GEMM: {blas}"
+
+
+__all__ = ["BACKEND", "extension", "load_error", "describe"]

@@ -1,0 +1,703 @@
+// selfattn's native CPU kernel: FlashAttention-2's tiling, forward and backward, in float32.
+//
+// How it differs from the oracle (selfattn/reference.py, float64, the whole N_q x N_k matrix):
+//   * Scores are made one tile at a time (query rows x BK keys) with a float32 GEMM (MKL's sgemm where torch carries
+//     it), and the softmax is online: a running row maximum m and sum l; the tile's weights rescale the output rows
+//     by exp(m_old - m_new). Only O and lse = m + log(l) leave the forward.
+//   * Score modifiers, the bias, the mask and dropout are applied to a row of the tile while it sits in L1, in the
+//     order of the oracle: s = scale * q.k -> [additive terms] -> soft-cap -> [additive terms] -> + bias -> mask.
+//     Which of them are present is a template argument (RowOps), so a call without them pays nothing.
+//   * Additive ready-made modifiers (ALiBi, relative and T5 biases) depend on kv - q only: Python hands the kernel
+//     one float per head and distance (`dist`, O(N)), and the backward returns its gradient per head and distance;
+//     autograd carries that to slopes and tables. The kernel knows no modifier by name.
+//   * Masks: plain causal is computed from positions (no mask bits). Any other mask arrives as a block table
+//     (EMPTY / PARTIAL / FULL per query block x key block) and the bits of the PARTIAL tiles, made by the mask's own
+//     mask_mod in Python. EMPTY tiles are never computed.
+//   * Dropout regenerates the same counter-based bits as every other backend: the per-row and per-key halves of the
+//     hash come from Python (score_mods.dropout_rows / dropout_cols), the per-score round is done here.
+//   * Grouped-query attention folds the query heads that share a K/V head into the rows of one GEMM (K, V read once
+//     per group); decoding splits the keys over the cores when there are fewer work items than cores
+//     (flash-decoding) and merges the parts by log-sum-exp.
+//   * Backward: parallel over (batch, K/V head, key block); each item owns its dK, dV rows (summed over the group's
+//     heads) and adds its dQ share into a per-thread buffer, summed at the end: no atomics, and the same result run
+//     to run at a fixed thread count.
+//
+// Every entry point checks what it is given (dtypes, shapes, strides, overlap) and raises rather than reading out of
+// bounds; selfattn/backends/native.py validates the user's call before that.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#ifndef SELFATTN_ISA
+#define SELFATTN_ISA "default"
+#endif
+
+#ifdef SELFATTN_MKL
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+int MKL_Set_Num_Threads_Local(int nt);  // the C name (lower case is the Fortran one, by pointer)
+}
+#endif
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int8_t kEmpty = 0, kPartial = 1, kFull = 2;  // selfattn.masks.EMPTY / PARTIAL / FULL
+constexpr uint32_t kMix = 0x45D9F3Bu;                   // score_mods._MIX: the hash's multiply
+
+// Row-major C (M x N, ldc) = alpha * op(A) * op(B) + beta * C. BLAS is column-major, and a row-major matrix read
+// column-major is its transpose, so this is C^T = op(B)^T op(A)^T with the operands swapped.
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+#ifdef SELFATTN_MKL
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  sgemm_(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+#else
+  // Without MKL (torch builds for other CPUs): plain loops, correct and slow; `selfattn info` says which is in use.
+  for (int64_t i = 0; i < M; ++i) {
+    float* c = C + i * ldc;
+    for (int64_t j = 0; j < N; ++j) c[j] = beta == 0.f ? 0.f : beta * c[j];
+    for (int64_t p = 0; p < K; ++p) {
+      const float a = alpha * (ta ? A[p * lda + i] : A[i * lda + p]);
+      if (tb) {
+        for (int64_t j = 0; j < N; ++j) c[j] += a * B[j * ldb + p];
+      } else {
+        const float* b = B + p * ldb;
+        for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+      }
+    }
+  }
+#endif
+}
+
+// MKL runs one thread per call inside our parallel region (its own threads would fight ours); restored on exit.
+struct OneBlasThread {
+#ifdef SELFATTN_MKL
+  int saved = MKL_Set_Num_Threads_Local(1);
+  ~OneBlasThread() { MKL_Set_Num_Threads_Local(saved); }
+#endif
+};
+
+// What one call computes; pointers are float32 unless said, strides in elements, the last dim contiguous.
+struct Params {
+  int64_t B, Hq, Hkv, Nq, Nk, D, Dv;
+  float scale;
+  int64_t q_start, k_pos0;  // positions of query row 0 and key 0 (what mask_mod sees)
+  const float *q, *k, *v;
+  int64_t sq[3], sk[3], sv[3];  // strides of (b, h, n)
+  // mask: 0 none, 1 causal (from positions), 2 block table + bits of the partial tiles
+  int mask_kind = 0;
+  int64_t BQ, BK;           // the block table's tile: BQ query rows x BK keys (also the kernel's tiles)
+  int64_t nqb = 0, nkb = 0;  // blocks along N_q and N_k
+  const int8_t* states = nullptr;     // (nqb, nkb)
+  const int32_t* bits_at = nullptr;   // (nqb, nkb): index of the tile's bits in `bits`, -1 for none
+  const uint8_t* bits = nullptr;      // (P, Bm, Hm, BQ, BK)
+  int64_t bits_B = 1, bits_H = 1;     // Bm, Hm: 1 when the mask does not depend on b or h
+  // modifiers
+  float cap = 0.f;                    // soft-cap; 0 = none
+  const float* dist = nullptr;        // (Bd, Hq, L) additive term by distance kv_pos - q_pos, index d - d_min
+  int64_t dist_sb = 0, dist_L = 0, d_min = 0;
+  bool dist_after_cap = true;
+  const float* bias = nullptr;        // additive bias, strides (b, h, q, k); k stride 0 or 1
+  int64_t sbias[4] = {0, 0, 0, 0};
+  const int32_t* drop_rows = nullptr;  // (B, Hq, Nq) per-row half of the dropout hash
+  const int32_t* drop_cols = nullptr;  // (Nk) per-key half
+  uint32_t drop_T = 0;                 // kept when the hash >= T = round(p * 2^32)
+  float drop_scale = 1.f;              // 1 / (1 - p)
+
+  int64_t group() const { return Hq / Hkv; }
+  const float* qrow(int64_t b, int64_t h, int64_t i) const { return q + b * sq[0] + h * sq[1] + i * sq[2]; }
+  const float* krow(int64_t b, int64_t h, int64_t j) const { return k + b * sk[0] + h * sk[1] + j * sk[2]; }
+  const float* vrow(int64_t b, int64_t h, int64_t j) const { return v + b * sv[0] + h * sv[1] + j * sv[2]; }
+  int64_t q_pos(int64_t i) const { return q_start + i; }
+};
+
+// The state of tile (qb, kb) and, for causal, the keys of it that any of its rows can see: [k0, k_end).
+struct Tile {
+  int8_t state;
+  int64_t k0, k_end;
+  const uint8_t* bits;  // PARTIAL with a table: the tile's bits for (b, h) = (0, 0); see bits_for
+};
+
+Tile tile(const Params& p, int64_t qb, int64_t kb) {
+  const int64_t q0 = qb * p.BQ, q1 = std::min(p.Nq, q0 + p.BQ);
+  const int64_t k0 = kb * p.BK, k1 = std::min(p.Nk, k0 + p.BK);
+  if (p.mask_kind == 1) {  // key j visible from row i when k_pos0 + j <= q_start + i
+    const int64_t last = p.q_pos(q1 - 1) - p.k_pos0;  // last key the block's last row sees
+    if (last < k0) return {kEmpty, k0, k0, nullptr};
+    const int64_t end = std::min(k1, last + 1);
+    const int64_t first_row_last = p.q_pos(q0) - p.k_pos0;
+    return {first_row_last >= end - 1 ? kFull : kPartial, k0, end, nullptr};
+  }
+  if (p.mask_kind == 2) {
+    const int8_t s = p.states[qb * p.nkb + kb];
+    const int32_t at = p.bits_at[qb * p.nkb + kb];
+    const uint8_t* bits = at >= 0 ? p.bits + static_cast<int64_t>(at) * p.bits_B * p.bits_H * p.BQ * p.BK : nullptr;
+    return {s, k0, k1, bits};
+  }
+  return {kFull, k0, k1, nullptr};
+}
+
+inline const uint8_t* bits_for(const Params& p, const Tile& t, int64_t b, int64_t h) {
+  return t.bits + ((p.bits_B > 1 ? b : 0) * p.bits_H + (p.bits_H > 1 ? h : 0)) * p.BQ * p.BK;
+}
+
+// ------------------------------------------------------------------------------------------------ one row of a tile
+
+template <bool CAP, bool DIST, bool BIAS, bool DROP>
+struct RowOps {
+  static constexpr bool cap = CAP, dist = DIST, bias = BIAS, drop = DROP;
+};
+
+// s[0:n) = scores of row i (head h, batch b) against keys k0..k0+n: modifiers, bias, mask, in the oracle's order.
+// `t` (backward with a soft-cap) receives tanh(x / cap) for dS * (1 - tanh^2).
+template <class Ops>
+inline void modify_row(const Params& p, float* s, int64_t n, int64_t b, int64_t h, int64_t i, int64_t k0,
+                       int8_t state, const uint8_t* bits_row, float* t) {
+  const int64_t VN = Vec::size();
+  const float* dist_row = nullptr;
+  if constexpr (Ops::dist) {
+    // distance of key k0 from row i, kv_pos - q_pos; the term for key k0 + j is dist_row[j]
+    dist_row = p.dist + b * p.dist_sb + h * p.dist_L + (p.k_pos0 + k0 - p.q_pos(i) - p.d_min);
+    if (!p.dist_after_cap) at::vec::map2([](Vec x, Vec y) { return x + y; }, s, s, dist_row, n);
+  }
+  if constexpr (Ops::cap) {
+    const Vec inv(1.f / p.cap), c(p.cap);
+    int64_t j = 0;
+    for (; j + VN <= n; j += VN) {
+      Vec th = (Vec::loadu(s + j) * inv).tanh();
+      if (t) th.store(t + j);
+      (th * c).store(s + j);
+    }
+    if (j < n) {
+      Vec th = (Vec::loadu(s + j, n - j) * inv).tanh();
+      if (t) th.store(t + j, n - j);
+      (th * c).store(s + j, n - j);
+    }
+  }
+  if constexpr (Ops::dist) {
+    if (p.dist_after_cap) at::vec::map2([](Vec x, Vec y) { return x + y; }, s, s, dist_row, n);
+  }
+  if constexpr (Ops::bias) {
+    const float* br = p.bias + b * p.sbias[0] + h * p.sbias[1] + i * p.sbias[2] + k0 * p.sbias[3];
+    if (p.sbias[3] == 1) {
+      at::vec::map2([](Vec x, Vec y) { return x + y; }, s, s, br, n);
+    } else {
+      const float add = br[0];
+      at::vec::map([add](Vec x) { return x + Vec(add); }, s, s, n);
+    }
+  }
+  if (state == kPartial) {
+    if (p.mask_kind == 1) {
+      const int64_t last = p.q_pos(i) - p.k_pos0 - k0;  // last visible key of this row, relative to k0
+      for (int64_t j = std::max<int64_t>(0, last + 1); j < n; ++j) s[j] = kNegInf;
+    } else {
+      for (int64_t j = 0; j < n; ++j) s[j] = bits_row[j] ? s[j] : kNegInf;
+    }
+  }
+}
+
+// The dropout round for row i: w[j] *= keep ? 1/(1-p) : 0 (the bits of score_mods.dropout_kept).
+inline void drop_row(const Params& p, float* w, int64_t n, int64_t b, int64_t h, int64_t i, int64_t k0) {
+  const uint32_t row = static_cast<uint32_t>(p.drop_rows[(b * p.Hq + h) * p.Nq + i]);
+  const int32_t* cols = p.drop_cols + k0;
+  const uint32_t T = p.drop_T;
+  const float ds = p.drop_scale;
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t x = (row ^ static_cast<uint32_t>(cols[j])) * kMix;
+    x ^= x >> 16;
+    w[j] = x >= T ? w[j] * ds : 0.f;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------ scheduling
+
+// Runs work(item, slot) for items 0..n in the given order, each core pulling the next item when it is done
+// (dynamic: causal items differ in cost). `slot` < slots() is the calling worker's index, for its own buffers.
+int64_t slots() { return std::max<int64_t>(1, at::get_num_threads()); }
+
+template <class F>
+void run_items(const std::vector<int64_t>& order, F&& work) {
+  const int64_t n = static_cast<int64_t>(order.size());
+  if (n == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min(slots(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    OneBlasThread one;
+    for (int64_t slot = w0; slot < w1; ++slot) {
+      for (int64_t at = next++; at < n; at = next++) work(order[at], slot);
+    }
+  });
+}
+
+std::vector<int64_t> by_cost(const std::vector<int64_t>& cost) {
+  std::vector<int64_t> order(cost.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  return order;
+}
+
+// ---------------------------------------------------------------------------------------------------------- forward
+
+struct Forward {
+  const Params& p;
+  int64_t fold;    // query heads folded into one item's rows (the group when the mask ignores h, else 1)
+  int64_t splits;  // key ranges per item (flash-decoding); > 1 writes parts to be merged
+  float* out;      // (B, Hq, Nq, Dv) contiguous
+  float* lse;      // (B, Hq, Nq)
+  float* part_o;   // (splits, B, Hq, Nq, Dv) when splits > 1
+  float* part_m;   // (splits, B, Hq, Nq): row maximum
+  float* part_l;   // (splits, B, Hq, Nq): row sum
+
+  int64_t heads_per_b() const { return p.Hq / fold; }
+  int64_t items() const { return p.B * heads_per_b() * p.nqb * splits; }
+
+  template <class Ops>
+  void item(int64_t it, std::vector<float>& buf) const {
+    const int64_t sp = it % splits, qb = (it / splits) % p.nqb, hg = (it / splits / p.nqb) % heads_per_b();
+    const int64_t b = it / splits / p.nqb / heads_per_b();
+    const int64_t h0 = hg * fold, hk = h0 / p.group();
+    const int64_t q0 = qb * p.BQ, nr = std::min(p.Nq, q0 + p.BQ) - q0, rows = fold * nr;
+    const int64_t kb0 = sp * p.nkb / splits, kb1 = (sp + 1) * p.nkb / splits;
+    const int64_t D = p.D, Dv = p.Dv, BK = p.BK;
+    buf.resize(rows * (D + Dv + BK + 2));
+    float *Q = buf.data(), *O = Q + rows * D, *S = O + rows * Dv, *m = S + rows * BK, *l = m + rows;
+    for (int64_t r = 0; r < rows; ++r) {  // Q rows of the folded heads, scaled once
+      const float* src = p.qrow(b, h0 + r / nr, q0 + r % nr);
+      const float sc = p.scale;
+      at::vec::map([sc](Vec x) { return x * Vec(sc); }, Q + r * D, src, D);
+      m[r] = kNegInf;
+      l[r] = 0.f;
+    }
+    std::fill(O, O + rows * Dv, 0.f);
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
+      const Tile t = tile(p, qb, kb);
+      if (t.state == kEmpty) continue;
+      const int64_t n = t.k_end - t.k0;
+      gemm(false, true, rows, n, D, 1.f, Q, D, p.krow(b, hk, t.k0), p.sk[2], 0.f, S, BK);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t h = h0 + r / nr, i = q0 + r % nr;
+        float* s = S + r * BK;
+        const uint8_t* bits = t.bits ? bits_for(p, t, b, h) + (i - q0) * p.BK : nullptr;
+        modify_row<Ops>(p, s, n, b, h, i, t.k0, t.state, bits, nullptr);
+        const float mx = at::vec::reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); }, s, n);
+        const float m_new = std::max(m[r], mx);
+        if (m_new == kNegInf) {  // nothing visible yet in this row: weights 0, state unchanged
+          std::fill(s, s + n, 0.f);
+          continue;
+        }
+        const Vec mv(m_new);
+        at::vec::map([mv](Vec x) { return (x - mv).exp_u20(); }, s, s, n);
+        const float sum = at::vec::reduce_all<float>([](Vec x, Vec y) { return x + y; }, s, n);
+        const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - m_new);
+        l[r] = l[r] * alpha + sum;
+        m[r] = m_new;
+        if (alpha != 1.f) at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, O + r * Dv, O + r * Dv, Dv);
+        if constexpr (Ops::drop) drop_row(p, s, n, b, h, i, t.k0);
+      }
+      gemm(false, false, rows, Dv, n, 1.f, S, BK, p.vrow(b, hk, t.k0), p.sv[2], 1.f, O, Dv);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t h = h0 + r / nr, i = q0 + r % nr, row = (b * p.Hq + h) * p.Nq + i;
+      if (splits > 1) {
+        const int64_t at = sp * p.B * p.Hq * p.Nq + row;
+        std::copy(O + r * Dv, O + (r + 1) * Dv, part_o + at * Dv);
+        part_m[at] = m[r];
+        part_l[at] = l[r];
+        continue;
+      }
+      float* o = out + row * Dv;
+      if (l[r] == 0.f) {  // every key masked: zeros and lse = -inf
+        std::fill(o, o + Dv, 0.f);
+        lse[row] = kNegInf;
+      } else {
+        const float inv = 1.f / l[r];
+        at::vec::map([inv](Vec x) { return x * Vec(inv); }, o, O + r * Dv, Dv);
+        lse[row] = m[r] + std::log(l[r]);
+      }
+    }
+  }
+
+  // splits > 1: out = sum_s exp(m_s - M) O_s / sum_s exp(m_s - M) l_s, row by row
+  void merge() const {
+    const int64_t R = p.B * p.Hq * p.Nq, Dv = p.Dv;
+    at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float M = kNegInf;
+        for (int64_t s = 0; s < splits; ++s) M = std::max(M, part_m[s * R + r]);
+        float* o = out + r * Dv;
+        std::fill(o, o + Dv, 0.f);
+        if (M == kNegInf) {
+          lse[r] = kNegInf;
+          continue;
+        }
+        float L = 0.f;
+        for (int64_t s = 0; s < splits; ++s) {
+          const float ms = part_m[s * R + r];
+          if (ms == kNegInf) continue;
+          const float w = std::exp(ms - M);
+          L += w * part_l[s * R + r];
+          const float* os = part_o + (s * R + r) * Dv;
+          for (int64_t d = 0; d < Dv; ++d) o[d] += w * os[d];
+        }
+        if (L == 0.f) {
+          std::fill(o, o + Dv, 0.f);
+          lse[r] = kNegInf;
+          continue;
+        }
+        for (int64_t d = 0; d < Dv; ++d) o[d] /= L;
+        lse[r] = M + std::log(L);
+      }
+    });
+  }
+
+  template <class Ops>
+  void run() const {
+    std::vector<int64_t> cost(items());
+    for (int64_t it = 0; it < items(); ++it) {
+      const int64_t sp = it % splits, qb = (it / splits) % p.nqb;
+      int64_t c = 0;
+      for (int64_t kb = sp * p.nkb / splits; kb < (sp + 1) * p.nkb / splits; ++kb) {
+        const Tile t = tile(p, qb, kb);
+        c += t.state == kEmpty ? 0 : t.k_end - t.k0;
+      }
+      cost[it] = c;
+    }
+    const auto order = by_cost(cost);
+    std::vector<std::vector<float>> bufs(slots());
+    run_items(order, [&](int64_t it, int64_t slot) { item<Ops>(it, bufs[slot]); });
+    if (splits > 1) merge();
+  }
+};
+
+// --------------------------------------------------------------------------------------------------------- backward
+
+struct Backward {
+  const Params& p;
+  const float *out, *dout, *lse, *delta;  // (B, Hq, Nq, Dv), (B, Hq, Nq, Dv), (B, Hq, Nq), (B, Hq, Nq)
+  float *dq_slots;                        // (slots, B, Hq, Nq, D): each worker's dQ share
+  float *dk, *dv;                         // (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
+  float *ddist_slots;                     // (slots, Bd, Hq, L) or null
+  int64_t Bd = 1;
+
+  int64_t items() const { return p.B * p.Hkv * p.nkb; }
+
+  template <class Ops>
+  void item(int64_t it, int64_t slot, std::vector<float>& buf) const {
+    const int64_t kb = it % p.nkb, hk = (it / p.nkb) % p.Hkv, b = it / p.nkb / p.Hkv;
+    const int64_t D = p.D, Dv = p.Dv, BQ = p.BQ, BK = p.BK, g = p.group();
+    const int64_t k0 = kb * BK, nk = std::min(p.Nk, k0 + BK) - k0;
+    buf.resize(nk * (D + Dv) + BQ * (D + 3 * BK) + BQ * (Ops::cap ? BK : 0));
+    float *dK = buf.data(), *dV = dK + nk * D, *Q = dV + nk * Dv, *S = Q + BQ * D, *W = S + BQ * BK;
+    float *dP = W + BQ * BK, *T = dP + BQ * BK;
+    std::fill(dK, dK + nk * (D + Dv), 0.f);
+    float* dq = dq_slots + slot * p.B * p.Hq * p.Nq * D;
+    float* ddist = ddist_slots ? ddist_slots + slot * Bd * p.Hq * p.dist_L : nullptr;
+    const float* K = p.krow(b, hk, k0);
+    const float* V = p.vrow(b, hk, k0);
+    for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
+      for (int64_t qb = 0; qb < p.nqb; ++qb) {
+        const Tile t = tile(p, qb, kb);
+        if (t.state == kEmpty) continue;
+        const int64_t n = t.k_end - t.k0;  // keys of this block some row sees (causal trims the tail)
+        const int64_t q0 = qb * BQ, nr = std::min(p.Nq, q0 + BQ) - q0;
+        const int64_t row0 = (b * p.Hq + h) * p.Nq + q0;
+        for (int64_t r = 0; r < nr; ++r) {
+          const float sc = p.scale;
+          at::vec::map([sc](Vec x) { return x * Vec(sc); }, Q + r * D, p.qrow(b, h, q0 + r), D);
+        }
+        gemm(false, true, nr, n, D, 1.f, Q, D, K, p.sk[2], 0.f, S, BK);
+        for (int64_t r = 0; r < nr; ++r) {  // P = exp(S - lse) with the final lse; W = P * dropout
+          const int64_t i = q0 + r;
+          float* s = S + r * BK;
+          const uint8_t* bits = t.bits ? bits_for(p, t, b, h) + r * BK : nullptr;
+          modify_row<Ops>(p, s, n, b, h, i, k0, t.state, bits, Ops::cap ? T + r * BK : nullptr);
+          const float L = lse[row0 + r];
+          if (L == kNegInf) {
+            std::fill(s, s + n, 0.f);
+          } else {
+            const Vec lv(L);
+            at::vec::map([lv](Vec x) { return (x - lv).exp_u20(); }, s, s, n);
+          }
+          float* w = W + r * BK;
+          std::copy(s, s + n, w);
+          if constexpr (Ops::drop) drop_row(p, w, n, b, h, i, k0);
+        }
+        const float* dO = dout + row0 * Dv;
+        gemm(true, false, n, Dv, nr, 1.f, W, BK, dO, Dv, 1.f, dV, Dv);     // dV += W^T dO
+        gemm(false, true, nr, n, Dv, 1.f, dO, Dv, V, p.sv[2], 0.f, dP, BK);  // dP = dO V^T
+        for (int64_t r = 0; r < nr; ++r) {  // dS = W * dP - P * delta, then back through the modifiers
+          const int64_t i = q0 + r;
+          float *s = S + r * BK, *w = W + r * BK, *dp = dP + r * BK;
+          const Vec dl(delta[row0 + r]);
+          at::vec::map3([dl](Vec pp, Vec ww, Vec gg) { return ww * gg - pp * dl; }, dp, s, w, dp, n);
+          float* dd = nullptr;
+          if constexpr (Ops::dist) {
+            dd = ddist + (p.dist_sb ? b : 0) * p.Hq * p.dist_L + h * p.dist_L + (p.k_pos0 + k0 - p.q_pos(i) - p.d_min);
+            if (p.dist_after_cap) at::vec::map2([](Vec x, Vec y) { return x + y; }, dd, dd, dp, n);
+          }
+          if constexpr (Ops::cap) {
+            at::vec::map2([](Vec g_, Vec th) { return g_ * (Vec(1.f) - th * th); }, dp, dp, T + r * BK, n);
+          }
+          if constexpr (Ops::dist) {
+            if (!p.dist_after_cap) at::vec::map2([](Vec x, Vec y) { return x + y; }, dd, dd, dp, n);
+          }
+        }
+        gemm(false, false, nr, D, n, p.scale, dP, BK, K, p.sk[2], 1.f, dq + row0 * D, D);  // dQ += scale dS K
+        gemm(true, false, n, D, nr, 1.f, dP, BK, Q, D, 1.f, dK, D);                      // dK += dS^T (scale Q)
+      }
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      const int64_t at = (b * p.Hkv + hk) * p.Nk + k0 + j;
+      std::copy(dK + j * D, dK + (j + 1) * D, dk + at * D);
+      std::copy(dV + j * Dv, dV + (j + 1) * Dv, dv + at * Dv);
+    }
+  }
+
+  template <class Ops>
+  void run() const {
+    std::vector<int64_t> cost(items());
+    for (int64_t it = 0; it < items(); ++it) {
+      const int64_t kb = it % p.nkb;
+      int64_t c = 0;
+      for (int64_t qb = 0; qb < p.nqb; ++qb) c += tile(p, qb, kb).state != kEmpty;
+      cost[it] = c;
+    }
+    const auto order = by_cost(cost);
+    std::vector<std::vector<float>> bufs(slots());
+    run_items(order, [&](int64_t it, int64_t slot) { item<Ops>(it, slot, bufs[slot]); });
+  }
+};
+
+// One template instance per combination of modifiers, chosen once per call.
+template <class F>
+void with_ops(const Params& p, F&& f) {
+  const bool cap = p.cap > 0.f, dist = p.dist != nullptr, bias = p.bias != nullptr, drop = p.drop_rows != nullptr;
+  auto go = [&](auto ops) { f(ops); };
+#define SELFATTN_OPS(C, DI, BI, DR) \
+  if (cap == C && dist == DI && bias == BI && drop == DR) return go(RowOps<C, DI, BI, DR>{});
+  SELFATTN_OPS(false, false, false, false) SELFATTN_OPS(true, false, false, false)
+  SELFATTN_OPS(false, true, false, false) SELFATTN_OPS(true, true, false, false)
+  SELFATTN_OPS(false, false, true, false) SELFATTN_OPS(true, false, true, false)
+  SELFATTN_OPS(false, true, true, false) SELFATTN_OPS(true, true, true, false)
+  SELFATTN_OPS(false, false, false, true) SELFATTN_OPS(true, false, false, true)
+  SELFATTN_OPS(false, true, false, true) SELFATTN_OPS(true, true, false, true)
+  SELFATTN_OPS(false, false, true, true) SELFATTN_OPS(true, false, true, true)
+  SELFATTN_OPS(false, true, true, true) SELFATTN_OPS(true, true, true, true)
+#undef SELFATTN_OPS
+}
+
+// --------------------------------------------------------------------------------------------- checks and bindings
+
+void check_f32(const at::Tensor& t, const char* name, std::initializer_list<int64_t> shape) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "selfattn native: ", name, " must be float32, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "selfattn native: ", name, " must be on the CPU");
+  TORCH_CHECK_VALUE(t.dim() == static_cast<int64_t>(shape.size()), "selfattn native: ", name, " must have ",
+                    shape.size(), " dims, got ", t.sizes());
+  int64_t d = 0;
+  for (int64_t s : shape) {
+    TORCH_CHECK_VALUE(s < 0 || t.size(d) == s, "selfattn native: ", name, " has shape ", t.sizes(),
+                      ", expected size ", s, " in dim ", d);
+    ++d;
+  }
+}
+
+void check_rows(const at::Tensor& t, const char* name) {  // (B, H, N, D) with a unit stride along D
+  TORCH_CHECK_VALUE(t.size(3) <= 1 || t.stride(3) == 1, "selfattn native: ", name,
+                    " needs its last dim contiguous (stride 1), got strides ", t.strides(), "; pass .contiguous()");
+  for (int d = 0; d < 3; ++d)
+    TORCH_CHECK_VALUE(t.stride(d) >= 0, "selfattn native: ", name, " has a negative stride: ", t.strides());
+}
+
+void check_out(const at::Tensor& t, const char* name, std::initializer_list<int64_t> shape) {
+  check_f32(t, name, shape);
+  TORCH_CHECK_VALUE(t.is_contiguous(), "selfattn native: output ", name, " must be contiguous");
+}
+
+// A uniform description of the extras: Python builds it from the AttentionCall (selfattn/backends/native.py).
+Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, int64_t q_start,
+                   int64_t k_pos0, int64_t mask_kind, int64_t BQ, int64_t BK, const c10::optional<at::Tensor>& states,
+                   const c10::optional<at::Tensor>& bits_at, const c10::optional<at::Tensor>& bits, double cap,
+                   const c10::optional<at::Tensor>& dist, int64_t d_min, bool dist_after_cap,
+                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& drop_rows,
+                   const c10::optional<at::Tensor>& drop_cols, int64_t drop_T, double drop_scale) {
+  check_f32(q, "q", {-1, -1, -1, -1});
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
+  check_f32(k, "k", {B, -1, -1, D});
+  const int64_t Hkv = k.size(1), Nk = k.size(2);
+  check_f32(v, "v", {B, Hkv, Nk, -1});
+  const int64_t Dv = v.size(3);
+  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "selfattn native: H_q=", Hq, " is not a multiple of H_kv=", Hkv);
+  TORCH_CHECK_VALUE(D > 0 && Dv > 0 && Nq > 0 && Nk > 0, "selfattn native: empty dims");
+  check_rows(q, "q");
+  check_rows(k, "k");
+  check_rows(v, "v");
+  TORCH_CHECK_VALUE(BQ > 0 && BK > 0 && BK <= (1 << 16) && BQ <= (1 << 16), "selfattn native: bad tile ", BQ, "x", BK);
+  TORCH_CHECK_VALUE(mask_kind >= 0 && mask_kind <= 2, "selfattn native: mask_kind must be 0, 1 or 2");
+  Params p{};
+  p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.Nq = Nq, p.Nk = Nk, p.D = D, p.Dv = Dv;
+  p.scale = static_cast<float>(scale);
+  p.q_start = q_start, p.k_pos0 = k_pos0;
+  p.q = q.data_ptr<float>(), p.k = k.data_ptr<float>(), p.v = v.data_ptr<float>();
+  for (int d = 0; d < 3; ++d) p.sq[d] = q.stride(d), p.sk[d] = k.stride(d), p.sv[d] = v.stride(d);
+  p.BQ = BQ, p.BK = BK;
+  p.nqb = (Nq + BQ - 1) / BQ, p.nkb = (Nk + BK - 1) / BK;
+  p.mask_kind = static_cast<int>(mask_kind);
+  if (mask_kind == 2) {
+    TORCH_CHECK_VALUE(states && bits_at && bits, "selfattn native: mask_kind 2 needs states, bits_at and bits");
+    TORCH_CHECK_VALUE(states->scalar_type() == at::kChar && states->is_contiguous() && states->dim() == 2 &&
+                          states->size(0) == p.nqb && states->size(1) == p.nkb,
+                      "selfattn native: states must be contiguous int8 (", p.nqb, ", ", p.nkb, ")");
+    TORCH_CHECK_VALUE(bits_at->scalar_type() == at::kInt && bits_at->is_contiguous() &&
+                          bits_at->sizes() == states->sizes(),
+                      "selfattn native: bits_at must be contiguous int32 shaped like states");
+    TORCH_CHECK_VALUE(bits->scalar_type() == at::kByte && bits->is_contiguous() && bits->dim() == 5 &&
+                          bits->size(3) == BQ && bits->size(4) == BK &&
+                          (bits->size(1) == 1 || bits->size(1) == B) && (bits->size(2) == 1 || bits->size(2) == Hq),
+                      "selfattn native: bits must be contiguous uint8 (P, B or 1, H_q or 1, ", BQ, ", ", BK, ")");
+    const int8_t* st = states->data_ptr<int8_t>();
+    const int32_t* at_ = bits_at->data_ptr<int32_t>();
+    for (int64_t t = 0; t < p.nqb * p.nkb; ++t) {
+      TORCH_CHECK_VALUE(st[t] >= kEmpty && st[t] <= kFull, "selfattn native: a block state is not 0, 1 or 2");
+      TORCH_CHECK_VALUE(st[t] != kPartial || (at_[t] >= 0 && at_[t] < bits->size(0)),
+                        "selfattn native: a partial tile has no bits");
+    }
+    p.states = st, p.bits_at = at_, p.bits = bits->data_ptr<uint8_t>();
+    p.bits_B = bits->size(1), p.bits_H = bits->size(2);
+  }
+  p.cap = static_cast<float>(cap);
+  TORCH_CHECK_VALUE(cap >= 0 && std::isfinite(cap), "selfattn native: cap must be finite and >= 0");
+  if (dist) {
+    check_f32(*dist, "dist", {-1, Hq, Nq + Nk - 1});
+    TORCH_CHECK_VALUE(dist->is_contiguous() && (dist->size(0) == 1 || dist->size(0) == B),
+                      "selfattn native: dist must be contiguous (1 or B, H_q, N_q + N_k - 1)");
+    // every row's distances must lie inside the table
+    TORCH_CHECK_VALUE(d_min == k_pos0 - (q_start + Nq - 1), "selfattn native: d_min must be k_pos0 - last q_pos");
+    p.dist = dist->data_ptr<float>();
+    p.dist_L = dist->size(2);
+    p.dist_sb = dist->size(0) == 1 ? 0 : Hq * p.dist_L;
+    p.d_min = d_min;
+    p.dist_after_cap = dist_after_cap;
+  }
+  if (bias) {
+    check_f32(*bias, "bias", {-1, -1, -1, -1});
+    const int64_t want[4] = {B, Hq, Nq, Nk};
+    for (int d = 0; d < 4; ++d) {
+      TORCH_CHECK_VALUE(bias->size(d) == want[d] && (bias->stride(d) >= 0),
+                        "selfattn native: bias must be expanded to (B, H_q, N_q, N_k), got ", bias->sizes());
+      p.sbias[d] = bias->stride(d);
+    }
+    TORCH_CHECK_VALUE(p.sbias[3] == 0 || p.sbias[3] == 1, "selfattn native: bias needs stride 0 or 1 along N_k");
+    p.bias = bias->data_ptr<float>();
+  }
+  if (drop_rows) {
+    TORCH_CHECK_VALUE(drop_cols.has_value(), "selfattn native: dropout needs drop_cols");
+    TORCH_CHECK_VALUE(drop_rows->scalar_type() == at::kInt && drop_rows->is_contiguous() &&
+                          drop_rows->numel() == B * Hq * Nq,
+                      "selfattn native: drop_rows must be contiguous int32 (B, H_q, N_q)");
+    TORCH_CHECK_VALUE(drop_cols->scalar_type() == at::kInt && drop_cols->is_contiguous() && drop_cols->numel() == Nk,
+                      "selfattn native: drop_cols must be contiguous int32 (N_k,)");
+    TORCH_CHECK_VALUE(drop_T >= 0 && drop_T < (int64_t(1) << 32), "selfattn native: drop_T must be in [0, 2^32)");
+    p.drop_rows = drop_rows->data_ptr<int32_t>();
+    p.drop_cols = drop_cols->data_ptr<int32_t>();
+    p.drop_T = static_cast<uint32_t>(drop_T);
+    p.drop_scale = static_cast<float>(drop_scale);
+  }
+  return p;
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                int64_t q_start, int64_t k_pos0, int64_t mask_kind, int64_t BQ, int64_t BK,
+                                const c10::optional<at::Tensor>& states, const c10::optional<at::Tensor>& bits_at,
+                                const c10::optional<at::Tensor>& bits, double cap,
+                                const c10::optional<at::Tensor>& dist, int64_t d_min, bool dist_after_cap,
+                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& drop_rows,
+                                const c10::optional<at::Tensor>& drop_cols, int64_t drop_T, double drop_scale,
+                                int64_t fold, int64_t splits) {
+  const Params p = make_params(q, k, v, scale, q_start, k_pos0, mask_kind, BQ, BK, states, bits_at, bits, cap, dist,
+                               d_min, dist_after_cap, bias, drop_rows, drop_cols, drop_T, drop_scale);
+  TORCH_CHECK_VALUE(fold >= 1 && p.group() % fold == 0, "selfattn native: fold must divide the group");
+  TORCH_CHECK_VALUE(fold == 1 || p.mask_kind != 2 || p.bits_H == 1, "selfattn native: fold needs an h-free mask");
+  TORCH_CHECK_VALUE(splits >= 1 && splits <= std::max<int64_t>(1, p.nkb), "selfattn native: bad splits");
+  auto out = at::empty({p.B, p.Hq, p.Nq, p.Dv}, q.options());
+  auto lse = at::empty({p.B, p.Hq, p.Nq}, q.options());
+  at::Tensor part_o, part_m, part_l;
+  if (splits > 1) {
+    part_o = at::empty({splits, p.B, p.Hq, p.Nq, p.Dv}, q.options());
+    part_m = at::empty({splits, p.B, p.Hq, p.Nq}, q.options());
+    part_l = at::empty({splits, p.B, p.Hq, p.Nq}, q.options());
+  }
+  Forward f{p, fold, splits, out.data_ptr<float>(), lse.data_ptr<float>(),
+            splits > 1 ? part_o.data_ptr<float>() : nullptr, splits > 1 ? part_m.data_ptr<float>() : nullptr,
+            splits > 1 ? part_l.data_ptr<float>() : nullptr};
+  with_ops(p, [&](auto ops) { f.template run<decltype(ops)>(); });
+  return {out, lse};
+}
+
+// Returns dq, dk, dv and, with `dist`, its gradient (1 or B, H_q, L).
+std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                 const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta, double scale,
+                                 int64_t q_start, int64_t k_pos0, int64_t mask_kind, int64_t BQ, int64_t BK,
+                                 const c10::optional<at::Tensor>& states, const c10::optional<at::Tensor>& bits_at,
+                                 const c10::optional<at::Tensor>& bits, double cap,
+                                 const c10::optional<at::Tensor>& dist, int64_t d_min, bool dist_after_cap,
+                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& drop_rows,
+                                 const c10::optional<at::Tensor>& drop_cols, int64_t drop_T, double drop_scale) {
+  const Params p = make_params(q, k, v, scale, q_start, k_pos0, mask_kind, BQ, BK, states, bits_at, bits, cap, dist,
+                               d_min, dist_after_cap, bias, drop_rows, drop_cols, drop_T, drop_scale);
+  check_out(out, "out", {p.B, p.Hq, p.Nq, p.Dv});
+  check_out(dout, "d_out", {p.B, p.Hq, p.Nq, p.Dv});
+  check_out(lse, "lse", {p.B, p.Hq, p.Nq});
+  check_out(delta, "delta", {p.B, p.Hq, p.Nq});
+  const int64_t S = slots();
+  auto dq_slots = at::zeros({S, p.B, p.Hq, p.Nq, p.D}, q.options());
+  auto dk = at::empty({p.B, p.Hkv, p.Nk, p.D}, q.options());
+  auto dv = at::empty({p.B, p.Hkv, p.Nk, p.Dv}, q.options());
+  at::Tensor ddist_slots;
+  const int64_t Bd = dist ? dist->size(0) : 1;
+  if (dist) ddist_slots = at::zeros({S, Bd, p.Hq, p.dist_L}, q.options());
+  Backward bw{p, out.data_ptr<float>(), dout.data_ptr<float>(), lse.data_ptr<float>(), delta.data_ptr<float>(),
+              dq_slots.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
+              dist ? ddist_slots.data_ptr<float>() : nullptr, Bd};
+  with_ops(p, [&](auto ops) { bw.template run<decltype(ops)>(); });
+  // slots summed in a fixed order: the same result run to run at a fixed thread count
+  at::Tensor dq = S == 1 ? dq_slots[0] : dq_slots.sum(0);
+  std::vector<at::Tensor> res{dq, dk, dv};
+  if (dist) res.push_back(S == 1 ? ddist_slots[0] : ddist_slots.sum(0));
+  return res;
+}
+
+bool uses_mkl() {
+#ifdef SELFATTN_MKL
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "selfattn's fused CPU attention kernel (see selfattn/csrc/attention.cpp)";
+  namespace py = pybind11;
+  m.def("forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("q_start"), py::arg("k_pos0"), py::arg("mask_kind"), py::arg("BQ"), py::arg("BK"), py::arg("states"), py::arg("bits_at"), py::arg("bits"), py::arg("cap"), py::arg("dist"), py::arg("d_min"), py::arg("dist_after_cap"), py::arg("bias"), py::arg("drop_rows"), py::arg("drop_cols"), py::arg("drop_T"), py::arg("drop_scale"), py::arg("fold"), py::arg("splits"));
+  m.def("backward", &backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("d_out"), py::arg("lse"), py::arg("delta"), py::arg("scale"), py::arg("q_start"), py::arg("k_pos0"), py::arg("mask_kind"), py::arg("BQ"), py::arg("BK"), py::arg("states"), py::arg("bits_at"), py::arg("bits"), py::arg("cap"), py::arg("dist"), py::arg("d_min"), py::arg("dist_after_cap"), py::arg("bias"), py::arg("drop_rows"), py::arg("drop_cols"), py::arg("drop_T"), py::arg("drop_scale"));
+  m.attr("isa") = SELFATTN_ISA;
+  m.def("uses_mkl", &uses_mkl);
+}
