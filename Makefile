@@ -7,16 +7,18 @@ STAMP  := $(VENV)/.installed-stamp
 EXTRAS ?= dev,docs,viz,hf,train,gpu,explain
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: test demo bench lint clean bench-gpu gpu-session dist docs
+.PHONY: test demo bench lint clean bench-gpu gpu-session dist docs native native-asan
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile src/selfattn/csrc/attention.cpp
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing the default (CUDA) torch"; $(PY) -m pip install -q "torch>=2.5"; \
 	else \
 		echo "no NVIDIA GPU: installing the CPU build $(TORCH_CPU)"; $(PY) -m pip install -q "$(TORCH_CPU)"; \
 	fi
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q "setuptools>=68" wheel ninja
+	@# --no-build-isolation: setup.py compiles the native C++ kernel against the torch installed above
+	$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
 test: $(STAMP)
@@ -43,7 +45,19 @@ docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) build dist site src/*.egg-info
+	rm -rf $(VENV) build dist site src/*.egg-info src/selfattn/_native_*.so
+
+# rebuild the native kernel in place after editing src/selfattn/csrc/attention.cpp
+native: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+# the native kernel built with AddressSanitizer, and its oracle matrix run under it (not part of CI: slow)
+native-asan: $(STAMP)
+	SELFATTN_NATIVE_ISAS=$$($(PY) -c "import torch; c = torch.backends.cpu.get_cpu_capability().lower(); print(c if c in ('avx2', 'avx512') else 'default')") \
+	  CFLAGS="-fsanitize=address -fno-omit-frame-pointer" LDFLAGS="-fsanitize=address" $(PY) setup.py -q build_ext --inplace --force
+	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+	  $(PY) -m pytest -q -x tests/test_native.py tests/test_backends.py -k native
+	$(PY) setup.py -q build_ext --inplace --force
 
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/bench_gpu.py

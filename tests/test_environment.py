@@ -17,3 +17,11 @@ def test_optional_extras_are_installed_in_ci(module):
 @pytest.mark.skipif(os.environ.get("CI", "").lower() not in ("1", "true"), reason="only enforced under CI")
 def test_chromium_is_installed_in_ci():
     assert shutil.which("chromium"), ".ci/run installs Debian's chromium for the HTML page test"
+
+
+@pytest.mark.skipif(os.environ.get("CI", "").lower() not in ("1", "true"), reason="only enforced under CI")
+def test_native_kernel_is_built_in_ci():
+    """CI has g++: `make test` must have compiled the native kernel for this CPU (setup.py), or CI fails."""
+    from selfattn.backends import native
+
+    assert native.extension() is not None, native.load_error()

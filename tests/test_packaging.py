@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import selfattn
 
@@ -77,6 +78,9 @@ def test_wheel_installs_into_a_clean_environment_and_runs_outside_the_repository
            if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV") and not k.startswith("PIP_")}
     env["PIP_NO_INDEX"] = "1"  # offline: everything the wheel needs is already here
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    # the wheel carries the native kernel; one instruction set (this CPU's) keeps the build to one compile
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    env["SELFATTN_NATIVE_ISAS"] = cap if cap in ("avx2", "avx512") else "default"
     dist = tmp_path / "dist"
     # sdist first, then the wheel built from the sdist: a file missing from the sdist breaks the wheel too
     _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, ROOT], cwd=tmp_path, env=env)
@@ -110,8 +114,11 @@ def test_wheel_installs_into_a_clean_environment_and_runs_outside_the_repository
 
     selfattn_cmd = venv / "bin" / "selfattn"
     assert _run([selfattn_cmd, "--version"], work, env).strip() == f"selfattn {selfattn.__version__}"
+    assert any(n.startswith(f"selfattn/_native_{env['SELFATTN_NATIVE_ISAS']}.") for n in shipped), sorted(shipped)
     info = _run([selfattn_cmd, "info"], work, env)
     assert "backends (priority order)" in info and "tiled" in info, info
+    native_line = next(line for line in info.splitlines() if line.strip().startswith("native"))
+    assert "built for" in native_line, f"the installed wheel's native kernel does not load: {native_line}"
     shape = _run([py, "-c", "import torch, selfattn; q = torch.randn(1, 4, 100, 32); "
                   "print(tuple(selfattn.attention(q, q, q, causal=True).shape))"], work, env).strip()
     assert shape == "(1, 4, 100, 32)", shape

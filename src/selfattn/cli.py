@@ -23,6 +23,10 @@ def info() -> str:
     for name, backend in backends.REGISTRY.items():
         reasons = backend.unavailable_reasons()
         state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
+        if name == "native":
+            from selfattn.backends import native
+
+            state = native.describe().removeprefix("native: ") if not reasons else "; ".join(reasons)
         lines.append(f"  {name:<12} {state}")
         lines.append(f"  {'':<12} {backend.description}")
         lines.append(f"  {'':<12} devices={sorted(backend.devices)} grad={backend.supports_grad} "

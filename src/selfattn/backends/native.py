@@ -248,7 +248,7 @@ def _prepare(call: AttentionCall, phase: str) -> _Plan:
     BQ, BK, fold = _tiles(call, phase)
     plan = _mask_plan(call, BQ, BK)
     if isinstance(plan, str):
-        raise ValueError(plan)  # declined earlier by call_reasons; here only if the call changed in between
+        raise ValueError(f"backend 'native' cannot serve this call: {plan}; pass backend='tiled'")
     plan = _Plan(plan.BQ, plan.BK, plan.mask_kind, plan.states, plan.bits_at, plan.bits, plan.mask_heads)
     plan.extras.update(fold=fold if plan.mask_heads == 1 else 1, bias=_bias(call), dropout=_dropout(call))
     return plan
@@ -333,10 +333,11 @@ class NativeBackend(Backend):
             reasons.append("the gradient of a dense bias is a N_q x N_k tensor: the tiled backend makes it")
         if call.dropout_p and round(call.dropout_p * 2**32) >= 2**32:
             reasons.append(f"dropout_p={call.dropout_p} rounds to 1 in 32 bits")
-        if call.mask is not None and call.device.type == "cpu" and not reasons and extension() is not None:
-            plan = _mask_plan(call, *_tiles(call, "forward")[:2])
-            if isinstance(plan, str):
-                reasons.append(plan)
+        if call.mask is not None and call.mask.block_fn is None and \
+                call.B * call.H_q * call.N_q * call.N_k > MAX_MASK_BYTES:
+            reasons.append(f"a mask without a block classifier ({call.mask.name}) would need its bits for all "
+                           f"{call.B * call.H_q * call.N_q * call.N_k:,} scores, over {MAX_MASK_BYTES >> 20} MiB: "
+                           "the tiled backend evaluates it tile by tile")
         return reasons
 
     def forward(self, call: AttentionCall):
