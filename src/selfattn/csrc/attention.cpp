@@ -19,8 +19,8 @@
 //     per group); decoding splits the keys over the cores when there are fewer work items than cores
 //     (flash-decoding) and merges the parts by log-sum-exp.
 //   * Backward: parallel over (batch, K/V head, key block); each item owns its dK, dV rows (summed over the group's
-//     heads) and adds its dQ share into a per-thread buffer, summed at the end: no atomics, and the same result run
-//     to run at a fixed thread count.
+//     heads) and adds its dQ share into its worker's buffer, summed at the end. Items are dealt to workers by a fixed
+//     rule, so there are no atomics and the result is the same run to run at a fixed thread count.
 //
 // Every entry point checks what it is given (dtypes, shapes, strides, overlap) and raises rather than reading out of
 // bounds; selfattn/backends/native.py validates the user's call before that.
@@ -32,7 +32,6 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -230,29 +229,40 @@ inline void drop_row(const Params& p, float* w, int64_t n, int64_t b, int64_t h,
 
 // ------------------------------------------------------------------------------------------------------ scheduling
 
-// Runs work(item, slot) for items 0..n in the given order, each core pulling the next item when it is done
-// (dynamic: causal items differ in cost). `slot` < slots() is the calling worker's index, for its own buffers.
+// Runs work(item, slot) for items 0..n over the cores. Items are dealt to workers by cost, largest first, each to
+// the least loaded worker (causal items differ in cost): a fixed deal, so a worker's sums (its dQ share) are the same
+// run to run at a fixed thread count. `slot` < slots() is the worker's index, for its own buffers.
 int64_t slots() { return std::max<int64_t>(1, at::get_num_threads()); }
 
+// Below this many multiply-adds a call runs on the calling thread: waking the other cores costs more (decoding
+// against a short cache).
+constexpr int64_t kSerialWork = int64_t(1) << 20;
+
 template <class F>
-void run_items(const std::vector<int64_t>& order, F&& work) {
-  const int64_t n = static_cast<int64_t>(order.size());
+void run_items(const std::vector<int64_t>& cost, int64_t work_macs, F&& work) {
+  const int64_t n = static_cast<int64_t>(cost.size());
   if (n == 0) return;
-  std::atomic<int64_t> next{0};
+  std::vector<int64_t> order(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
   const int64_t workers = std::min(slots(), n);
+  if (work_macs < kSerialWork || workers == 1) {
+    OneBlasThread one;
+    for (int64_t it : order) work(it, 0);
+    return;
+  }
+  std::vector<std::vector<int64_t>> deal(workers);
+  std::vector<int64_t> load(workers, 0);
+  for (int64_t it : order) {
+    const int64_t w = std::min_element(load.begin(), load.end()) - load.begin();
+    deal[w].push_back(it);
+    load[w] += std::max<int64_t>(cost[it], 1);
+  }
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     OneBlasThread one;
-    for (int64_t slot = w0; slot < w1; ++slot) {
-      for (int64_t at = next++; at < n; at = next++) work(order[at], slot);
-    }
+    for (int64_t w = w0; w < w1; ++w)
+      for (int64_t it : deal[w]) work(it, w);
   });
-}
-
-std::vector<int64_t> by_cost(const std::vector<int64_t>& cost) {
-  std::vector<int64_t> order(cost.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
-  return order;
 }
 
 // ---------------------------------------------------------------------------------------------------------- forward
@@ -338,7 +348,7 @@ struct Forward {
   // splits > 1: out = sum_s exp(m_s - M) O_s / sum_s exp(m_s - M) l_s, row by row
   void merge() const {
     const int64_t R = p.B * p.Hq * p.Nq, Dv = p.Dv;
-    at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, 256, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         float M = kNegInf;
         for (int64_t s = 0; s < splits; ++s) M = std::max(M, part_m[s * R + r]);
@@ -380,9 +390,10 @@ struct Forward {
       }
       cost[it] = c;
     }
-    const auto order = by_cost(cost);
+    int64_t keys = 0;
+    for (int64_t c : cost) keys += c;
     std::vector<std::vector<float>> bufs(slots());
-    run_items(order, [&](int64_t it, int64_t slot) { item<Ops>(it, bufs[slot]); });
+    run_items(cost, keys * p.BQ * fold * (p.D + p.Dv), [&](int64_t it, int64_t slot) { item<Ops>(it, bufs[slot]); });
     if (splits > 1) merge();
   }
 };
@@ -478,9 +489,11 @@ struct Backward {
       for (int64_t qb = 0; qb < p.nqb; ++qb) c += tile(p, qb, kb).state != kEmpty;
       cost[it] = c;
     }
-    const auto order = by_cost(cost);
+    int64_t tiles = 0;
+    for (int64_t c : cost) tiles += c;
     std::vector<std::vector<float>> bufs(slots());
-    run_items(order, [&](int64_t it, int64_t slot) { item<Ops>(it, slot, bufs[slot]); });
+    run_items(cost, tiles * p.group() * p.BQ * p.BK * (2 * p.D + 2 * p.Dv),
+              [&](int64_t it, int64_t slot) { item<Ops>(it, slot, bufs[slot]); });
   }
 };
 

@@ -1,0 +1,241 @@
+"""The native C++ kernel beyond the registry's oracle matrix (tests/test_backends.py and tests/test_score_mods.py run
+it there with every mask, modifier, sinks, dropout and dtype): its own paths (flash-decoding, the serial path of small
+calls, shared mask bits, folded GQA heads), dropout bits against the oracle's, gradients of slopes, tables and sinks,
+determinism, threads, and an entry point that rejects bad tensors instead of reading out of bounds."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import selfattn
+from selfattn import masks, reference, score_mods, testing
+from selfattn.backends import native
+
+pytestmark = pytest.mark.skipif(native.extension() is None, reason=f"native kernel: {native.load_error()}")
+
+
+def _qkv(B, H_q, H_kv, N_q, N_k, D, D_v=None, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H_q, N_q, D, generator=g).requires_grad_(grad)
+    k = torch.randn(B, H_kv, N_k, D, generator=g).requires_grad_(grad)
+    v = torch.randn(B, H_kv, N_k, D_v or D, generator=g).requires_grad_(grad)
+    return q, k, v
+
+
+def _check(q, k, v, grads=True, **kw):
+    """native against the float64 oracle with the 2x / 3x rule, forward and backward."""
+    out = selfattn.attention(q, k, v, backend="native", **kw)
+    q64, k64, v64 = (t.detach().double().requires_grad_(grads) for t in (q, k, v))
+    kw64 = {n: (t.detach().double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) and
+                t.is_floating_point() else t) for n, t in kw.items()}
+    ref = selfattn.attention(q64, k64, v64, backend="reference", **kw64)
+    qn, kn, vn = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
+    naive = testing.naive(qn, kn, vn, **{n: t for n, t in kw.items() if n in ("causal", "mask", "bias")}) \
+        if not ({"score_mod", "sinks", "dropout_p"} & set(kw)) else None
+    if naive is not None:
+        testing.check_against_oracle(out, naive, ref, what="native out")
+    else:
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    if grads:
+        d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        got = torch.autograd.grad(out, (q, k, v), d_out)
+        want = torch.autograd.grad(ref, (q64, k64, v64), d_out.double())
+        for name, a, r in zip("qkv", got, want, strict=True):
+            torch.testing.assert_close(a.double(), r, rtol=0, atol=3e-5, msg=lambda m, n=name: f"d{n}: {m}")
+    return out
+
+
+@pytest.mark.parametrize("heads", [(9, 3), (32, 8), (8, 1)])
+@pytest.mark.parametrize("N_k", [1, 16, 3000, 9000])
+def test_decoding_one_query_against_the_oracle(heads, N_k):
+    """1..4 queries on long caches take the flash-decoding split (parts merged by lse) or the serial path."""
+    for N_q in (1, 4):
+        if N_q > N_k:
+            continue
+        q, k, v = _qkv(1, heads[0], heads[1], N_q, N_k, 64, seed=N_k)
+        _check(q, k, v, grads=False, causal=True)
+
+
+def test_split_and_serial_paths_agree_with_one_pass(monkeypatch):
+    q, k, v = _qkv(1, 8, 1, 1, 6000, 64)
+    split = selfattn.attention(q, k, v, backend="native")
+    monkeypatch.setattr(native, "SPLIT_MIN_KEYS", 10**9)  # no split
+    whole = selfattn.attention(q, k, v, backend="native")
+    oracle = reference.attention(q.double(), k.double(), v.double())
+    naive = testing.naive(q, k, v)
+    for got in (split, whole):
+        testing.check_against_oracle(got, naive, oracle, what="native decode")
+
+
+def test_fully_masked_rows_are_zero_with_lse_minus_inf():
+    q, k, v = _qkv(2, 4, 2, 37, 300, 24, D_v=20)
+    lengths = torch.tensor([0, 200])  # batch 0 sees no key at all
+    mask = masks.key_padding(lengths)
+    out, lse = selfattn.attention(q, k, v, mask=mask, backend="native", return_lse=True)
+    assert (out[0] == 0).all() and torch.isneginf(lse[0]).all()
+    assert torch.isfinite(out[1]).all() and torch.isfinite(lse[1]).all()
+    # causal with N_q > N_k: the first rows have negative positions and see nothing
+    q2, k2, v2 = _qkv(1, 2, 2, 50, 20, 16)
+    out2, lse2 = selfattn.attention(q2, k2, v2, causal=True, backend="native", return_lse=True)
+    assert (out2[:, :, :30] == 0).all() and torch.isneginf(lse2[:, :, :30]).all()
+    _check(q2.requires_grad_(), k2.requires_grad_(), v2.requires_grad_(), causal=True)
+
+
+@pytest.mark.parametrize("mask", ["window", "documents", "custom", "padding&causal"])
+def test_masks_through_block_tables(mask):
+    g = torch.Generator().manual_seed(3)
+    N = 700
+    m = {"window": masks.sliding_window(100),
+         "documents": masks.document(torch.sort(torch.randint(0, 5, (N,), generator=g)).values) & masks.causal(),
+         "custom": masks.Mask(lambda b, h, q, k: (q - k) % 3 != 1),
+         "padding&causal": masks.key_padding(torch.tensor([650, 333])) & masks.causal()}[mask]
+    q, k, v = _qkv(2, 4, 2, N, N, 32, grad=True)
+    _check(q, k, v, mask=m)
+
+
+def test_shift_invariant_mask_tiles_share_their_bits():
+    call = selfattn.api.make_call(*_qkv(1, 2, 2, 4096, 4096, 16), mask=masks.sliding_window(300))
+    plan = native._mask_plan(call, 128, 512)
+    partial = int((plan.states == masks.PARTIAL).sum())
+    assert partial > 20 and plan.bits.shape[0] <= 8, (partial, tuple(plan.bits.shape))
+
+
+def test_dropout_drops_the_oracles_weights_bit_for_bit():
+    """With V = identity the output is the dropped weights themselves: zeros exactly where dropout_keep is False."""
+    B, H, N_q, N_k, p, seed = 1, 3, 40, 64, 0.3, 1234
+    q, k, _ = _qkv(B, H, H, N_q, N_k, 16)
+    eye = torch.eye(N_k).expand(B, H, N_k, N_k).contiguous()
+    w = selfattn.attention(q, k, eye, causal=True, dropout_p=p, dropout_seed=seed, backend="native")
+    b, h, qi, ki = masks.grid(B, H, N_q, N_k, q_pos0=N_k - N_q)
+    keep = score_mods.dropout_keep(seed, p, b, h, qi, ki) & (ki <= qi)
+    assert torch.equal(w != 0, keep.expand_as(w)), int((( w != 0) != keep).sum())
+    weights = selfattn.attention_weights(q.double(), k.double(), causal=True)
+    torch.testing.assert_close(w.double(), torch.where(keep, weights / (1 - p), 0.0), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mod", ["alibi", "alibi-per-batch", "relative", "t5", "softcap>>alibi", "alibi>>softcap"])
+def test_modifier_parameters_get_their_gradients(mod):
+    H = 4
+    slopes = score_mods.alibi_slopes(H).requires_grad_()
+    slopes_b = torch.rand(2, H).requires_grad_()
+    table = torch.randn(H, 11).requires_grad_()
+    t5 = torch.randn(H, 16).requires_grad_()
+    sm, param = {
+        "alibi": (score_mods.alibi(slopes), slopes),
+        "alibi-per-batch": (score_mods.alibi(slopes_b), slopes_b),
+        "relative": (score_mods.relative_bias(table), table),
+        "t5": (score_mods.relative_bias(t5, buckets=16, bidirectional=False), t5),
+        "softcap>>alibi": (score_mods.softcap(2.0) >> score_mods.alibi(slopes), slopes),
+        "alibi>>softcap": (score_mods.alibi(slopes) >> score_mods.softcap(2.0), slopes),
+    }[mod]
+    q, k, v = _qkv(2, H, 2, 45, 130, 16, grad=True)
+    sinks = torch.randn(H).requires_grad_()
+    out = selfattn.attention(q, k, v, causal=True, score_mod=sm, sinks=sinks, backend="native")
+    d_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, param, sinks), d_out)
+    ref = selfattn.attention(q, k, v, causal=True, score_mod=sm, sinks=sinks, backend="tiled")
+    want = torch.autograd.grad(ref, (q, k, v, param, sinks), d_out)
+    for name, a, b in zip(["q", "k", "v", "param", "sinks"], got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_same_result_run_to_run_and_from_several_threads():
+    q, k, v = _qkv(1, 8, 2, 600, 900, 32, grad=True)
+    kw = dict(causal=True, dropout_p=0.1, dropout_seed=5, score_mod=score_mods.softcap(20.0))
+
+    def run():
+        out = selfattn.attention(q, k, v, backend="native", **kw)
+        return (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+
+    first = run()
+    assert all(torch.equal(a, b) for a, b in zip(first, run(), strict=True)), "a rerun differs"
+    results = [None] * 4
+
+    def worker(i):
+        results[i] = run()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        assert all(torch.equal(a, b) for a, b in zip(first, r, strict=True)), "a call from another thread differs"
+
+
+def test_half_precision_in_and_out():
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, v = (t.to(dtype).requires_grad_() for t in _qkv(1, 4, 2, 100, 150, 32))
+        out = selfattn.attention(q, k, v, causal=True, backend="native")
+        assert out.dtype == dtype
+        dq, = torch.autograd.grad(out.float().sum(), (q,))
+        assert dq.dtype == dtype and torch.isfinite(dq).all()
+        oracle = reference.attention(q.double(), k.double(), v.double(), causal=True)
+        naive = testing.naive(q.detach(), k.detach(), v.detach(), causal=True)
+        testing.check_against_oracle(out, naive, oracle, what=f"native {dtype}")
+
+
+def _kernel_args(q, k, v, **over):
+    args = dict(scale=0.125, q_start=0, k_pos0=0, mask_kind=0, BQ=16, BK=64, states=None, bits_at=None, bits=None,
+                cap=0.0, dist=None, d_min=0, dist_after_cap=True, bias=None, drop_rows=None, drop_cols=None, drop_T=0,
+                drop_scale=1.0, fold=1, splits=1)
+    args.update(over)
+    return (q, k, v), args
+
+
+@pytest.mark.parametrize("bad", ["float64", "transposed-last", "wrong-heads", "wrong-batch", "bits-shape",
+                                 "partial-without-bits", "dist-shape", "bias-shape", "drop-rows", "fold", "splits",
+                                 "state-value"])
+def test_the_entry_point_rejects_what_it_cannot_read(bad):
+    """The extension checks every tensor it is handed; bad ones raise instead of reading out of bounds."""
+    q, k, v = (torch.randn(1, 4, 32, 16) for _ in range(3))
+    states = torch.full((2, 1), masks.PARTIAL, dtype=torch.int8)
+    bits_at = torch.zeros(2, 1, dtype=torch.int32)
+    bits = torch.ones(1, 1, 1, 16, 64, dtype=torch.uint8)
+    over, tensors = {}, (q, k, v)
+    if bad == "float64":
+        tensors = (q.double(), k, v)
+    elif bad == "transposed-last":
+        tensors = (q, k.transpose(2, 3), v)
+    elif bad == "wrong-heads":
+        tensors = (q, torch.randn(1, 3, 32, 16), torch.randn(1, 3, 32, 16))
+    elif bad == "wrong-batch":
+        tensors = (q, torch.randn(2, 4, 32, 16), v)
+    elif bad == "bits-shape":
+        over = dict(mask_kind=2, states=states, bits_at=bits_at, bits=bits[..., :32])
+    elif bad == "partial-without-bits":
+        over = dict(mask_kind=2, states=states, bits_at=torch.full((2, 1), -1, dtype=torch.int32), bits=bits)
+    elif bad == "state-value":
+        over = dict(mask_kind=2, states=torch.full((2, 1), 7, dtype=torch.int8), bits_at=bits_at, bits=bits)
+    elif bad == "dist-shape":
+        over = dict(dist=torch.zeros(1, 4, 10), d_min=-31)
+    elif bad == "bias-shape":
+        over = dict(bias=torch.zeros(1, 4, 32, 31))
+    elif bad == "drop-rows":
+        over = dict(drop_rows=torch.zeros(3, dtype=torch.int32), drop_cols=torch.zeros(32, dtype=torch.int32),
+                    drop_T=5)
+    elif bad == "fold":
+        over = dict(fold=3)
+    elif bad == "splits":
+        over = dict(splits=5)
+    (q_, k_, v_), args = _kernel_args(*tensors, **over)
+    with pytest.raises((ValueError, TypeError)):
+        native.extension().forward(q_, k_, v_, **args)
+
+
+def test_info_says_what_was_built():
+    from selfattn import cli
+
+    line = next(x for x in cli.info().splitlines() if x.strip().startswith("native"))
+    assert "built for" in line and torch.backends.cpu.get_cpu_capability().lower() in line.lower() or "avx2" in line
+
+
+def test_a_custom_score_mod_goes_to_tiled():
+    q, k, v = _qkv(1, 2, 2, 64, 64, 16)
+    call = selfattn.api.make_call(q, k, v, score_mod=lambda s, b, h, qi, ki: s * 0.5)
+    reasons = native.BACKEND.not_supported_reasons(call)
+    assert reasons and "custom score_mod" in reasons[0]
+    assert selfattn.backends.choose(call).name == "tiled"
