@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from selfattn.backends.base import AttentionCall, Backend, merge_by_lse
 from selfattn.backends.reference import BACKEND as _reference
+from selfattn.backends.sdpa import BACKEND as _sdpa
 from selfattn.backends.tiled import BACKEND as _tiled
 from selfattn.backends.triton_flash import BACKEND as _triton  # imports no Triton (that happens when a call runs)
 
@@ -72,4 +73,5 @@ def choose(call: AttentionCall, name: str | None = None) -> Backend:
 
 register(_reference)
 register(_tiled, before="reference")
+register(_sdpa, before="reference")
 register(_triton, before=names()[0])  # first in priority: it declines, with its reasons, what it cannot serve
