@@ -34,6 +34,10 @@ class _Registry(dict):
         choice.MEMO.clear()
         super().__delitem__(key)
 
+    def pop(self, *args):
+        choice.MEMO.clear()
+        return super().pop(*args)
+
     def clear(self):
         choice.MEMO.clear()
         super().clear()
