@@ -1,10 +1,11 @@
 """Measure which backend is fastest for each call kind on this machine, and write the chooser's table.
 
 ``tune()`` builds one call per (workload, dtype, N, forward or forward + backward), asks every registered backend
-but the oracle whether it can serve it, and times those that can, interleaved round by round (the median of
-``rounds``). The ranking, fastest first, is stored under the call's kind (``selfattn.backends.choice.call_kind``)
-in a JSON table keyed by the device's name and torch's version, which ``backends.choose`` then reads. A kind that
-only one backend serves is recorded without timing. ``selfattn tune`` is the command; benchmarks/tune.py the script.
+but the oracle whether it can serve it, and times those that can, interleaved round by round; the best of
+``rounds`` ranks them (on a shared machine load only ever adds time; the medians are recorded too). The ranking,
+fastest first, is stored under the call's kind (``selfattn.backends.choice.call_kind``) in a JSON table keyed by
+the device's name and torch's version, which ``backends.choose`` then reads. A kind that only one backend serves is
+recorded without timing. ``selfattn tune`` is the command; benchmarks/tune.py the script.
 
 Shapes: B = 1, H_q = 8 (H_kv = 2 for the grouped-query and decoding workloads), D = 64; decoding is one query
 against N keys. Backends that compile per signature (flex) are timed after one warm-up call, whose time (the compile)
@@ -76,12 +77,12 @@ WORKLOADS = ("plain", "causal", "window", "documents", "gqa", "decode", "decode-
              "custom")
 
 
-def _time(fn, rounds: int, budget_s: float = 0.02) -> list[float]:
+def _time(fn, rounds: int, budget_s: float = 0.05) -> list[float]:
     """Seconds per call, one number per round; each round repeats the call to last about ``budget_s``."""
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
-    number = max(1, min(200, int(budget_s / max(first, 1e-6))))
+    number = max(1, min(500, int(budget_s / max(first, 1e-6))))
     out = []
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -146,8 +147,9 @@ def tune(*, device: str = "cpu", workloads=WORKLOADS, dtypes=DTYPES, sizes=None,
                     for _ in range(rounds):  # interleaved: each round times every backend once
                         for n, run in runs.items():
                             times[n] += _time(run, 1)
-                    ms = {n: round(statistics.median(t) * 1e3, 4) for n, t in times.items()}
-                    entries[key] = {"order": sorted(ms, key=ms.get), "ms": ms}
+                    ms = {n: round(min(t) * 1e3, 4) for n, t in times.items()}
+                    median = {n: round(statistics.median(t) * 1e3, 4) for n, t in times.items()}
+                    entries[key] = {"order": sorted(ms, key=ms.get), "ms": ms, "median_ms": median}
                     log(f"{key}: " + ", ".join(f"{n} {ms[n]:.3f} ms" for n in entries[key]["order"]))
     table = {
         "format": choice.TABLE_FORMAT, "device": choice.device_name(device), "torch": choice.torch_version(),
