@@ -2,14 +2,13 @@
 
 ``choose(call)`` ranks the backends by the measured table for this device and call kind (``choice``), else by the
 registry's order (the static order), and takes the first with no reason to refuse; the choice is memoised per call
-signature. ``SELFATTN_BACKEND=name`` in the environment, or ``backend=name``, pins one: a named backend that cannot
+signature. ``SELFATTN_BACKEND=name`` in the environment (read on the first call; ``choice.reset()`` reads it
+again), or ``backend=name``, pins one: a named backend that cannot
 serve raises ``BackendError`` with its reasons. Nothing falls back silently. When nothing fits, the error lists every
 backend and why, and how to insist on the float64 oracle.
 """
 
 from __future__ import annotations
-
-import os
 
 from selfattn.backends import choice
 from selfattn.backends.base import AttentionCall, Backend, merge_by_lse
@@ -93,7 +92,7 @@ def choose(call: AttentionCall, name: str | None = None, *, blocks: bool = False
     """The backend for ``call``: the named one (or ``$SELFATTN_BACKEND``), else the first of ``ranked(call)`` that
     can serve it (``blocks``: only backends with the block API). Memoised per call signature."""
     if name is None:
-        name = os.environ.get("SELFATTN_BACKEND") or None
+        name = choice.pinned()
     if name is not None:
         return _named(call, name, blocks)
     key = choice.signature(call, blocks)
@@ -114,7 +113,7 @@ def _named(call: AttentionCall, name: str, blocks: bool) -> Backend:
     if reasons:
         able = [n for n, b in REGISTRY.items() if not b.not_supported_reasons(call)
                 and (b.supports_blocks or not blocks)]
-        pinned = " (pinned by SELFATTN_BACKEND)" if os.environ.get("SELFATTN_BACKEND") == name else ""
+        pinned = " (pinned by SELFATTN_BACKEND)" if choice.pinned() == name else ""
         raise BackendError(
             f"backend {name!r}{pinned} cannot serve this call ({call.describe()}): " + "; ".join(reasons)
             + (f". Backends that can: {able}, or pass backend=None to choose automatically." if able else

@@ -26,7 +26,6 @@ import json
 import os
 import pathlib
 import platform
-import weakref
 
 import torch
 
@@ -108,9 +107,6 @@ def _has_or(spec: tuple) -> bool:
 
 # ------------------------------------------------------------------------------------------ signatures (the memo)
 
-_SKELETONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Mask or ScoreMod -> its structure
-
-
 def _skeleton(spec) -> tuple | None:
     """A spec with its tensors replaced by their shapes: what a backend's reasons can depend on."""
     if spec is None:
@@ -120,21 +116,39 @@ def _skeleton(spec) -> tuple | None:
 
 
 def _structure(obj) -> tuple | str:
-    s = _SKELETONS.get(obj)
+    """The skeleton of a Mask's or ScoreMod's spec ("custom" without one), kept on the object: both are frozen and
+    never change their spec, and an attribute is the cheapest lookup there is."""
+    s = obj.__dict__.get("_choice_structure")
     if s is None:
-        s = _SKELETONS[obj] = _skeleton(obj.spec) if obj.spec is not None else "custom"
+        s = _skeleton(obj.spec) if obj.spec is not None else "custom"
+        object.__setattr__(obj, "_choice_structure", s)
     return s
 
 
 def signature(call: AttentionCall, blocks: bool) -> tuple:
     """Everything a backend's reasons and the table look at, cheaply: shapes, dtype, device, positions, the mask's
-    and the modifier's structure, the bias's shape, gradients."""
-    bias, mod, mask = call.bias, call.score_mod, call.mask
-    return (call.q.shape, call.k.shape, call.v.shape, call.q.dtype, call.q.device,
-            None if mask is None else _structure(mask),
+    and the modifier's structure, the bias's shape, gradients (``call.needs_grad``, inlined: this runs per call)."""
+    bias, mod, mask, q, k, v, sinks = call.bias, call.score_mod, call.mask, call.q, call.k, call.v, call.sinks
+    grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad)
+        or (sinks is not None and sinks.requires_grad) or (mod is not None and any(t.requires_grad for t in
+                                                                                   mod.captures)))
+    return (q.shape, k.shape, v.shape, q.dtype, q.device, None if mask is None else _structure(mask),
             None if bias is None else (bias.shape, bias.dtype, bias.requires_grad),
             None if mod is None else (_structure(mod), tuple(t.requires_grad for t in mod.captures)),
-            call.sinks is not None, call.dropout_p > 0, call.needs_grad, call.q_pos0, call.k_pos0, blocks)
+            sinks is not None, call.dropout_p > 0, grad, call.q_pos0, call.k_pos0, blocks)
+
+
+def pinned() -> str | None:
+    """``$SELFATTN_BACKEND``, read once (``reset`` reads it again): the backend every unnamed call gets."""
+    global _PINNED
+    if _PINNED is _UNREAD:
+        _PINNED = os.environ.get("SELFATTN_BACKEND") or None
+    return _PINNED
+
+
+_UNREAD = object()
+_PINNED = _UNREAD
 
 
 # ----------------------------------------------------------------------------------------------------- the tables
@@ -258,9 +272,12 @@ def describe(device_type: str) -> str:
 
 
 def reset() -> None:
-    """Forget the tables found and the memoised choices (after writing a table, or changing SELFATTN_TABLE)."""
+    """Forget the tables found, the memoised choices and SELFATTN_BACKEND's value (after writing a table, or
+    changing SELFATTN_TABLE or SELFATTN_BACKEND)."""
+    global _PINNED
     _TABLES.clear()
     MEMO.clear()
+    _PINNED = _UNREAD
 
 
 MEMO: dict[tuple, object] = {}
