@@ -57,7 +57,7 @@ class _Plan:
     dead: Tensor | None = None
 
 
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Mask -> {key: _Plan}: a mask reused by every layer
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Mask or ScoreMod -> {key: _Plan}
 
 
 def _sees_every_key(call: AttentionCall) -> bool:
@@ -99,21 +99,23 @@ def _needs_dense(call: AttentionCall) -> bool:
 
 
 def _plan(call: AttentionCall, dtype: torch.dtype) -> _Plan:
-    """The kernel's mask arguments; remembered per Mask object, shape and positions (a causal mask, a padding mask
-    reused by every layer, a decoding step's)."""
-    mask = call.mask
-    if call.score_mod is None and (mask is None or (mask.spec == ("causal",) and _causal_flag(call) is not None)):
+    """The kernel's mask arguments; remembered per Mask (or ready-made ScoreMod) object, shape and positions (a
+    causal mask, a padding mask or an ALiBi modifier reused by every layer and step)."""
+    mask, mod = call.mask, call.score_mod
+    if mod is None and (mask is None or (mask.spec == ("causal",) and _causal_flag(call) is not None)):
         return _Plan(causal=mask is not None and bool(_causal_flag(call)))
-    if call.score_mod is not None or mask is None or mask.spec is None:  # not reusable: built for this call
+    owner = mod if mod is not None else mask
+    if owner.spec is None or (mask is not None and mask.spec is None):  # a custom function: built for this call
         return _dense_plan(call, dtype)
-    tensors = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in _spec_tensors(mask.spec))
-    key = (call.B, call.H_q, call.N_q, call.N_k, call.q_start, call.k_pos0, call.device, dtype, tensors)
-    per_mask = _PLANS.setdefault(mask, {})
-    plan = per_mask.get(key)
+    specs = (mask.spec if mask is not None else (), mod.spec if mod is not None else ())
+    tensors = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in _spec_tensors(specs))
+    key = (call.B, call.H_q, call.N_q, call.N_k, call.q_start, call.k_pos0, call.device, dtype, tensors, mask)
+    per_owner = _PLANS.setdefault(owner, {})
+    plan = per_owner.get(key)
     if plan is None:
-        if len(per_mask) > 8:
-            per_mask.clear()
-        plan = per_mask[key] = _dense_plan(call, dtype)  # the mask's part: a bias is added per call
+        if len(per_owner) > 8:
+            per_owner.clear()
+        plan = per_owner[key] = _dense_plan(call, dtype)  # the mask's and modifier's part: a bias is added per call
     return plan
 
 
