@@ -114,7 +114,7 @@ def tune(*, device: str = "cpu", workloads=WORKLOADS, dtypes=DTYPES, sizes=None,
     sizes = sizes or (CUDA_SIZES if device == "cuda" else CPU_SIZES)
     compiled = device == "cuda" if compiled is None else compiled
     log = log or (lambda s: None)
-    entries, compile_s = {}, {}
+    entries, compile_s, path = {}, {}, None
     g = torch.Generator().manual_seed(0)
     for name in workloads:
         for dtype_name in dtypes:
@@ -151,7 +151,17 @@ def tune(*, device: str = "cpu", workloads=WORKLOADS, dtypes=DTYPES, sizes=None,
                     median = {n: round(statistics.median(t) * 1e3, 4) for n, t in times.items()}
                     entries[key] = {"order": sorted(ms, key=ms.get), "ms": ms, "median_ms": median}
                     log(f"{key}: " + ", ".join(f"{n} {ms[n]:.3f} ms" for n in entries[key]["order"]))
-    table = {
+        if write:  # after every workload: a run cut short (a time limit) keeps what it measured
+            path = _write(device, rounds, compile_s, entries, out)
+    table = _table(device, rounds, compile_s, entries)
+    if write:
+        table["path"] = path
+        choice.reset()  # the next choice reads it
+    return table
+
+
+def _table(device, rounds, compile_s, entries) -> dict:
+    return {
         "format": choice.TABLE_FORMAT, "device": choice.device_name(device), "torch": choice.torch_version(),
         "torch_full": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
@@ -159,14 +169,15 @@ def tune(*, device: str = "cpu", workloads=WORKLOADS, dtypes=DTYPES, sizes=None,
         "shape": {"B": B, "H_q": H, "H_kv (gqa, decode-gqa)": H_KV, "D": D}, "rounds": rounds,
         "backends": backends.names(), "compile_seconds": compile_s, "entries": entries,
     }
-    if write:
-        path = out or str(choice.user_dir() / table_filename(table))
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(table, f, indent=1, sort_keys=True)
-        table["path"] = path
-        choice.reset()  # the next choice reads it
-    return table
+
+
+def _write(device, rounds, compile_s, entries, out) -> str:
+    table = _table(device, rounds, compile_s, entries)
+    path = out or str(choice.user_dir() / table_filename(table))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    return path
 
 
 def table_filename(table: dict) -> str:
