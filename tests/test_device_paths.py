@@ -36,8 +36,8 @@ def served(monkeypatch):
     names = []
     choose = backends.choose
 
-    def recording(call, name=None):
-        backend = choose(call, name)
+    def recording(call, name=None, **kw):
+        backend = choose(call, name, **kw)
         names.append(backend.name)
         return backend
 

@@ -14,6 +14,7 @@ import torch
 def info() -> str:
     """What this machine can run: the registered backends in priority order, and why any cannot."""
     from selfattn import backends
+    from selfattn.backends import choice
 
     lines = [
         f"selfattn {__import__('selfattn').__version__}, torch {torch.__version__}, Python {platform.python_version()}",
@@ -33,7 +34,35 @@ def info() -> str:
                      f"masks={backend.supports_masks} bias={backend.supports_bias} head_dims={backend.head_dims} "
                      f"score_mods={backend.supports_score_mods} sinks={backend.supports_sinks} "
                      f"dropout={backend.supports_dropout}")
+    lines += ["", "automatic choice (docs/design.md; SELFATTN_BACKEND=name pins one"
+              + (f", now {os.environ['SELFATTN_BACKEND']!r}" if os.environ.get("SELFATTN_BACKEND") else "") + "):"]
+    for device_type in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        lines.append("  " + choice.describe(device_type))
+        table = choice.table_for(device_type)
+        if table is not None:
+            lines.append(f"  {'call kind (device|dtype|mask|score_mod|sinks|dropout|grad|heads|rows|N_k)':<78} "
+                         "fastest first")
+            for key in sorted(table.entries):
+                lines.append(f"    {key:<76} {' > '.join(table.entries[key]) or '-'}")
     return "\n".join(lines)
+
+
+def tune(args: argparse.Namespace) -> int:
+    """``selfattn tune``: time the backends on this machine and write the chooser's table (``selfattn.tune``)."""
+    from selfattn import tune as tuning
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("selfattn tune: error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
+        return 2
+    quick = dict(sizes=[128], rounds=1) if args.quick else {}
+    sizes = [int(n) for n in args.sizes.split(",")] if args.sizes else quick.get("sizes")
+    table = tuning.tune(device=device, sizes=sizes, rounds=args.rounds or quick.get("rounds", 5),
+                        compiled=args.all or None, out=args.out, log=print,
+                        **({"workloads": args.workloads.split(",")} if args.workloads else {}),
+                        **({"dtypes": args.dtypes.split(",")} if args.dtypes else {}))
+    print(f"wrote {table['path']}: {len(table['entries'])} call kinds for {table['device']!r}, torch {table['torch']}")
+    return 0
 
 
 def demo() -> str:
@@ -69,11 +98,22 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="list the backends and whether they can run here")
     sub.add_parser("demo", help="a short offline demonstration")
+    t = sub.add_parser("tune", help="time every backend on this machine and write the automatic choice's table")
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    t.add_argument("--out", default=None, help="the table file (default: ~/.cache/selfattn/tables/<device>.json)")
+    t.add_argument("--sizes", default=None, help="comma-separated N (default 128,512,2048 on the CPU)")
+    t.add_argument("--dtypes", default=None, help="comma-separated (default float32,bfloat16)")
+    t.add_argument("--workloads", default=None, help="comma-separated (default: all of selfattn.tune.WORKLOADS)")
+    t.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 5)")
+    t.add_argument("--all", action="store_true", help="on the CPU also time backends that compile per signature")
+    t.add_argument("--quick", action="store_true", help="N = 128 and one round only: checks that tuning runs")
     _add_gpt_commands(sub)
     add_explain_arguments(sub.add_parser("explain", help="trace attention step by step: tables, heatmaps, HTML page"))
     args = parser.parse_args(argv)
     if args.command in GPT_COMMANDS:
         return _run_gpt_command(args)
+    if args.command == "tune":
+        return tune(args)
     if args.command == "info":
         print(info())
     elif args.command == "demo":

@@ -95,7 +95,8 @@ def choose_block_backend(call, name: str | None = None):
         return chosen
     why = {}
     for n, b in backends.REGISTRY.items():
-        reasons = ([] if b.supports_blocks else ["does not compute blocks"]) + b.not_supported_reasons(call)
+        reasons = ([] if b.supports_blocks else ["does not compute blocks"]) + (b.not_supported_reasons(call)
+                                                                                or b.auto_reasons(call))
         if not reasons:
             return b
         why[n] = reasons

@@ -382,7 +382,8 @@ def choose_block_backend(call: AttentionCall, name: str | None = None) -> Backen
         return chosen
     why = {}
     for n, b in backends.REGISTRY.items():
-        reasons = b.not_supported_reasons(call) if b.supports_blocks else ["does not compute blocks"]
+        reasons = (b.not_supported_reasons(call) or b.auto_reasons(call)) if b.supports_blocks else \
+            ["does not compute blocks"]
         if not reasons:
             return b
         why[n] = reasons

@@ -192,8 +192,8 @@ def attention_op(
     """out (B, H_q, N_q, D_v) in q's dtype and lse (B, H_q, N_q) float32, from the backend the registry chooses."""
     call = _call(q, k, v, scale, causal, window, key_lengths, key_starts, doc_ids, dense_mask, bias, mod_spec,
                  mod_tensors, sinks, dropout_p, dropout_seed)
-    with torch.no_grad():
-        out, lse = backends.choose(call, backend).forward(call)
+    with torch.no_grad():  # the backward asks the same chooser for a block backend: both must pick the same one
+        out, lse = backends.choose(call, backend, blocks=backend is None).forward(call)
     return out.contiguous(), lse.to(torch.float32).contiguous()
 
 
@@ -224,7 +224,7 @@ def attention_backward_op(
         dmods = [g.to(t.dtype).contiguous() for g, t in zip(dmods, mod_tensors, strict=True)] if mod_grads else [
             t.new_empty(0) for t in mod_tensors]
     else:
-        chosen = backends.choose(call, backend)
+        chosen = backends.choose(call, backend, blocks=backend is None)
         if not chosen.supports_blocks:
             raise BackendError(
                 f"the selfattn custom op computes gradients with a backend's block API, which {chosen.name!r} lacks "

@@ -11,8 +11,23 @@ from selfattn.backends.base import AttentionCall, Backend
 from selfattn.masks import grid
 
 
+# The chooser takes the oracle unnamed only on the CPU and only while its float64 N_q x N_k matrices (with their
+# intermediates) stay under this: a few hundred MB. Larger calls, and every CUDA call, raise BackendError instead.
+AUTO_MAX_BYTES = 256 << 20
+
+
 @dataclass(frozen=True)
 class ReferenceBackend(Backend):
+    def auto_reasons(self, call: AttentionCall) -> list[str]:
+        if call.device.type != "cpu":
+            return [f"the float64 oracle is never chosen automatically on {call.device.type}; pass "
+                    "backend='reference' to insist"]
+        need = reference.bytes_needed(call.B * call.H_q * call.N_q * call.N_k)
+        if need > AUTO_MAX_BYTES:
+            return [f"the float64 oracle would need ~{need / 2**20:,.0f} MiB for its N_q x N_k matrices, over the "
+                    f"{AUTO_MAX_BYTES >> 20} MiB it is chosen automatically for; pass backend='reference' to insist"]
+        return []
+
     def call_reasons(self, call: AttentionCall) -> list[str]:
         shortfall = reference.memory_shortfall(call.B * call.H_q * call.N_q * call.N_k)
         return [] if shortfall is None else [f"materialises the N_q x N_k matrix: {shortfall}"]
