@@ -17,3 +17,15 @@ def test_optional_extras_are_installed_in_ci(module):
 @pytest.mark.skipif(os.environ.get("CI", "").lower() not in ("1", "true"), reason="only enforced under CI")
 def test_chromium_is_installed_in_ci():
     assert shutil.which("chromium"), ".ci/run installs Debian's chromium for the HTML page test"
+
+
+@pytest.mark.skipif(not os.environ.get("SELFATTN_EXPECT_CPU_CAPABILITY"), reason="set by make test-portable")
+def test_isa_pass_runs_the_requested_kernels_and_threads():
+    """make test-portable runs the core under ATEN_CPU_CAPABILITY and OMP_NUM_THREADS: torch must really use them,
+    or the pass tests this CPU's default kernels again under another name."""
+    import torch
+
+    want = os.environ["SELFATTN_EXPECT_CPU_CAPABILITY"].upper()
+    assert torch.backends.cpu.get_cpu_capability() == want
+    if os.environ.get("OMP_NUM_THREADS"):
+        assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
