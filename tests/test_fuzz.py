@@ -135,14 +135,15 @@ def attention_case(draw):
     if draw(st.booleans()):
         kw["scale"] = draw(st.sampled_from([0.05, 0.3, 1.0]))
     dtype = draw(st.sampled_from(DTYPES))
-    return dict(shape=(B, H_q, H_kv, N_q, N_k, D, D_v), dtype=dtype, kw=kw, seed=int(torch.randint(0, 2**31, (),
-                generator=g)), return_lse=draw(st.booleans()), grad=draw(st.booleans()),
-                backend=draw(st.sampled_from(backends.names())))
+    layout = draw(st.sampled_from(["contiguous", "contiguous", "transposed", "strided"]))
+    return dict(layout=layout, shape=(B, H_q, H_kv, N_q, N_k, D, D_v), dtype=dtype, kw=kw,
+                seed=int(torch.randint(0, 2**31, (), generator=g)), return_lse=draw(st.booleans()),
+                grad=draw(st.booleans()), backend=draw(st.sampled_from(backends.names())))
 
 
 def describe(case) -> str:
     kw = case["kw"]
-    parts = [f"shape={case['shape']}", str(case["dtype"]), f"backend={case['backend']}"]
+    parts = [f"shape={case['shape']}", str(case["dtype"]), f"backend={case['backend']}", case.get("layout", "")]
     for name, value in kw.items():
         parts.append(f"{name}={value.shape if isinstance(value, torch.Tensor) else value}")
     return " ".join(parts + [f"grad={case['grad']}", f"lse={case['return_lse']}"])
@@ -157,6 +158,16 @@ def _lse_bound(dtype, lse_ref):
     return (1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5) * max(1.0, lse_ref.abs().max().item())
 
 
+def _laid_out(t, layout: str):
+    """The same values in another memory layout, differentiably (gradients reach t): (B, N, H, D) transposed to
+    (B, H, N, D) as a projection gives it, or every other number of a twice-as-wide head dim (stride 2)."""
+    if layout == "transposed":
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "strided":
+        return torch.stack([t, t], -1).flatten(-2)[..., ::2]
+    return t
+
+
 def check_attention_case(case) -> str:
     """Run one drawn call on its backend and judge it against the oracle; returns "ok" or "declined"."""
     B, H_q, H_kv, N_q, N_k, D, D_v = case["shape"]
@@ -166,14 +177,15 @@ def check_attention_case(case) -> str:
     k64 = torch.randn(B, H_kv, N_k, D, generator=g, dtype=torch.float64)
     v64 = torch.randn(B, H_kv, N_k, D_v, generator=g, dtype=torch.float64)
     q, k, v = (t.to(dtype).requires_grad_(case["grad"]) for t in (q64, k64, v64))
+    layout = case.get("layout", "contiguous")
     try:
-        out, lse = selfattn.attention(q, k, v, backend=name, return_lse=True, **kw)
+        out, lse = selfattn.attention(*(_laid_out(t, layout) for t in (q, k, v)), backend=name, return_lse=True, **kw)
     except selfattn.BackendError as e:
         _log("declined", f"{describe(case)}: {e}")
         return "declined"
     assert out.shape == (B, H_q, N_q, D_v) and out.dtype == dtype, (out.shape, out.dtype)
     if not case["return_lse"]:
-        plain = selfattn.attention(q, k, v, backend=name, **kw)
+        plain = selfattn.attention(*(_laid_out(t, layout) for t in (q, k, v)), backend=name, **kw)
         assert torch.equal(plain, out), "out without return_lse differs from out with it"
     q_r, k_r, v_r = (t.detach().double().requires_grad_(case["grad"]) for t in (q, k, v))
     out_ref, lse_ref = selfattn.attention(q_r, k_r, v_r, backend="reference", return_lse=True, **kw)
@@ -293,3 +305,11 @@ def test_found_t5_max_distance_within_the_exact_buckets_is_refused():
     mod = score_mods.relative_bias(torch.randn(1, 32), buckets=32, max_distance=9)  # just above: every bucket valid
     check_attention_case(dict(shape=(1, 1, 1, 40, 40, 8, 8), dtype=torch.float32, kw=dict(score_mod=mod), seed=3,
                               return_lse=True, grad=True, backend="tiled"))
+
+
+def test_found_a_strided_head_dim_gave_silently_wrong_results():
+    """Found by tests/test_bad_inputs.py: q[..., ::2] (last-dim stride 2) went to PyTorch's fused CPU kernel, which
+    read the rows as if dense: errors of O(1), no exception. The tiled backend now makes such rows dense first."""
+    for grad in (False, True):
+        check_attention_case(dict(layout="strided", shape=(2, 4, 2, 13, 17, 16, 8), dtype=torch.float32,
+                                  kw=dict(causal=True), seed=1, return_lse=True, grad=grad, backend="tiled"))
