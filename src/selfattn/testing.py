@@ -123,16 +123,23 @@ def grad_floors(q: Tensor, k: Tensor, v: Tensor, d_out: Tensor, weights: Tensor,
     for a row that sees one key), so their rounding is eps times Σ_d |dO_id|·|v_jd|, the terms' magnitude, however
     small |dS| is. dQ_i = scale·Σ_j dS_ij·k_j carries it times scale·|k| (Σ_j P_ij ≤ 1); dK_j = scale·Σ_i dS_ij·q_i
     times scale·|q| and the weight the key gets over the rows, Σ_i P_ij; dV_j = Σ_i P_ij·dO_i sums that weight times
-    |dO|. ``weights`` are the float64 softmax weights (B, H_q, N_q, N_k); the floors are 2·eps of ``dtype`` (default
-    q's) at those magnitudes, never below ``floor_for``'s 2·eps."""
+    |dO|. A backward that recomputes P = exp(S − L) from the float32 log-sum-exp L gets P with a relative error of
+    eps·|S| (L is rounded at the scores' magnitude): every floor is scaled by max(1, max |S|). ``weights`` are the
+    float64 softmax weights (B, H_q, N_q, N_k); the floors are 2·eps of ``dtype`` (default q's) at those magnitudes,
+    never below ``floor_for``'s 2·eps."""
     eps = torch.finfo(dtype or q.dtype).eps
     group = q.shape[1] // k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    with torch.no_grad():
+        s = q.detach().double() @ k.detach().double().repeat_interleave(group, dim=1).transpose(-2, -1)
+    s_max = abs(scale) * s.abs().amax().item() if s.numel() else 0.0
     q, k, v, d_out, weights = (t.detach().double().abs() for t in (q, k, v, d_out, weights))
     terms = (d_out @ v.repeat_interleave(group, dim=1).transpose(-2, -1)).amax().item() if d_out.numel() else 0.0
     col_mass = weights.sum(-2).unflatten(1, (k.shape[1], group)).sum(2).amax().item() if weights.numel() else 0.0
     k_max, q_max, do_max = (t.amax().item() if t.numel() else 0.0 for t in (k, q, d_out))
-    return (2 * eps * max(1.0, scale * k_max * terms), 2 * eps * max(1.0, scale * q_max * terms * max(1.0, col_mass)),
+    eps *= max(1.0, s_max)  # P = exp(S − L) from a rounded L carries eps·|S| (a backward that recomputes P from lse)
+    return (2 * eps * max(1.0, abs(scale) * k_max * terms),
+            2 * eps * max(1.0, abs(scale) * q_max * terms * max(1.0, col_mass)),
             2 * eps * max(1.0, do_max * max(1.0, col_mass)))
 
 
