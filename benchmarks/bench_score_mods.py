@@ -2,9 +2,9 @@
 
 Not a test: a script. Forward+backward of causal attention (B = 1, H = 8, D = 64, float32) with no modifier,
 soft-capping, ALiBi through ``score_mod``, the same ALiBi as a dense ``bias`` tensor, torch's SDPA with that ALiBi and
-the causal mask as one dense float ``attn_mask`` (what selfattn replaces; up to N = 8192), sinks and dropout. The variants
-run in interleaved rounds (each round times every variant once) and the median is kept, so the ratios compare like
-with like on a loaded machine. Peak memory of the ALiBi pair is measured in fresh processes (ru_maxrss).
+the causal mask as one dense float ``attn_mask`` (what selfattn replaces; up to N = 8192), sinks and dropout. The
+variants run in interleaved rounds (each round times every variant once) and the median is kept, so the ratios compare
+like with like on a loaded machine. Peak memory of the ALiBi pair is measured in fresh processes (ru_maxrss).
 Writes benchmarks/results/score_mods.json and score_mods.png.
 
     flock -x /tmp/selfattn-bench.lock python benchmarks/bench_score_mods.py            # N = 4096, 8192

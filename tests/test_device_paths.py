@@ -115,6 +115,9 @@ def test_gpt_training_step_matches_the_reference_backend(device, served):
         results[backend] = (loss.item(), [p.grad.clone() for p in model.parameters()])
     _only(served[: len(served) // 2], device)  # the first pass, with the default backend
     (loss, grads), (ref_loss, ref_grads) = results[None], results["reference"]
+    # fixed bounds, why: a float32 model whose attention is either fast or the oracle (rounded to float32): rtol 1e-5 ~
+    # 84 ulps (run on the scalar, AVX2, AVX-512 kernels by make test-portable); a wrong mask, scale or position moves
+    # values by > 1e-3
     assert math.isfinite(loss) and abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
     for got, ref in zip(grads, ref_grads, strict=True):
         err = testing.max_error(got.double(), ref.double())
@@ -143,6 +146,7 @@ def test_split_kv_decoding_matches_attention(device, served):
     split = decode.split_kv_attention(q, k, v, chunk=1024)
     whole = selfattn.attention(q, k, v)
     _only(served, device)
+    # split-KV vs whole: two float32 merge orders of 5,000 keys, values O(1): 1e-5 ~ 84 ulps
     assert testing.max_error(split, whole) <= 1e-5, testing.max_error(split, whole)
 
 
@@ -163,6 +167,9 @@ def test_compiled_fullgraph_matches_eager(device, served):
     want_grads = torch.autograd.grad(want.sum(), (q, k, v))
     _only(served, device)
     for a, b in zip((got, *got_grads), (want, *want_grads), strict=True):
+        # compiled vs not: two float32 paths of one computation, nothing third-party to measure: rtol 1e-5 ~ 84 ulps
+        # (run on the scalar, AVX2, AVX-512 kernels by make test-portable); a wrong mask, scale or position moves values
+        # by > 1e-3
         assert testing.max_error(a, b) <= 1e-5, testing.max_error(a, b)
 
 
@@ -193,6 +200,8 @@ def test_hugging_face_llama_matches_sdpa(device, padding, served):
     _only(served_ours, device)
     valid = am.bool()  # positions of padding tokens are not compared (their rows differ by convention)
     err = testing.max_error(got[valid], want[valid]) / want[valid].abs().max().item()
+    # ours vs SDPA, both float32: rtol 1e-5 ~ 84 ulps (run on the scalar, AVX2, AVX-512 kernels by make test-portable);
+    # a wrong mask, scale or position moves values by > 1e-3
     assert err <= 1e-5, f"logits differ from sdpa by {err:.2e} (relative)"
 
 

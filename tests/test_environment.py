@@ -25,3 +25,15 @@ def test_native_kernel_is_built_in_ci():
     from selfattn.backends import native
 
     assert native.extension() is not None, native.load_error()
+
+
+@pytest.mark.skipif(not os.environ.get("SELFATTN_EXPECT_CPU_CAPABILITY"), reason="set by make test-portable")
+def test_isa_pass_runs_the_requested_kernels_and_threads():
+    """make test-portable runs the core under ATEN_CPU_CAPABILITY and OMP_NUM_THREADS: torch must really use them,
+    or the pass tests this CPU's default kernels again under another name."""
+    import torch
+
+    want = os.environ["SELFATTN_EXPECT_CPU_CAPABILITY"].upper()
+    assert torch.backends.cpu.get_cpu_capability() == want
+    if os.environ.get("OMP_NUM_THREADS"):
+        assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])

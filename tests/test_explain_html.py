@@ -146,6 +146,7 @@ def check_report(e, report, N):
         assert r["state"] == f"{r['layer']},{r['head']},{i}", where
         assert r["where"] == trace.where and r["thumbSelected"], where
         got = torch.tensor(r["strip"], dtype=torch.float64)
+        # the page shows weights with 4 decimals and y with 3: the bounds are the display's rounding
         assert torch.allclose(got, want, atol=1.01e-4, rtol=0), f"{where}: the tokens show {got} not {want}"
         keys = [j for j, _ in r["trace"]]
         top = want.argsort(descending=True)[:64]  # a long text's table: the 64 largest weights (ties may swap)

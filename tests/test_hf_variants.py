@@ -9,8 +9,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("selfattn.integrations.hf")
 
+from selfattn import testing  # noqa: E402
+
 VOCAB = 97
-REL_TOL = 1e-5
 ORACLE = hf.register("selfattn-oracle", backend="reference")
 
 
@@ -61,8 +62,14 @@ def test_logits_and_greedy_generation_equal_eager(family, padding):
         want = eager(ids, attention_mask=am).logits
         got = ours(ids, attention_mask=am).logits
     rows = am.bool()
-    rel = _rel(got[rows], want[rows])
-    assert rel <= REL_TOL, f"{family}: relative logits error {rel:.2e} > {REL_TOL:.0e}"
+    if family == "gemma2":  # eager's own float32 error, measured against the same model in float64
+        with torch.no_grad():
+            want64 = copy.deepcopy(eager).double()(ids, attention_mask=am).logits
+        testing.check_against_third_party(got[rows], want[rows], want64[rows], what=f"{family} logits")
+    else:  # gpt-oss's experts run torch's grouped matmul, which has no float64: a fixed bound, ~80 float32 ulps of
+        # the largest logit (a wrong sink or window moves logits by > 1e-2 of it)
+        rel = _rel(got[rows], want[rows])
+        assert rel <= 1e-5, f"{family}: relative logits error {rel:.2e} > 1e-5"
     gen = dict(max_new_tokens=12, do_sample=False, attention_mask=am, pad_token_id=0)
     assert torch.equal(ours.generate(ids, **gen), eager.generate(ids, **gen))
 
@@ -95,7 +102,9 @@ def _train_step(model, ids, labels, seed):
 
 def _close(grads, want):
     """Every gradient within 1e-4 of the largest (the key biases' gradient is zero up to rounding: softmax does not
-    see a constant added to a row)."""
+    see a constant added to a row). A fixed bound, and why: two float32 training steps of a whole model whose
+    attention differs only in rounding, with no float64 twin of dropout's model to measure against; 1e-4 is ~800
+    float32 ulps at the largest gradient, and a wrong mask, scale or dropout position moves gradients by > 1e-2."""
     top = max(g.abs().max().item() for g in want.values())
     for name, g in grads.items():
         err = (g - want[name]).abs().max().item()
@@ -112,7 +121,7 @@ def test_bert_training_step_with_default_dropout_equals_the_oracle():
     labels = torch.where(torch.rand(ids.shape) < 0.3, ids, -100)
     loss, grads = _train_step(ours, ids, labels, seed=7)
     loss_o, grads_o = _train_step(oracle, ids, labels, seed=7)
-    assert abs(loss - loss_o) <= 1e-5 * abs(loss_o), (loss, loss_o)
+    assert abs(loss - loss_o) <= 1e-5 * abs(loss_o), (loss, loss_o)  # ~80 float32 ulps: see _close for why fixed
     _close(grads, grads_o)
     loss2, _ = _train_step(ours, ids, labels, seed=8)
     assert loss2 != loss, "another seed drops other weights"
@@ -126,5 +135,5 @@ def test_bert_without_dropout_equals_eager_in_training():
     labels = torch.where(torch.rand(ids.shape) < 0.3, ids, -100)
     loss_e, grads_e = _train_step(eager, ids, labels, seed=3)
     loss, grads = _train_step(ours, ids, labels, seed=3)
-    assert abs(loss - loss_e) <= 1e-5 * abs(loss_e)
+    assert abs(loss - loss_e) <= 1e-5 * abs(loss_e)  # ~80 float32 ulps: see _close for why fixed
     _close(grads, grads_e)

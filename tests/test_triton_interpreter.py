@@ -43,4 +43,5 @@ def test_gpu_benchmark_script_runs_end_to_end_under_the_interpreter(tmp_path):
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
     assert {r["impl"] for r in rows} == {"selfattn-triton", "sdpa-math"}
     assert all("tflops" in r and "error" not in r for r in rows), [r for r in rows if "error" in r]
+    # float32 kernels vs SDPA's math on O(1) values: 1e-5 ~ 84 ulps; the plumbing is tested, not the numerics
     assert all(r["max_diff_vs_first"] < 1e-5 for r in rows if r["mode"] == "fwd"), rows

@@ -85,6 +85,11 @@ def attention(
     """
     call = make_call(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale, score_mod=score_mod, sinks=sinks,
                      dropout_p=dropout_p, dropout_seed=dropout_seed)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a registered backend's name (str) or None, got {backend!r}; "
+                        "see selfattn.backends.names()")
     if call.N_q == 0 or call.N_k == 0:
         out = q.new_zeros(call.B, call.H_q, call.N_q, call.D_v)
         lse = torch.full((call.B, call.H_q, call.N_q), -math.inf, device=q.device)

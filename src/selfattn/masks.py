@@ -472,7 +472,10 @@ def _min_max(t: Tensor) -> tuple[int | None, int | None]:
 
 def _int_tensor(where: str, t, dim: int | None) -> Tensor:
     if not isinstance(t, Tensor):
-        t = torch.as_tensor(t)
+        try:
+            t = torch.as_tensor(t)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{where}: expected an integer tensor (or a list of ints), got {t!r}") from None
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{where}: expected an integer tensor, got {t.dtype}")
     if dim is not None and t.dim() != dim:

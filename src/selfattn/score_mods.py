@@ -151,9 +151,18 @@ def relative_bias(table: Tensor, *, buckets: int | None = None, bidirectional: b
             return s + table[h, r].to(s.dtype)
 
         return ScoreMod(mod, f"relative_bias(M={M})", ("relative", table, M), (table,))
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < (4 if bidirectional else 2):
+        raise ValueError(f"relative_bias(buckets={buckets!r}) needs an int number of buckets >= "
+                         f"{4 if bidirectional else 2} ({'bidirectional: ' if bidirectional else ''}half exact, half "
+                         "logarithmic), e.g. 32 as T5")
     if table.shape[1] != buckets:
         raise ValueError(f"relative_bias(table, buckets={buckets}) needs a table of shape (H_q, {buckets}), got "
                          f"{tuple(table.shape)}")
+    exact = (buckets // 2 if bidirectional else buckets) // 2
+    if isinstance(max_distance, bool) or not isinstance(max_distance, int) or max_distance <= exact:
+        raise ValueError(f"relative_bias(buckets={buckets}, max_distance={max_distance!r}): max_distance must be an "
+                         f"int above the {exact} exact buckets (distances below {exact} get a bucket each, the rest "
+                         f"log-spaced up to max_distance); T5 uses 128")
 
     def mod_t5(s, b, h, q, k):
         return s + table[h, t5_bucket(k - q, bidirectional, buckets, max_distance)].to(s.dtype)

@@ -115,10 +115,63 @@ def check_against_oracle(fast: Tensor, naive_same_dtype: Tensor, oracle: Tensor,
     return err, allowed
 
 
+def grad_floors(q: Tensor, k: Tensor, v: Tensor, d_out: Tensor, weights: Tensor, *, scale: float | None = None,
+                dtype: torch.dtype | None = None) -> tuple[float, float, float]:
+    """Floors for (dq, dk, dv) at the magnitude of what a softmax backward sums, not of its result.
+
+    dS = P·(dP − δ) with dP_ij = Σ_d dO_id·v_jd and δ_i = Σ_d dO_id·O_id: two sums of D_v terms that cancel (exactly,
+    for a row that sees one key), so their rounding is eps times Σ_d |dO_id|·|v_jd|, the terms' magnitude, however
+    small |dS| is. dQ_i = scale·Σ_j dS_ij·k_j carries it times scale·|k| (Σ_j P_ij ≤ 1); dK_j = scale·Σ_i dS_ij·q_i
+    times scale·|q| and the weight the key gets over the rows, Σ_i P_ij; dV_j = Σ_i P_ij·dO_i sums that weight times
+    |dO|. A backward that recomputes P = exp(S − L) from the float32 log-sum-exp L gets P with a relative error of
+    eps·|S| (L is rounded at the scores' magnitude): every floor is scaled by max(1, max |S|). ``weights`` are the
+    float64 softmax weights (B, H_q, N_q, N_k); the floors are 2·eps of ``dtype`` (default q's) at those magnitudes,
+    never below ``floor_for``'s 2·eps."""
+    eps = torch.finfo(dtype or q.dtype).eps
+    group = q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    with torch.no_grad():
+        s = q.detach().double() @ k.detach().double().repeat_interleave(group, dim=1).transpose(-2, -1)
+    s_max = abs(scale) * s.abs().amax().item() if s.numel() else 0.0
+    q, k, v, d_out, weights = (t.detach().double().abs() for t in (q, k, v, d_out, weights))
+    terms = (d_out @ v.repeat_interleave(group, dim=1).transpose(-2, -1)).amax().item() if d_out.numel() else 0.0
+    col_mass = weights.sum(-2).unflatten(1, (k.shape[1], group)).sum(2).amax().item() if weights.numel() else 0.0
+    k_max, q_max, do_max = (t.amax().item() if t.numel() else 0.0 for t in (k, q, d_out))
+    eps *= max(1.0, s_max)  # P = exp(S − L) from a rounded L carries eps·|S| (a backward that recomputes P from lse)
+    return (2 * eps * max(1.0, abs(scale) * k_max * terms),
+            2 * eps * max(1.0, abs(scale) * q_max * terms * max(1.0, col_mass)),
+            2 * eps * max(1.0, do_max * max(1.0, col_mass)))
+
+
+def check_against_third_party(ours: Tensor, theirs: Tensor, theirs_float64: Tensor, *, factor: float = 3.0,
+                              what: str = "weights") -> tuple[float, float]:
+    """Assert |ours − theirs| ≤ factor·|theirs − theirs_float64| + floor, for a third party's low-precision result
+    (eager transformers' float32 output_attentions) that ``ours`` (from the float64 oracle) must equal: the third
+    party's own error is measured against the same computation run in float64 on this machine, never assumed. With
+    factor 3: theirs' own error, plus ours' inputs carrying the same model's float32 rounding (2x, the oracle rule).
+    Returns (difference, allowed)."""
+    if ours.shape != theirs.shape:
+        raise AssertionError(f"{what}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}")
+    # entries the float64 run made NaN (eager turns a padded query that sees no key into NaN hidden states in
+    # float64, and those reach every score of the keys at those positions) measure nothing: skipped for ``own``
+    measured = torch.isfinite(theirs_float64)
+    if theirs_float64.numel() and not measured.any():
+        raise AssertionError(f"{what}: the float64 result has no finite value to measure the {theirs.dtype} one by")
+    magnitude = theirs_float64[measured].abs().max().item() if measured.any() else 1.0
+    floor = floor_for(theirs.dtype, magnitude)
+    err, own = max_error(ours, theirs), max_error(theirs[measured], theirs_float64[measured])
+    allowed = factor * own + floor
+    if not err <= allowed:
+        raise AssertionError(f"{what}: differs from the {theirs.dtype} result by {err:.3e}, more than {factor}x "
+                             f"that result's own error {own:.3e} against float64 + floor {floor:.1e} = {allowed:.3e}")
+    return err, allowed
+
+
 def poison_allocator(nbytes: int = 64 << 20) -> None:
     """Fill freed memory with NaN so that an output element a kernel forgets to write is likely to read as NaN."""
     t = torch.full((nbytes // 4,), math.nan, dtype=torch.float32)
     del t
 
 
-__all__ = ["naive", "naive_modded", "naive_grads_from_out", "check_against_oracle", "max_error", "poison_allocator"]
+__all__ = ["naive", "naive_modded", "naive_grads_from_out", "check_against_oracle", "check_against_third_party",
+           "floor_for", "grad_floors", "max_error", "poison_allocator"]

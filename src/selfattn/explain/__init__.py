@@ -29,8 +29,9 @@ from functools import lru_cache
 
 import torch
 
+from selfattn.explain.pretrained import capture
 from selfattn.explain.pretrained import load as load_pretrained
-from selfattn.explain.trace import Capture, Step, Trace, capture, load_json, trace_json, trace_vectors
+from selfattn.explain.trace import Capture, Step, Trace, load_json, trace_json, trace_vectors
 
 __all__ = ["Capture", "Step", "Trace", "Explanation", "TraceGrid", "capture", "load_json", "trace_json",
            "trace_vectors", "explain_model", "explain_text", "explain_hf", "explain_pretrained", "load_pretrained",

@@ -245,7 +245,7 @@ def first_layer(model, inputs, tokenizer=None):
     """(X (N, d_model), [(Q, K) per query head], causal, name) of the first attention layer of ``model`` run once on
     ``inputs`` (ids (1, N)): a model built on selfattn.nn.MultiHeadAttention, or a transformers model on selfattn (Q
     and K after rotary positions, as the layer computes them). Sequence 0 of the batch."""
-    from selfattn.explain.trace import capture
+    from selfattn.explain.pretrained import capture
 
     cap = capture(model)
     with cap, torch.no_grad():

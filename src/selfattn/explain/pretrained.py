@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from selfattn import reference
-from selfattn.explain.trace import Step, Trace, _check_index, _finish, _select
+from selfattn.explain.trace import Capture, Step, Trace, _check_index, _finish, _select
 from selfattn.masks import Mask
 
 SWITCH = ("load it with attn_implementation=\"selfattn\" after `import selfattn.integrations.hf` "
@@ -172,6 +172,17 @@ class HFCapture:
         with torch.no_grad():
             return _finish(named, Q, K, V, token=token, causal=causal, scale=scale, mask=mask, bias=bias,
                            tokens=tokens, N=Q.shape[0], layer=layer, head=head, where=where)
+
+
+def capture(model: torch.nn.Module):
+    """Context manager recording every ``selfattn.nn.MultiHeadAttention`` call of ``model`` (see ``Capture``), or, for
+    a Hugging Face transformers model running with ``attn_implementation="selfattn"``, every call of its attention
+    interface (see ``selfattn.explain.pretrained.HFCapture``)."""
+    from selfattn.nn import MultiHeadAttention
+
+    if is_transformers_model(model) and not any(isinstance(m, MultiHeadAttention) for m in model.modules()):
+        return HFCapture(model)
+    return Capture(model)
 
 
 # ------------------------------------------------------------------------------------------- load a model folder

@@ -15,7 +15,8 @@ oracle's computation, cut down to one head and laid out for reading.
 Three ways in:
 
 * ``trace_vectors(X, W_Q, W_K, W_V)`` — matrices you give (or ``trace_json(path)`` for the same in a JSON file);
-* ``capture(model)`` — a context manager that hooks every ``selfattn.nn.MultiHeadAttention`` of any model, records
+* ``capture(model)`` (``selfattn.explain.capture``, defined in ``pretrained`` so that imports run one way: pretrained →
+  trace) — a context manager that hooks every ``selfattn.nn.MultiHeadAttention`` of any model, records
   each layer's input while the model runs on its fast backend (which never forms the weights), and recomputes the
   steps for the layer and head you ask, on demand::
 
@@ -425,18 +426,6 @@ def _as_mask(mask):
 def _select(mask: Mask, batch: int, head: int) -> Mask:
     """The mask seen by one (batch, head) pair, re-indexed so that batch and head are 0."""
     return Mask(lambda b, h, q, k: mask.mask_mod(b + batch, h + head, q, k), mask.name)
-
-
-def capture(model: torch.nn.Module):
-    """Context manager recording every ``selfattn.nn.MultiHeadAttention`` call of ``model`` (see ``Capture``), or, for
-    a Hugging Face transformers model running with ``attn_implementation="selfattn"``, every call of its attention
-    interface (see ``selfattn.explain.pretrained.HFCapture``)."""
-    from selfattn.explain.pretrained import HFCapture, is_transformers_model
-    from selfattn.nn import MultiHeadAttention
-
-    if is_transformers_model(model) and not any(isinstance(m, MultiHeadAttention) for m in model.modules()):
-        return HFCapture(model)
-    return Capture(model)
 
 
 # ---------------------------------------------------------------------------------------------- terminal tables
