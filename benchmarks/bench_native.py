@@ -206,7 +206,8 @@ def group_memory(N):
     rows = []
     for backend in ("native",):
         cmd = [sys.executable, __file__, "--peak-child", str(N), backend]
-        res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        printed = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        res = json.loads(printed.strip().splitlines()[-1])
         rows.append({"N": N, "backend": backend, **res, "x_io": res["extra_bytes"] / res["io_bytes"]})
         print(rows[-1], flush=True)
     return rows
@@ -277,7 +278,8 @@ def main(argv=None) -> None:
         return _peak_child(int(args.peak_child[0]), args.peak_child[1])
     result = {"machine": machine(), "rounds": args.rounds}
     print(result["machine"], flush=True)
-    runs = {"plain": lambda: group_plain(args.rounds, args.sizes), "mods": lambda: group_mods(args.rounds, args.mod_sizes),
+    runs = {"plain": lambda: group_plain(args.rounds, args.sizes),
+            "mods": lambda: group_mods(args.rounds, args.mod_sizes),
             "decode": lambda: group_decode(args.rounds, args.decode_lengths),
             "half": lambda: group_half(args.rounds, 2048), "memory": lambda: group_memory(65536)}
     for g in args.groups:
