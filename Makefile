@@ -95,8 +95,8 @@ native: $(STAMP)
 native-asan: $(STAMP)
 	SELFATTN_NATIVE_ISAS=$$($(PY) -c "import torch; c = torch.backends.cpu.get_cpu_capability().lower(); print(c if c in ('avx2', 'avx512') else 'default')") \
 	  CFLAGS="-fsanitize=address -fno-omit-frame-pointer" LDFLAGS="-fsanitize=address" $(PY) setup.py -q build_ext --inplace --force
-	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
-	  $(PY) -m pytest -q -x tests/test_native.py tests/test_backends.py -k native
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
+	  $(PY) -m pytest -q -x tests/test_native.py tests/test_backends.py tests/test_score_mods.py -k native
 	$(PY) setup.py -q build_ext --inplace --force
 
 bench-gpu: $(STAMP)

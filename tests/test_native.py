@@ -186,7 +186,7 @@ def _kernel_args(q, k, v, **over):
     return (q, k, v), args
 
 
-@pytest.mark.parametrize("bad", ["float64", "transposed-last", "wrong-heads", "wrong-batch", "bits-shape",
+@pytest.mark.parametrize("bad", ["float64", "transposed-last", "overlapping-rows", "wrong-heads", "wrong-batch", "bits-shape",
                                  "partial-without-bits", "dist-shape", "bias-shape", "drop-rows", "fold", "splits",
                                  "state-value"])
 def test_the_entry_point_rejects_what_it_cannot_read(bad):
@@ -200,6 +200,8 @@ def test_the_entry_point_rejects_what_it_cannot_read(bad):
         tensors = (q.double(), k, v)
     elif bad == "transposed-last":
         tensors = (q, k.transpose(2, 3), v)
+    elif bad == "overlapping-rows":
+        tensors = (q, torch.randn(600).as_strided((1, 4, 32, 16), (0, 40, 3, 1)), v)
     elif bad == "wrong-heads":
         tensors = (q, torch.randn(1, 3, 32, 16), torch.randn(1, 3, 32, 16))
     elif bad == "wrong-batch":

@@ -255,8 +255,12 @@ def _prepare(call: AttentionCall, phase: str) -> _Plan:
 
 
 def _f32(t: Tensor) -> Tensor:
+    """float32 rows the kernel's GEMMs can read: unit stride along D, and rows at least D apart (BLAS's leading
+    dimension; overlapping or expanded rows are copied)."""
     t = t if t.dtype == torch.float32 else t.float()
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+    unit = t.shape[-1] <= 1 or t.stride(-1) == 1
+    rows_apart = t.shape[-2] <= 1 or t.stride(-2) >= t.shape[-1]
+    return t if unit and rows_apart else t.contiguous()
 
 
 def _splits(call: AttentionCall, plan: _Plan) -> int:

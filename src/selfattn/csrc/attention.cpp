@@ -319,7 +319,11 @@ struct Forward {
         float* s = S + r * BK;
         const uint8_t* bits = t.bits ? bits_for(p, t, b, h) + (i - q0) * p.BK : nullptr;
         modify_row<Ops>(p, s, n, b, h, i, t.k0, t.state, bits, nullptr);
-        const float mx = at::vec::reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); }, s, n);
+        float mx = at::vec::reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); }, s, n);
+        if (std::isnan(mx)) {  // NaN scores: the maximum of the others, as torch's kernel takes it (a row of NaN
+          mx = kNegInf;        // scores reads as fully masked, a row with some makes NaN weights: SDPA's results)
+          for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+        }
         const float m_new = std::max(m[r], mx);
         if (m_new == kNegInf) {  // nothing visible yet in this row: weights 0, state unchanged
           std::fill(s, s + n, 0.f);
@@ -548,6 +552,9 @@ void check_rows(const at::Tensor& t, const char* name) {  // (B, H, N, D) with a
                     " needs its last dim contiguous (stride 1), got strides ", t.strides(), "; pass .contiguous()");
   for (int d = 0; d < 3; ++d)
     TORCH_CHECK_VALUE(t.stride(d) >= 0, "selfattn native: ", name, " has a negative stride: ", t.strides());
+  TORCH_CHECK_VALUE(t.size(2) <= 1 || t.stride(2) >= t.size(3), "selfattn native: ", name,
+                    "'s rows overlap (stride ", t.stride(2), " along N < D = ", t.size(3),
+                    "): BLAS cannot read them; pass .contiguous()");
 }
 
 void check_out(const at::Tensor& t, const char* name, std::initializer_list<int64_t> shape) {
