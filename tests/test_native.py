@@ -187,8 +187,8 @@ def _kernel_args(q, k, v, **over):
 
 
 @pytest.mark.parametrize("bad", ["float64", "transposed-last", "overlapping-rows", "wrong-heads", "wrong-batch",
-                                 "bits-shape", "partial-without-bits", "dist-shape", "bias-shape", "drop-rows", "fold", "splits",
-                                 "state-value"])
+                                 "bits-shape", "partial-without-bits", "dist-shape", "bias-shape", "drop-rows", "fold",
+                                 "splits", "state-value"])
 def test_the_entry_point_rejects_what_it_cannot_read(bad):
     """The extension checks every tensor it is handed; bad ones raise instead of reading out of bounds."""
     q, k, v = (torch.randn(1, 4, 32, 16) for _ in range(3))
