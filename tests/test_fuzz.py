@@ -346,3 +346,36 @@ def test_found_one_key_dv_carries_the_lse_rounding():
     eps·|S| from L's rounding, and testing.grad_floors now says so."""
     check_attention_case(dict(layout="contiguous", shape=(1, 2, 2, 1, 1, 16, 40), dtype=torch.float32,
                               kw=dict(scale=1.0), seed=303761048, return_lse=False, grad=True, backend="tiled"))
+
+
+def test_found_sdpa_misread_a_strided_head_dim():
+    """Found by make fuzz: a head dim with stride 2 (q[..., ::2]) reached the kernel below SDPA's public API, which
+    reads rows as dense: errors of 0.5–2.3 on (1, 1, 1, 1, 1, 3, 3) with sinks, the same bug tiled had. The sdpa
+    backend now makes such rows dense first (base.dense_rows)."""
+    for shape, kw in (((1, 1, 1, 1, 1, 3, 3), dict(sinks=torch.tensor([1.5410]))),
+                      ((1, 1, 1, 1, 1, 1, 5), dict(bias=torch.tensor([[[[1.5410]]]]), sinks=torch.tensor([-0.2934]))),
+                      ((2, 4, 2, 13, 17, 16, 8), dict(causal=True)), ((1, 2, 2, 5, 5, 8, 8), {})):
+        check_attention_case(dict(layout="strided", shape=shape, dtype=torch.float32, kw=kw, seed=1_537_364_731,
+                                  return_lse=True, grad=False, backend="sdpa"))
+
+
+def test_found_flex_probe_lost_precision_below_lse_zero():
+    """Found by make fuzz: with one key (the naive result is exact) flex's CPU output was 3–7 ulps off, over the
+    2·eps floor: its lse probe gave the real keys' weight as 1 − w, which loses e^−L ulps when L < 0. The probe now
+    carries a second column that gives 1 − w directly."""
+    probe = torch.ones(1, 1, 1, 8)
+    reasons = backends.get("flex").not_supported_reasons(selfattn.api.make_call(probe, probe, probe))
+    if reasons:
+        pytest.skip(f"flex does not run here: {reasons}")
+    for lengths, H_q, H_kv, D, seed in (([1], 2, 1, 8, 0), ([1, 1], 4, 2, 3, 233)):
+        assert check_varlen_case(dict(lengths=lengths, H_q=H_q, H_kv=H_kv, D=D, causal=False, window=None,
+                                      dtype=torch.float32, seed=seed, grad=False, backend="flex")) != "declined"
+    # a row whose every score is far below zero (L ≈ −30) is not a masked row
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    bias = torch.full((1, 1, 4, 4), -30.0)
+    out, lse = selfattn.attention(q, k, v, bias=bias, backend="flex", return_lse=True)
+    out_ref, lse_ref = selfattn.attention(q.double(), k.double(), v.double(), bias=bias.double(), backend="reference",
+                                          return_lse=True)
+    out_naive = testing.naive(q, k, v, bias=bias)[0]
+    testing.check_against_oracle(out, out_naive, out_ref)
+    assert torch.isfinite(lse).all() and (lse - lse_ref).abs().max() < 1e-4 * lse_ref.abs().max(), (lse, lse_ref)

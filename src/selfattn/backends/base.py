@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ from selfattn.masks import Mask
 from selfattn.score_mods import ScoreMod
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class AttentionCall:
     """One validated attention call. Shapes: q (B, H_q, N_q, D), k (B, H_kv, N_k, D), v (B, H_kv, N_k, D_v).
 
@@ -35,6 +36,14 @@ class AttentionCall:
     sinks: Tensor | None = None  # (H_q,) logits of one extra softmax column with value zero
     dropout_p: float = 0.0  # dropout on the weights, positions from score_mods.dropout_keep(dropout_seed, ...)
     dropout_seed: int = 0
+
+    def __init__(self, q, k, v, scale, mask=None, bias=None, causal=False, q_pos0=None, k_pos0=0, score_mod=None,
+                 sinks=None, dropout_p=0.0, dropout_seed=0):
+        # One dict update instead of a frozen dataclass's thirteen object.__setattr__ calls (1.3 µs of a decoding
+        # step's fixed cost); the fields are still read-only afterwards. Keep in step with the fields above.
+        self.__dict__.update(q=q, k=k, v=v, scale=scale, mask=mask, bias=bias, causal=causal, q_pos0=q_pos0,
+                             k_pos0=k_pos0, score_mod=score_mod, sinks=sinks, dropout_p=dropout_p,
+                             dropout_seed=dropout_seed)
 
     @property
     def q_start(self) -> int:
@@ -79,9 +88,12 @@ class AttentionCall:
 
     @property
     def needs_grad(self) -> bool:
-        tensors = (self.q, self.k, self.v) + ((self.bias,) if self.bias is not None else ())
-        tensors += ((self.sinks,) if self.sinks is not None else ()) + self.captures
-        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if not torch.is_grad_enabled():  # the common inference case first: this runs on every call
+            return False
+        if self.q.requires_grad or self.k.requires_grad or self.v.requires_grad:
+            return True
+        extra = ((self.bias,) if self.bias is not None else ()) + ((self.sinks,) if self.sinks is not None else ())
+        return any(t.requires_grad for t in extra + self.captures)
 
     @property
     def captures(self) -> tuple[Tensor, ...]:
@@ -97,6 +109,17 @@ class AttentionCall:
             + (f"dropout_p={self.dropout_p}, " if self.dropout_p else "")
             + f"grad={'yes' if self.needs_grad else 'no'}"
         )
+
+
+def dense_rows(call: AttentionCall) -> AttentionCall:
+    """The call with q, k, v whose last dim has stride 1: PyTorch's fused CPU kernel (called below its public API,
+    which would copy) reads each row as D consecutive numbers, and gave silently wrong results on a strided head dim
+    (q[..., ::2]; found by tests/test_bad_inputs.py for tiled, by the fuzzer for sdpa). Other strides (transposed,
+    expanded, overlapping) it takes."""
+    if all(t.stride(-1) == 1 or t.shape[-1] == 1 for t in (call.q, call.k, call.v)):
+        return call
+    q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (call.q, call.k, call.v))
+    return dataclasses.replace(call, q=q, k=k, v=v)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ the bias tensor. Grouped-query attention runs without copies (``enable_gqa``).
   ``return_lse``.
 * CPU: forward only (torch's CPU FlexAttention compiles inference only, and returns no log-sum-exp). The lse comes
   from a *probe*: one extra key, visible to every row, with score 0 and a value that is one in an extra column, so
-  that column of the output is w = 1 / (1 + exp(L)) and L = log((1 − w) / w); the other columns are divided by
-  1 − w. Exact in float32 while −15 < L < 80 (a row whose weights sum to less than e^−15 reads as fully masked);
+  that column of the output is w = 1 / (1 + exp(L)); a second extra column, one for every real key and zero for the
+  probe, gives 1 − w = exp(L) / (1 + exp(L)) to full relative precision (computing it as 1 − w lost e^−L ulps when
+  L < 0: 7 ulps with one key, found by the fuzzer). Then L = log((1 − w) / w) and the other columns are divided by
+  1 − w. Exact in float32 while −87 < L < 87 (a row whose weights sum to less than e^−87 reads as fully masked);
   half precision runs in float32 on the CPU so that the probe keeps its precision. float64 is not compiled there.
 
 Declined with the reason: dropout (selfattn's dropout drops the oracle's weights after the softmax, which a
@@ -42,7 +44,7 @@ from selfattn import masks, score_mods
 from selfattn.backends.base import AttentionCall, Backend
 
 BLOCK = 128  # FlexAttention's block size: the BlockMask's granularity
-PROBE_SCORE = 0.0  # the probe key's score (CPU lse): L is exact for −15 < L − PROBE_SCORE < 80 in float32
+PROBE_SCORE = 0.0  # the probe key's score (CPU lse): L is exact for −87 < L − PROBE_SCORE < 87 in float32
 COMPILE_TIMES: dict[tuple, float] = {}  # call signature -> seconds its first call took (compile + run)
 
 
@@ -215,8 +217,9 @@ class FlexBackend(Backend):
             work = torch.float32
             q, k, v = (t.to(work) for t in (q, k, v))
             k = torch.nn.functional.pad(k, (0, 0, 0, 1))  # (B, H_kv, N_k + 1, D): the probe key
-            v = torch.nn.functional.pad(v, (0, 1, 0, 1))  # (B, H_kv, N_k + 1, D_v + 1)
-            v[:, :, -1, -1] = 1.0
+            v = torch.nn.functional.pad(v, (0, 2, 0, 1))  # (B, H_kv, N_k + 1, D_v + 2)
+            v[:, :, -1, -2] = 1.0  # the probe's weight w
+            v[:, :, :-1, -1] = 1.0  # the real keys' weight 1 − w
         signature = (call.device.type, q.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), id(prepared))
         t0 = time.perf_counter() if signature not in COMPILE_TIMES else None
         result = _compiled()(q, k, v, score_mod=prepared.score_mod, block_mask=prepared.block_mask,
@@ -230,11 +233,11 @@ class FlexBackend(Backend):
             if bool(dead.any()):
                 out = torch.where(dead[..., None], torch.zeros((), dtype=out.dtype, device=out.device), out)
         else:
-            w = result[..., -1]  # (B, H_q, N_q): the probe's weight, 1 / (1 + exp(L − PROBE_SCORE))
-            rest = 1.0 - w
+            w = result[..., -2]  # (B, H_q, N_q): the probe's weight, 1 / (1 + exp(L − PROBE_SCORE))
+            rest = result[..., -1]  # the real keys' weight, 1 − w
             dead = rest <= 0  # only the probe was visible
             lse = (PROBE_SCORE + torch.log(rest) - torch.log(w)).masked_fill(dead, -math.inf)
-            out = (result[..., :-1] / rest.clamp(min=torch.finfo(w.dtype).tiny)[..., None])
+            out = (result[..., :-2] / rest.clamp(min=torch.finfo(w.dtype).tiny)[..., None])
             out = out.masked_fill(dead[..., None], 0.0).to(call.dtype)
         if call.sinks is not None:
             out, lse = score_mods.add_sinks(out, lse, call.sinks)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from selfattn import masks, score_mods
-from selfattn.backends.base import AttentionCall, Backend
+from selfattn.backends.base import AttentionCall, Backend, dense_rows
 
 # The largest dense mask (elements after broadcasting, e.g. N_q·N_k for a causal mask) built for SDPA: 4M elements,
 # 16 MiB in float32, about what a 2k x 2k causal mask takes. Larger masks are left to backends that skip blocks.
@@ -219,6 +219,7 @@ class SdpaBackend(Backend):
         return reasons
 
     def forward(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
+        call = dense_rows(call)  # the kernels below SDPA's public API misread a strided head dim
         if call.device.type == "cpu" and call.bias is None and call.score_mod is None and call.sinks is None and \
                 call.H_q == call.H_kv and call.D == call.D_v and (call.mask is None or call.mask.spec == ("causal",)):
             # the shortest path (decoding steps cost about the kernel's 20 µs): one kernel call, nothing to plan

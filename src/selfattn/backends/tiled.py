@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from selfattn import masks, score_mods
-from selfattn.backends.base import AttentionCall, Backend, merge_by_lse, sum_to_bias
+from selfattn.backends.base import AttentionCall, Backend, dense_rows, merge_by_lse, sum_to_bias
 
 BLOCK_Q = 256  # query rows per tile: big enough that one tile's matrix products dwarf the Python overhead
 # Query rows per call of the fused kernel when the mask is nothing or plain causal: the kernel then runs as fast as
@@ -1086,20 +1086,10 @@ class _TiledAttention(torch.autograd.Function):
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dsinks, None, *by_capture)
 
 
-def _dense_rows(call: AttentionCall) -> AttentionCall:
-    """The call with q, k, v whose last dim has stride 1: PyTorch's fused CPU kernel (called below its public API,
-    which would copy) reads each row as D consecutive numbers, and gave silently wrong results on a strided head dim
-    (q[..., ::2]; found by tests/test_bad_inputs.py). Other strides (transposed, expanded, overlapping) it takes."""
-    if all(t.stride(-1) == 1 or t.shape[-1] == 1 for t in (call.q, call.k, call.v)):
-        return call
-    q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (call.q, call.k, call.v))
-    return dataclasses.replace(call, q=q, k=k, v=v)
-
-
 @dataclass(frozen=True)
 class TiledBackend(Backend):
     def forward(self, call: AttentionCall):
-        call = _dense_rows(call)
+        call = dense_rows(call)
         if call.needs_grad:
             out, lse = _TiledAttention.apply(call.q, call.k, call.v, call.bias, call.sinks, call, *call.captures)
         elif call.sinks is not None:
@@ -1111,10 +1101,10 @@ class TiledBackend(Backend):
 
     def forward_block(self, call: AttentionCall):
         with torch.no_grad():
-            return _forward(_dense_rows(call))
+            return _forward(dense_rows(call))
 
     def backward_block(self, call: AttentionCall, out, lse, d_out):
-        call = _dense_rows(call)
+        call = dense_rows(call)
         with torch.no_grad():
             return tuple(t.to(_acc_dtype(call.dtype)) for t in _backward(call, out, lse, d_out))
 
