@@ -239,3 +239,23 @@ def test_blocks_merged_by_lse_equal_the_whole(backend, kind):
     dv = torch.cat([b[2] for b in blocks], dim=2)
     for name, a, r in zip("qkv", (dq, dk, dv), grads_ref, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11, msg=f"d{name}")
+
+
+def test_attention_call_init_takes_every_field_and_stays_read_only():
+    """AttentionCall has a hand-written __init__ (one dict update: it runs on every call); it must take exactly the
+    dataclass's fields, in order, with their defaults, and the call must stay frozen."""
+    import dataclasses
+    import inspect
+
+    from selfattn.backends import AttentionCall
+
+    fields = dataclasses.fields(AttentionCall)
+    params = list(inspect.signature(AttentionCall.__init__).parameters.values())[1:]
+    assert [p.name for p in params] == [f.name for f in fields]
+    assert all(p.default == (inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
+               for p, f in zip(params, fields, strict=True))
+    q = torch.zeros(1, 1, 2, 4)
+    call = AttentionCall(q, q, q, 0.5)
+    assert dataclasses.replace(call, k_pos0=3).k_pos0 == 3 and call.k_pos0 == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        call.scale = 1.0

@@ -151,11 +151,8 @@ _MASK_CACHE: dict = {}
 
 def _mask_key(call: AttentionCall, BQ: int, BK: int):
     """A cache key for masks described by plain data without tensors (windows, causal combinations), else None."""
-    def plain(spec):
-        return all(plain(s) if isinstance(s, tuple) else not isinstance(s, Tensor) for s in spec)
-
     spec = call.mask.spec
-    if spec is None or not plain(spec):
+    if spec is None or not _plain(spec):
         return None
     return spec, call.B, call.H_q, call.N_q, call.N_k, call.q_start, call.k_pos0, BQ, BK
 
@@ -257,6 +254,8 @@ def _prepare(call: AttentionCall, phase: str) -> _Plan:
 def _f32(t: Tensor) -> Tensor:
     """float32 rows the kernel's GEMMs can read: unit stride along D, and rows at least D apart (BLAS's leading
     dimension; overlapping or expanded rows are copied)."""
+    if t.dtype is torch.float32 and t.is_contiguous():  # the common case, checked cheaply (it runs per call)
+        return t
     t = t if t.dtype == torch.float32 else t.float()
     unit = t.shape[-1] <= 1 or t.stride(-1) == 1
     rows_apart = t.shape[-2] <= 1 or t.stride(-2) >= t.shape[-1]
@@ -275,12 +274,76 @@ def _splits(call: AttentionCall, plan: _Plan) -> int:
 
 def forward_f32(call: AttentionCall, q: Tensor, k: Tensor, v: Tensor, dist: Tensor | None) -> tuple[Tensor, Tensor]:
     """(out, lse) float32 without sinks, no autograd."""
-    cap, _, after = call_modifier(call)
-    plan = _prepare(call, "forward")
-    d_min = call.k_pos0 - (call.q_start + call.N_q - 1)
-    out, lse = extension().forward(q, k, v, **_args(call, plan, dist, d_min, cap, after), fold=plan.extras["fold"],
-                                   splits=_splits(call, plan))
-    return out, lse
+    launch = _launch(call)
+    drop_rows, drop_cols, T, drop_scale = _dropout(call)
+    ext = _EXT[0] or extension()
+    return ext.forward(q, k, v, call.scale, call.q_start, call.k_pos0, *launch.mask_args, launch.cap, dist,
+                       launch.d_min, launch.after, _bias(call), drop_rows, drop_cols, T, drop_scale, launch.fold,
+                       launch.splits)  # positional: pybind's keyword matching cost 2 µs of a decoding step
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """What the forward kernel is told about a call besides its tensors: the same for every call of one signature
+    (shapes, positions, the mask's and modifier's plain structure, the thread count), so it is made once and kept
+    (a decoding step then costs the kernel and a dictionary lookup)."""
+
+    mask_args: tuple  # mask_kind, BQ, BK, states, bits_at, bits
+    cap: float
+    after: bool
+    d_min: int
+    fold: int
+    splits: int
+
+
+def _launch(call: AttentionCall) -> _Launch:
+    key = _launch_key(call)
+    launch = _LAUNCHES.get(key) if key is not None else None
+    if launch is None:
+        cap, _, after = call_modifier(call)
+        plan = _prepare(call, "forward")
+        launch = _Launch((plan.mask_kind, plan.BQ, plan.BK, plan.states, plan.bits_at, plan.bits), cap, after,
+                         call.k_pos0 - (call.q_start + call.N_q - 1), plan.extras["fold"], _splits(call, plan))
+        if key is not None:
+            if len(_LAUNCHES) >= _LAUNCHES_MAX:
+                _LAUNCHES.clear()
+            _LAUNCHES[key] = launch
+    return launch
+
+
+def _launch_key(call: AttentionCall):
+    """The signature a launch plan depends on, or None when the mask holds tensors (its plan reads their values)."""
+    mask, mod = call.mask, call.score_mod
+    mask_key = None
+    if mask is not None:
+        mask_key = mask.__dict__.get("_native_key")
+        if mask_key is None:
+            mask_key = mask.spec if mask.spec is not None and _plain(mask.spec) else False
+            object.__setattr__(mask, "_native_key", mask_key)  # frozen objects that never change their spec
+        if mask_key is False:
+            return None
+    mod_key = None
+    if mod is not None:
+        mod_key = mod.__dict__.get("_native_key")
+        if mod_key is None:
+            mod_key = _skeleton(mod.spec) if mod.spec is not None else False
+            object.__setattr__(mod, "_native_key", mod_key)
+    return (call.q.shape, call.k.shape, call.v.shape, call.q_pos0, call.k_pos0, mask_key, mod_key,
+            torch.get_num_threads())
+
+
+def _plain(spec) -> bool:
+    return all(_plain(s) if isinstance(s, tuple) else not isinstance(s, Tensor) for s in spec)
+
+
+def _skeleton(spec) -> tuple:
+    return tuple(tuple(p.shape) if isinstance(p, Tensor) else _skeleton(p) if isinstance(p, tuple) else p
+                 for p in spec)
+
+
+_LAUNCHES: dict = {}
+_LAUNCHES_MAX = 1024
+_EXT: list = [None]  # the loaded extension, once a call has been admitted (NativeBackend.unavailable_reasons)
 
 
 def backward_f32(call: AttentionCall, q, k, v, dist, out, lse, d_out):
@@ -326,7 +389,8 @@ class _NativeAttention(torch.autograd.Function):
 @dataclass(frozen=True)
 class NativeBackend(Backend):
     def unavailable_reasons(self) -> list[str]:
-        return [] if extension() is not None else [load_error()]
+        _EXT[0] = extension()
+        return [] if _EXT[0] is not None else [load_error()]
 
     def call_reasons(self, call: AttentionCall) -> list[str]:
         reasons = []
@@ -345,17 +409,18 @@ class NativeBackend(Backend):
         return reasons
 
     def forward(self, call: AttentionCall):
-        _, additive, _ = call_modifier(call)
-        dist, _ = _dist(call, additive)
+        dist = None
+        if call.score_mod is not None:
+            _, additive, _ = call_modifier(call)
+            dist, _ = _dist(call, additive)
         q, k, v = _f32(call.q), _f32(call.k), _f32(call.v)
         if call.needs_grad:
             out, lse = _NativeAttention.apply(q, k, v, dist, call.sinks, call)
-        else:
-            with torch.no_grad():
-                out, lse = forward_f32(call, q, k, v, dist)
-                if call.sinks is not None:
-                    out, lse = score_mods.add_sinks(out, lse, call.sinks)
-        return out.to(call.dtype), lse
+        else:  # nothing here needs autograd: the kernel's outputs carry none
+            out, lse = forward_f32(call, q, k, v, dist)
+            if call.sinks is not None:
+                out, lse = score_mods.add_sinks(out, lse, call.sinks)
+        return (out if out.dtype == call.dtype else out.to(call.dtype)), lse
 
     def forward_block(self, call: AttentionCall):
         _, additive, _ = call_modifier(call)

@@ -84,6 +84,68 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const 
 #endif
 }
 
+// Few query rows (decoding: one new token per head of a group): BLAS's kernels are built for tall panels, and with
+// M = 1..8 rows they spend more time packing K than multiplying (measured 3x slower than the loops below at 512
+// keys). These read each key and value row once for all the rows, a dot product per (row, key) for the scores and
+// an axpy per (row, key) for the output, so decoding streams the cache at memory speed.
+constexpr int64_t kFewRows = 8;
+
+// S (rows x n, lds) = Q (rows x D, contiguous) K^T, K rows ldk apart.
+void few_rows_qk(int64_t rows, int64_t n, int64_t D, const float* Q, const float* K, int64_t ldk, float* S,
+                 int64_t lds) {
+  constexpr int64_t W = Vec::size();
+  const int64_t tail = D % W, Dw = D - tail;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kj = K + j * ldk;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = Q + r * D;
+      Vec acc(0.f);
+      for (int64_t d = 0; d < Dw; d += W) acc = at::vec::fmadd(Vec::loadu(qr + d), Vec::loadu(kj + d), acc);
+      if (tail) acc = at::vec::fmadd(Vec::loadu(qr + Dw, tail), Vec::loadu(kj + Dw, tail), acc);
+      S[r * lds + j] = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
+    }
+  }
+}
+
+// O (rows x Dv, contiguous) += P (rows x n, ldp) V, V rows ldv apart. The output rows stay in registers, CH vectors
+// of each at a time, while the keys stream past (updating O in memory per key was store-bound, 2x slower).
+template <int R, int CH>
+void few_rows_pv_r(int64_t n, int64_t Dv, const float* P, int64_t ldp, const float* V, int64_t ldv, float* O) {
+  constexpr int64_t W = Vec::size();
+  for (int64_t d0 = 0; d0 < Dv; d0 += CH * W) {
+    int64_t w[CH];
+    Vec acc[CH][R];
+    for (int c = 0; c < CH; ++c) {
+      w[c] = std::max<int64_t>(0, std::min(W, Dv - d0 - c * W));
+      for (int r = 0; r < R; ++r) acc[c][r] = w[c] ? Vec::loadu(O + r * Dv + d0 + c * W, w[c]) : Vec(0.f);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vj = V + j * ldv + d0;
+      for (int c = 0; c < CH; ++c) {
+        const Vec x = Vec::loadu(vj + c * W, w[c]);
+        for (int r = 0; r < R; ++r) acc[c][r] = at::vec::fmadd(Vec(P[r * ldp + j]), x, acc[c][r]);
+      }
+    }
+    for (int c = 0; c < CH; ++c)
+      for (int r = 0; r < R; ++r)
+        if (w[c]) acc[c][r].store(O + r * Dv + d0 + c * W, w[c]);
+  }
+}
+
+void few_rows_pv(int64_t rows, int64_t n, int64_t Dv, const float* P, int64_t ldp, const float* V, int64_t ldv,
+                 float* O) {
+  switch (rows) {  // two output vectors per pass for up to 4 rows: enough independent FMA chains to hide latency
+    case 1: return few_rows_pv_r<1, 2>(n, Dv, P, ldp, V, ldv, O);
+    case 2: return few_rows_pv_r<2, 2>(n, Dv, P, ldp, V, ldv, O);
+    case 3: return few_rows_pv_r<3, 2>(n, Dv, P, ldp, V, ldv, O);
+    case 4: return few_rows_pv_r<4, 2>(n, Dv, P, ldp, V, ldv, O);
+    case 5: return few_rows_pv_r<5, 1>(n, Dv, P, ldp, V, ldv, O);
+    case 6: return few_rows_pv_r<6, 1>(n, Dv, P, ldp, V, ldv, O);
+    case 7: return few_rows_pv_r<7, 1>(n, Dv, P, ldp, V, ldv, O);
+    default: return few_rows_pv_r<8, 1>(n, Dv, P, ldp, V, ldv, O);
+  }
+}
+
 // MKL runs one thread per call inside our parallel region (its own threads would fight ours); restored on exit.
 struct OneBlasThread {
 #ifdef SELFATTN_MKL
@@ -313,7 +375,10 @@ struct Forward {
       const Tile t = tile(p, qb, kb);
       if (t.state == kEmpty) continue;
       const int64_t n = t.k_end - t.k0;
-      gemm(false, true, rows, n, D, 1.f, Q, D, p.krow(b, hk, t.k0), p.sk[2], 0.f, S, BK);  // S = Q K^T
+      if (rows <= kFewRows)  // S = Q K^T
+        few_rows_qk(rows, n, D, Q, p.krow(b, hk, t.k0), p.sk[2], S, BK);
+      else
+        gemm(false, true, rows, n, D, 1.f, Q, D, p.krow(b, hk, t.k0), p.sk[2], 0.f, S, BK);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t h = h0 + r / nr, i = q0 + r % nr;
         float* s = S + r * BK;
@@ -338,7 +403,10 @@ struct Forward {
         if (alpha != 1.f) at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, O + r * Dv, O + r * Dv, Dv);
         if constexpr (Ops::drop) drop_row(p, s, n, b, h, i, t.k0);
       }
-      gemm(false, false, rows, Dv, n, 1.f, S, BK, p.vrow(b, hk, t.k0), p.sv[2], 1.f, O, Dv);
+      if (rows <= kFewRows)  // O += P V
+        few_rows_pv(rows, n, Dv, S, BK, p.vrow(b, hk, t.k0), p.sv[2], O);
+      else
+        gemm(false, false, rows, Dv, n, 1.f, S, BK, p.vrow(b, hk, t.k0), p.sv[2], 1.f, O, Dv);
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t h = h0 + r / nr, i = q0 + r % nr, row = (b * p.Hq + h) * p.Nq + i;
