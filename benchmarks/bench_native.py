@@ -168,9 +168,22 @@ def group_decode(rounds, lengths):
                 t = medians({n: (lambda f=f: [f() for _ in range(20)]) for n, f in fs.items()}, rounds)
                 t = {n: s / 20 for n, s in t.items()}
                 rows.append({"H_q": heads[0], "H_kv": heads[1], "D": D, "N_k": N_k, **t,
-                             "ratio": t["native"] / t["sdpa"]})
+                             "ratio": t["native"] / t["sdpa"], "auto_ratio": t["auto"] / t["sdpa"]})
                 print(rows[-1], flush=True)
+            _fixed_cost([r for r in rows if (r["H_q"], r["D"]) == (heads[0], D)])
     return rows
+
+
+def _fixed_cost(rows: list) -> None:
+    """The call's cost above its arithmetic, on the row with the fewest keys: its time less those keys' share of the
+    per-key cost, the slope between the two shortest longer caches (both on the kernel's serial path)."""
+    rows = sorted(rows, key=lambda r: r["N_k"])
+    if len(rows) < 3:
+        return
+    (a, b, c) = rows[:3]
+    per_key = (c["native"] - b["native"]) / (c["N_k"] - b["N_k"])
+    a["fixed_us"] = (a["native"] - a["N_k"] * per_key) * 1e6
+    print(f"fixed cost H_q={a['H_q']} D={a['D']}: {a['fixed_us']:.1f} µs above {a['N_k']} keys' arithmetic", flush=True)
 
 
 def group_half(rounds, N):

@@ -95,12 +95,10 @@ def choose(call: AttentionCall, name: str | None = None, *, blocks: bool = False
     can serve it (``blocks``: only backends with the block API). Memoised per call signature."""
     if name is None:
         name = choice.pinned()
-    if name is not None:
-        return _named(call, name, blocks)
-    key = choice.signature(call, blocks)
+    key = (choice.signature(call, blocks), name)  # a named backend's reasons depend on the signature alone, too
     backend = choice.MEMO.get(key)
     if backend is None:
-        backend = _first_able(call, blocks)
+        backend = _first_able(call, blocks) if name is None else _named(call, name, blocks)
         if len(choice.MEMO) >= choice.MEMO_MAX:
             choice.MEMO.clear()
         choice.MEMO[key] = backend

@@ -136,7 +136,7 @@ def signature(call: AttentionCall, blocks: bool) -> tuple:
     return (q.shape, k.shape, v.shape, q.dtype, q.device, None if mask is None else _structure(mask),
             None if bias is None else (bias.shape, bias.dtype, bias.requires_grad),
             None if mod is None else (_structure(mod), tuple(t.requires_grad for t in mod.captures)),
-            sinks is not None, call.dropout_p > 0, grad, call.q_pos0, call.k_pos0, blocks)
+            sinks is not None, call.dropout_p, grad, call.q_pos0, call.k_pos0, blocks)
 
 
 def pinned() -> str | None:

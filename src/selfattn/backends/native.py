@@ -277,7 +277,7 @@ def forward_f32(call: AttentionCall, q: Tensor, k: Tensor, v: Tensor, dist: Tens
     launch = _launch(call)
     drop_rows, drop_cols, T, drop_scale = _dropout(call)
     ext = _EXT[0] or extension()
-    return ext.forward(q, k, v, call.scale, call.q_start, call.k_pos0, *launch.mask_args, launch.cap, dist,
+    return ext.forward(q, k, v, call.scale, launch.q_start, call.k_pos0, *launch.mask_args, launch.cap, dist,
                        launch.d_min, launch.after, _bias(call), drop_rows, drop_cols, T, drop_scale, launch.fold,
                        launch.splits)  # positional: pybind's keyword matching cost 2 µs of a decoding step
 
@@ -288,6 +288,7 @@ class _Launch:
     (shapes, positions, the mask's and modifier's plain structure, the thread count), so it is made once and kept
     (a decoding step then costs the kernel and a dictionary lookup)."""
 
+    q_start: int
     mask_args: tuple  # mask_kind, BQ, BK, states, bits_at, bits
     cap: float
     after: bool
@@ -302,7 +303,7 @@ def _launch(call: AttentionCall) -> _Launch:
     if launch is None:
         cap, _, after = call_modifier(call)
         plan = _prepare(call, "forward")
-        launch = _Launch((plan.mask_kind, plan.BQ, plan.BK, plan.states, plan.bits_at, plan.bits), cap, after,
+        launch = _Launch(call.q_start, (plan.mask_kind, plan.BQ, plan.BK, plan.states, plan.bits_at, plan.bits), cap, after,
                          call.k_pos0 - (call.q_start + call.N_q - 1), plan.extras["fold"], _splits(call, plan))
         if key is not None:
             if len(_LAUNCHES) >= _LAUNCHES_MAX:

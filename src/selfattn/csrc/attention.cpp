@@ -310,7 +310,7 @@ int64_t slots() { return std::max<int64_t>(1, at::get_num_threads()); }
 
 // Below this many multiply-adds a call runs on the calling thread: waking the other cores costs more (decoding
 // against a short cache).
-constexpr int64_t kSerialWork = int64_t(1) << 20;
+constexpr int64_t kSerialWork = int64_t(1) << 18;
 
 template <class F>
 void run_items(const std::vector<int64_t>& cost, int64_t work_macs, F&& work) {
