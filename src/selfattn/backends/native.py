@@ -303,8 +303,9 @@ def _launch(call: AttentionCall) -> _Launch:
     if launch is None:
         cap, _, after = call_modifier(call)
         plan = _prepare(call, "forward")
-        launch = _Launch(call.q_start, (plan.mask_kind, plan.BQ, plan.BK, plan.states, plan.bits_at, plan.bits), cap, after,
-                         call.k_pos0 - (call.q_start + call.N_q - 1), plan.extras["fold"], _splits(call, plan))
+        mask_args = (plan.mask_kind, plan.BQ, plan.BK, plan.states, plan.bits_at, plan.bits)
+        launch = _Launch(call.q_start, mask_args, cap, after, call.k_pos0 - (call.q_start + call.N_q - 1),
+                         plan.extras["fold"], _splits(call, plan))
         if key is not None:
             if len(_LAUNCHES) >= _LAUNCHES_MAX:
                 _LAUNCHES.clear()
