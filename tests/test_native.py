@@ -213,6 +213,25 @@ def test_half_precision_in_and_out():
         testing.check_against_oracle(out, naive, oracle, what=f"native {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(9, 3, 1, 517, 64, 64), (8, 2, 70, 300, 17, 40), (4, 4, 3, 1100, 128, 33)])
+def test_half_forward_converts_tile_by_tile(dtype, shape):
+    """Without gradients the forward reads bf16 / fp16 K and V itself, one tile at a time (decoding, the GEMM path,
+    odd head dims that leave a conversion tail), here from views of a longer cache; against the oracle with the
+    rule, the naive computation done in the same half dtype."""
+    H_q, H_kv, N_q, N_k, D, D_v = shape
+    g = torch.Generator().manual_seed(N_k)
+    cache_k = torch.randn(1, H_kv, N_k + 50, D, generator=g).to(dtype)
+    cache_v = torch.randn(1, H_kv, N_k + 50, D_v, generator=g).to(dtype)
+    q = torch.randn(1, H_q, N_q, D, generator=g).to(dtype)
+    k, v = cache_k[:, :, 25:25 + N_k], cache_v[:, :, 25:25 + N_k]
+    with torch.no_grad():
+        out = selfattn.attention(q, k, v, causal=True, backend="native")
+    assert out.dtype == dtype
+    oracle = reference.attention(q.double(), k.double(), v.double(), causal=True)
+    testing.check_against_oracle(out, testing.naive(q, k, v, causal=True), oracle, what=f"native {dtype} forward")
+
+
 def _kernel_args(q, k, v, **over):
     args = dict(scale=0.125, q_start=0, k_pos0=0, mask_kind=0, BQ=16, BK=64, states=None, bits_at=None, bits=None,
                 cap=0.0, dist=None, d_min=0, dist_after_cap=True, bias=None, drop_rows=None, drop_cols=None, drop_T=0,
@@ -221,9 +240,9 @@ def _kernel_args(q, k, v, **over):
     return (q, k, v), args
 
 
-@pytest.mark.parametrize("bad", ["float64", "transposed-last", "overlapping-rows", "wrong-heads", "wrong-batch",
-                                 "bits-shape", "partial-without-bits", "dist-shape", "bias-shape", "drop-rows", "fold",
-                                 "splits", "state-value"])
+@pytest.mark.parametrize("bad", ["float64", "mixed-half", "transposed-last", "overlapping-rows", "wrong-heads",
+                                 "wrong-batch", "bits-shape", "partial-without-bits", "dist-shape", "bias-shape",
+                                 "drop-rows", "fold", "splits", "state-value"])
 def test_the_entry_point_rejects_what_it_cannot_read(bad):
     """The extension checks every tensor it is handed; bad ones raise instead of reading out of bounds."""
     q, k, v = (torch.randn(1, 4, 32, 16) for _ in range(3))
@@ -233,6 +252,8 @@ def test_the_entry_point_rejects_what_it_cannot_read(bad):
     over, tensors = {}, (q, k, v)
     if bad == "float64":
         tensors = (q.double(), k, v)
+    elif bad == "mixed-half":
+        tensors = (q.bfloat16(), k.half(), v.bfloat16())
     elif bad == "transposed-last":
         tensors = (q, k.transpose(2, 3), v)
     elif bad == "overlapping-rows":

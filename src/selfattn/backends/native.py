@@ -4,8 +4,9 @@ How it differs from the oracle, and how a call reaches the kernel:
 
 * float32 arithmetic with FlashAttention-2's tiling and online softmax, forward and backward, in one C++ kernel
   that applies the score modifier, the bias, the mask and dropout to each row of a tile while it is in cache.
-  bfloat16 / float16 inputs are computed in float32 (O(N) copies in and out); float64 is left to ``tiled`` and the
-  oracle (it is the checking dtype).
+  bfloat16 / float16 inputs are computed in float32: the forward converts each K / V tile as it reads it (no copy of
+  the cache per decoding step), the backward works on float32 copies; float64 is left to ``tiled`` and the oracle
+  (it is the checking dtype).
 * What the kernel reads is prepared here, once per call, in O(N) memory:
   - the mask: plain causal goes by positions; any other mask becomes a table of EMPTY / PARTIAL / FULL tiles (its
     ``block_states``) and the bits of its PARTIAL tiles, made by its own ``mask_mod`` (tiles at the same offset of a
@@ -252,11 +253,15 @@ def _prepare(call: AttentionCall, phase: str) -> _Plan:
 
 
 def _f32(t: Tensor) -> Tensor:
-    """float32 rows the kernel's GEMMs can read: unit stride along D, and rows at least D apart (BLAS's leading
-    dimension; overlapping or expanded rows are copied)."""
-    if t.dtype is torch.float32 and t.is_contiguous():  # the common case, checked cheaply (it runs per call)
+    """float32 rows the kernel's GEMMs can read (the backward, and block calls): see ``_rows``."""
+    return _rows(t if t.dtype is torch.float32 else t.float())
+
+
+def _rows(t: Tensor) -> Tensor:
+    """Rows the kernel can read, in t's dtype: unit stride along D, and rows at least D apart (BLAS's leading
+    dimension; overlapping or expanded rows are copied). The forward reads bf16 / fp16 itself, tile by tile."""
+    if t.is_contiguous():  # the common case, checked cheaply (it runs per call)
         return t
-    t = t if t.dtype == torch.float32 else t.float()
     unit = t.shape[-1] <= 1 or t.stride(-1) == 1
     rows_apart = t.shape[-2] <= 1 or t.stride(-2) >= t.shape[-1]
     return t if unit and rows_apart else t.contiguous()
@@ -273,7 +278,7 @@ def _splits(call: AttentionCall, plan: _Plan) -> int:
 
 
 def forward_f32(call: AttentionCall, q: Tensor, k: Tensor, v: Tensor, dist: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(out, lse) float32 without sinks, no autograd."""
+    """(out, lse) float32 without sinks, no autograd; q, k, v float32, or bf16 / fp16 (converted tile by tile)."""
     launch = _launch(call)
     drop_rows, drop_cols, T, drop_scale = _dropout(call)
     ext = _EXT[0] or extension()
@@ -415,11 +420,11 @@ class NativeBackend(Backend):
         if call.score_mod is not None:
             _, additive, _ = call_modifier(call)
             dist, _ = _dist(call, additive)
-        q, k, v = _f32(call.q), _f32(call.k), _f32(call.v)
         if call.needs_grad:
+            q, k, v = _f32(call.q), _f32(call.k), _f32(call.v)
             out, lse = _NativeAttention.apply(q, k, v, dist, call.sinks, call)
-        else:  # nothing here needs autograd: the kernel's outputs carry none
-            out, lse = forward_f32(call, q, k, v, dist)
+        else:  # nothing here needs autograd: the kernel's outputs carry none; half precision is converted per tile
+            out, lse = forward_f32(call, _rows(call.q), _rows(call.k), _rows(call.v), dist)
             if call.sinks is not None:
                 out, lse = score_mods.add_sinks(out, lse, call.sinks)
         return (out if out.dtype == call.dtype else out.to(call.dtype)), lse

@@ -159,7 +159,9 @@ struct Params {
   int64_t B, Hq, Hkv, Nq, Nk, D, Dv;
   float scale;
   int64_t q_start, k_pos0;  // positions of query row 0 and key 0 (what mask_mod sees)
-  const float *q, *k, *v;
+  const float *q, *k, *v;  // float32 inputs; with bf16/fp16 ones (forward only) these are null and
+  const void* raw[3] = {nullptr, nullptr, nullptr};  // q, k, v are read from here, converted tile by tile
+  at::ScalarType dtype = at::kFloat;
   int64_t sq[3], sk[3], sv[3];  // strides of (b, h, n)
   // mask: 0 none, 1 causal (from positions), 2 block table + bits of the partial tiles
   int mask_kind = 0;
@@ -341,6 +343,43 @@ void run_items(const std::vector<int64_t>& cost, int64_t work_macs, F&& work) {
 
 // ---------------------------------------------------------------------------------------------------------- forward
 
+// bf16 / fp16 inputs (the forward): n rows of w values, `ld` elements apart, converted to float32 rows w apart.
+// Converting the tile the kernel is about to read keeps it in cache and costs no copy of the whole K and V (a
+// decoding step in bf16 would otherwise convert the cache on every call).
+template <class T>
+void rows_to_float(const T* src, int64_t ld, int64_t n, int64_t w, float* dst) {
+  using VT = at::vec::Vectorized<T>;
+  for (int64_t r = 0; r < n; ++r) {
+    const T* a = src + r * ld;
+    float* o = dst + r * w;
+    int64_t j = 0;
+    for (; j + VT::size() <= w; j += VT::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(VT::loadu(a + j));
+      lo.store(o + j);
+      hi.store(o + j + Vec::size());
+    }
+    for (; j < w; ++j) o[j] = static_cast<float>(a[j]);
+  }
+}
+
+// Rows [j0, j0 + n) of k (which = 1) or v (2) for (b, h): a pointer into the float32 input, or the rows converted into
+// `tmp`; `ld` receives their stride.
+const float* input_rows(const Params& p, int which, int64_t b, int64_t h, int64_t j0, int64_t n, int64_t w,
+                        float* tmp, int64_t& ld) {
+  const int64_t* st = which == 0 ? p.sq : which == 1 ? p.sk : p.sv;
+  if (p.dtype == at::kFloat) {
+    ld = st[2];
+    return (which == 0 ? p.q : which == 1 ? p.k : p.v) + b * st[0] + h * st[1] + j0 * st[2];
+  }
+  const int64_t off = b * st[0] + h * st[1] + j0 * st[2];
+  if (p.dtype == at::kBFloat16)
+    rows_to_float(static_cast<const c10::BFloat16*>(p.raw[which]) + off, st[2], n, w, tmp);
+  else
+    rows_to_float(static_cast<const c10::Half*>(p.raw[which]) + off, st[2], n, w, tmp);
+  ld = w;
+  return tmp;
+}
+
 struct Forward {
   const Params& p;
   int64_t fold;    // query heads folded into one item's rows (the group when the mask ignores h, else 1)
@@ -362,11 +401,14 @@ struct Forward {
     const int64_t q0 = qb * p.BQ, nr = std::min(p.Nq, q0 + p.BQ) - q0, rows = fold * nr;
     const int64_t kb0 = sp * p.nkb / splits, kb1 = (sp + 1) * p.nkb / splits;
     const int64_t D = p.D, Dv = p.Dv, BK = p.BK;
-    buf.resize(rows * (D + Dv + BK + 2));
+    const bool half = p.dtype != at::kFloat;
+    buf.resize(rows * (D + Dv + BK + 2) + (half ? BK * (D + Dv) : 0));
     float *Q = buf.data(), *O = Q + rows * D, *S = O + rows * Dv, *m = S + rows * BK, *l = m + rows;
+    float *Kt = l + rows, *Vt = Kt + BK * D;  // converted K and V tiles (bf16 / fp16 inputs)
     for (int64_t r = 0; r < rows; ++r) {  // Q rows of the folded heads, side by side for one GEMM
-      const float* src = p.qrow(b, h0 + r / nr, q0 + r % nr);
-      std::copy(src, src + D, Q + r * D);
+      int64_t ld;
+      const float* src = input_rows(p, 0, b, h0 + r / nr, q0 + r % nr, 1, D, Q + r * D, ld);
+      if (src != Q + r * D) std::copy(src, src + D, Q + r * D);
       m[r] = kNegInf;
       l[r] = 0.f;
     }
@@ -375,10 +417,12 @@ struct Forward {
       const Tile t = tile(p, qb, kb);
       if (t.state == kEmpty) continue;
       const int64_t n = t.k_end - t.k0;
+      int64_t ldk, ldv;
+      const float* K = input_rows(p, 1, b, hk, t.k0, n, D, Kt, ldk);
       if (rows <= kFewRows)  // S = Q K^T
-        few_rows_qk(rows, n, D, Q, p.krow(b, hk, t.k0), p.sk[2], S, BK);
+        few_rows_qk(rows, n, D, Q, K, ldk, S, BK);
       else
-        gemm(false, true, rows, n, D, 1.f, Q, D, p.krow(b, hk, t.k0), p.sk[2], 0.f, S, BK);
+        gemm(false, true, rows, n, D, 1.f, Q, D, K, ldk, 0.f, S, BK);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t h = h0 + r / nr, i = q0 + r % nr;
         float* s = S + r * BK;
@@ -403,10 +447,11 @@ struct Forward {
         if (alpha != 1.f) at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, O + r * Dv, O + r * Dv, Dv);
         if constexpr (Ops::drop) drop_row(p, s, n, b, h, i, t.k0);
       }
+      const float* V = input_rows(p, 2, b, hk, t.k0, n, Dv, Vt, ldv);
       if (rows <= kFewRows)  // O += P V
-        few_rows_pv(rows, n, Dv, S, BK, p.vrow(b, hk, t.k0), p.sv[2], O);
+        few_rows_pv(rows, n, Dv, S, BK, V, ldv, O);
       else
-        gemm(false, false, rows, Dv, n, 1.f, S, BK, p.vrow(b, hk, t.k0), p.sv[2], 1.f, O, Dv);
+        gemm(false, false, rows, Dv, n, 1.f, S, BK, V, ldv, 1.f, O, Dv);
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t h = h0 + r / nr, i = q0 + r % nr, row = (b * p.Hq + h) * p.Nq + i;
@@ -601,9 +646,10 @@ void with_ops(const Params& p, F&& f) {
 
 // --------------------------------------------------------------------------------------------- checks and bindings
 
-void check_f32(const at::Tensor& t, const char* name, std::initializer_list<int64_t> shape) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "selfattn native: ", name, " must be float32, got ",
-                   t.scalar_type());
+void check_f32(const at::Tensor& t, const char* name, std::initializer_list<int64_t> shape, bool half_ok = false) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || (half_ok && (st == at::kBFloat16 || st == at::kHalf)), "selfattn native: ",
+                   name, " must be float32", half_ok ? " (or bf16 / fp16, as q)" : "", ", got ", st);
   TORCH_CHECK_VALUE(t.device().is_cpu(), "selfattn native: ", name, " must be on the CPU");
   TORCH_CHECK_VALUE(t.dim() == static_cast<int64_t>(shape.size()), "selfattn native: ", name, " must have ",
                     shape.size(), " dims, got ", t.sizes());
@@ -636,12 +682,16 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    const c10::optional<at::Tensor>& bits_at, const c10::optional<at::Tensor>& bits, double cap,
                    const c10::optional<at::Tensor>& dist, int64_t d_min, bool dist_after_cap,
                    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& drop_rows,
-                   const c10::optional<at::Tensor>& drop_cols, int64_t drop_T, double drop_scale) {
-  check_f32(q, "q", {-1, -1, -1, -1});
+                   const c10::optional<at::Tensor>& drop_cols, int64_t drop_T, double drop_scale,
+                   bool half_ok = false) {
+  check_f32(q, "q", {-1, -1, -1, -1}, half_ok);
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
-  check_f32(k, "k", {B, -1, -1, D});
+  check_f32(k, "k", {B, -1, -1, D}, half_ok);
   const int64_t Hkv = k.size(1), Nk = k.size(2);
-  check_f32(v, "v", {B, Hkv, Nk, -1});
+  check_f32(v, "v", {B, Hkv, Nk, -1}, half_ok);
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "selfattn native: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+                   ", ", v.scalar_type());
   const int64_t Dv = v.size(3);
   TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "selfattn native: H_q=", Hq, " is not a multiple of H_kv=", Hkv);
   TORCH_CHECK_VALUE(D > 0 && Dv > 0 && Nq > 0 && Nk > 0, "selfattn native: empty dims");
@@ -654,7 +704,13 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.Nq = Nq, p.Nk = Nk, p.D = D, p.Dv = Dv;
   p.scale = static_cast<float>(scale);
   p.q_start = q_start, p.k_pos0 = k_pos0;
-  p.q = q.data_ptr<float>(), p.k = k.data_ptr<float>(), p.v = v.data_ptr<float>();
+  p.dtype = q.scalar_type();
+  if (p.dtype == at::kFloat) {
+    p.q = q.data_ptr<float>(), p.k = k.data_ptr<float>(), p.v = v.data_ptr<float>();
+  } else {
+    p.q = p.k = p.v = nullptr;
+    p.raw[0] = q.data_ptr(), p.raw[1] = k.data_ptr(), p.raw[2] = v.data_ptr();
+  }
   for (int d = 0; d < 3; ++d) p.sq[d] = q.stride(d), p.sk[d] = k.stride(d), p.sv[d] = v.stride(d);
   p.BQ = BQ, p.BK = BK;
   p.nqb = (Nq + BQ - 1) / BQ, p.nkb = (Nk + BK - 1) / BK;
@@ -731,17 +787,18 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& drop_cols, int64_t drop_T, double drop_scale,
                                 int64_t fold, int64_t splits) {
   const Params p = make_params(q, k, v, scale, q_start, k_pos0, mask_kind, BQ, BK, states, bits_at, bits, cap, dist,
-                               d_min, dist_after_cap, bias, drop_rows, drop_cols, drop_T, drop_scale);
+                               d_min, dist_after_cap, bias, drop_rows, drop_cols, drop_T, drop_scale, /*half_ok=*/true);
   TORCH_CHECK_VALUE(fold >= 1 && p.group() % fold == 0, "selfattn native: fold must divide the group");
   TORCH_CHECK_VALUE(fold == 1 || p.mask_kind != 2 || p.bits_H == 1, "selfattn native: fold needs an h-free mask");
   TORCH_CHECK_VALUE(splits >= 1 && splits <= std::max<int64_t>(1, p.nkb), "selfattn native: bad splits");
-  auto out = at::empty({p.B, p.Hq, p.Nq, p.Dv}, q.options());
-  auto lse = at::empty({p.B, p.Hq, p.Nq}, q.options());
+  const auto f32 = q.options().dtype(at::kFloat);  // float32 out and lse whatever the inputs' dtype
+  auto out = at::empty({p.B, p.Hq, p.Nq, p.Dv}, f32);
+  auto lse = at::empty({p.B, p.Hq, p.Nq}, f32);
   at::Tensor part_o, part_m, part_l;
   if (splits > 1) {
-    part_o = at::empty({splits, p.B, p.Hq, p.Nq, p.Dv}, q.options());
-    part_m = at::empty({splits, p.B, p.Hq, p.Nq}, q.options());
-    part_l = at::empty({splits, p.B, p.Hq, p.Nq}, q.options());
+    part_o = at::empty({splits, p.B, p.Hq, p.Nq, p.Dv}, f32);
+    part_m = at::empty({splits, p.B, p.Hq, p.Nq}, f32);
+    part_l = at::empty({splits, p.B, p.Hq, p.Nq}, f32);
   }
   Forward f{p, fold, splits, out.data_ptr<float>(), lse.data_ptr<float>(),
             splits > 1 ? part_o.data_ptr<float>() : nullptr, splits > 1 ? part_m.data_ptr<float>() : nullptr,
