@@ -28,6 +28,21 @@ def _say(msg: str) -> None:
     print(f"selfattn setup: {msg}", file=sys.stderr)
 
 
+def _variant_source(isa: str) -> str:
+    """A one-line source per variant that includes the kernel: the variants are compiled in parallel, and one shared
+    source path would give them one object file (two builds raced on it, and an AVX2 object was linked as the
+    AVX-512 module)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    folder = os.path.join("build", "native-variants")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"attention_{isa}.cpp")
+    text = f'#include "{os.path.join(here, "src", "selfattn", "csrc", "attention.cpp")}"\n'
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+    return path
+
+
 def native_extensions():
     if os.environ.get("SELFATTN_NATIVE", "1") == "0":
         _say("SELFATTN_NATIVE=0: the native kernel is not built")
@@ -46,7 +61,7 @@ def native_extensions():
     exts = [
         CppExtension(
             f"selfattn._native_{isa}",
-            ["src/selfattn/csrc/attention.cpp"],
+            [_variant_source(isa)],
             extra_compile_args=common + ISA_FLAGS[isa] + [f'-DSELFATTN_ISA="{isa}"'],
             extra_link_args=["-fopenmp"],
         )

@@ -25,6 +25,10 @@ def test_native_kernel_is_built_in_ci():
     from selfattn.backends import native
 
     assert native.extension() is not None, native.load_error()
+    import torch
+
+    want = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "default")
+    assert native.extension().isa == want, f"loaded the {native.extension().isa} build on a {want} CPU"
 
 
 @pytest.mark.skipif(not os.environ.get("SELFATTN_EXPECT_CPU_CAPABILITY"), reason="set by make test-portable")

@@ -288,7 +288,21 @@ def test_info_says_what_was_built():
     from selfattn import cli
 
     line = next(x for x in cli.info().splitlines() if x.strip().startswith("native"))
-    assert "built for" in line and torch.backends.cpu.get_cpu_capability().lower() in line.lower() or "avx2" in line
+    assert f"built for {native.extension().isa} (CPU capability {torch.backends.cpu.get_cpu_capability()})" in line
+
+
+def test_each_built_variant_is_its_own_instruction_set():
+    """setup.py compiles one module per instruction set, in parallel; each must be its own build (two variants once
+    shared an object file, and the AVX-512 module was the AVX2 code: it did not import and AVX2 ran instead)."""
+    import importlib
+    import pathlib
+
+    folder = pathlib.Path(native.__file__).parents[1]
+    usable = native._ISAS.get(torch.backends.cpu.get_cpu_capability(), ("default",))
+    built = [isa for isa in usable if list(folder.glob(f"_native_{isa}.*"))]
+    assert built, f"no native module in {folder}"
+    for isa in built:
+        assert importlib.import_module(f"selfattn._native_{isa}").isa == isa
 
 
 def test_a_custom_score_mod_goes_to_tiled():
