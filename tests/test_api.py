@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import selfattn
-from selfattn import backends, masks
+from selfattn import backends, masks, testing
 
 
 def qkv(B=1, H_q=2, H_kv=2, N_q=4, N_k=4, D=8, D_v=8, dtype=torch.float32):
@@ -169,3 +169,56 @@ def test_mask_mod_that_returns_numbers_says_so(backend, dtype):
             pytest.skip(f"{backend} does not serve this case: {'; '.join(reasons)}")
         with pytest.raises(TypeError, match=rf"returned {dtype}.*must return a bool tensor"):
             selfattn.attention(q, q, q, mask=mask, backend=backend)
+
+
+# ------------------------------------------------------------------------- repeated calls (Backend.repeat)
+
+
+@pytest.mark.parametrize("backend", ["native", "sdpa", None])
+def test_a_repeated_plain_call_skips_validation_and_gives_the_same_bits(backend, monkeypatch):
+    """The second call of a signature (a decoding step) runs the function the backend's ``repeat`` gave for the
+    first: no validation, no planning, the same result bit for bit, from other tensors of that signature too."""
+    from selfattn import api, backends
+
+    b = backends.get(backend or "native")
+    if b.unavailable_reasons():
+        pytest.skip(f"{b.name}: {b.unavailable_reasons()}")
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(1, 4, 80, 16, generator=g)
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    first = selfattn.attention(q, cache[:, :, :40], cache[:, :, 40:], causal=True, backend=backend, return_lse=True)
+    calls = []
+    real = api.make_call
+    monkeypatch.setattr(api, "make_call", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    k2, v2 = cache[:, :, 40:].clone(), cache[:, :, :40].clone()  # other tensors, the same signature
+    again = selfattn.attention(q, cache[:, :, :40], cache[:, :, 40:], causal=True, backend=backend, return_lse=True)
+    other = selfattn.attention(q, k2, v2, causal=True, backend=backend)
+    assert calls == [], "the repeated call was validated again"
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    oracle = selfattn.attention(q.double(), k2.double(), v2.double(), causal=True, backend="reference")
+    testing.check_against_oracle(other, testing.naive(q, k2, v2, causal=True), oracle)
+    # what the signature does not cover goes the whole way again
+    q.requires_grad_()
+    selfattn.attention(q, cache[:, :, :40], cache[:, :, 40:], causal=True, backend=backend)
+    assert calls, "a call with gradients took the kept function"
+
+
+def test_a_repeated_signature_still_rejects_what_validation_rejects():
+    q = k = v = torch.randn(1, 2, 3, 8)
+    selfattn.attention(q, k, v, causal=True, scale=1.0)  # kept under causal=True, scale=1.0
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        selfattn.attention(q, k, v, causal=1, scale=1.0)
+    with pytest.raises(TypeError, match="scale must be a float"):
+        selfattn.attention(q, k, v, causal=True, scale=True)
+    with pytest.raises(TypeError, match="return_lse must be True or False"):
+        selfattn.attention(q, k, v, causal=True, scale=1.0, return_lse="yes")
+
+
+def test_registry_changes_and_reset_forget_repeated_calls():
+    from selfattn.backends import choice
+
+    q = k = v = torch.randn(1, 2, 3, 8)
+    selfattn.attention(q, k, v)
+    assert any(key[0] == "repeat" for key in choice.MEMO if isinstance(key, tuple) and key and key[0] == "repeat")
+    choice.reset()
+    assert not any(isinstance(key, tuple) and key and key[0] == "repeat" for key in choice.MEMO)

@@ -204,6 +204,13 @@ class Backend:
     def forward(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def repeat(self, call: AttentionCall):
+        """A function ``(q, k, v) -> (out, lse)`` for later calls with this one's signature (shapes, dtypes, device,
+        causal, scale) and nothing else (no mask object, bias, modifier, sinks, dropout or gradients), or None.
+        ``selfattn.attention`` keeps it per signature and calls it directly, so a repeated call (a decoding step)
+        pays neither the validation nor the planning again; a backend offers it where that is most of a call."""
+        return None
+
     def forward_block(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"backend {self.name!r} does not compute blocks (supports_blocks=False)")
 

@@ -429,6 +429,18 @@ class NativeBackend(Backend):
                 out, lse = score_mods.add_sinks(out, lse, call.sinks)
         return (out if out.dtype == call.dtype else out.to(call.dtype)), lse
 
+    def repeat(self, call: AttentionCall):
+        if _launch_key(call) is None:
+            return None
+        launch, ext, scale, k_pos0, dtype = _launch(call), extension(), call.scale, call.k_pos0, call.dtype
+
+        def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            out, lse = ext.forward(_rows(q), _rows(k), _rows(v), scale, launch.q_start, k_pos0, *launch.mask_args,
+                                   launch.cap, None, launch.d_min, launch.after, None, None, None, 0, 1.0,
+                                   launch.fold, launch.splits)
+            return (out if out.dtype is dtype else out.to(dtype)), lse
+        return run
+
     def forward_block(self, call: AttentionCall):
         _, additive, _ = call_modifier(call)
         with torch.no_grad():

@@ -220,13 +220,9 @@ class SdpaBackend(Backend):
 
     def forward(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
         call = dense_rows(call)  # the kernels below SDPA's public API misread a strided head dim
-        if call.device.type == "cpu" and call.bias is None and call.score_mod is None and call.sinks is None and \
-                call.H_q == call.H_kv and call.D == call.D_v and (call.mask is None or call.mask.spec == ("causal",)):
-            # the shortest path (decoding steps cost about the kernel's 20 µs): one kernel call, nothing to plan
-            causal = call.mask is not None and _causal_flag(call)
-            if causal is not None:
-                out, lse = _FLASH_CPU(call.q, call.k, call.v, 0.0, causal, scale=call.scale)[:2]
-                return out, (lse if lse.dtype == torch.float32 else lse.float())
+        run = self.repeat(call)
+        if run is not None:  # the shortest path (decoding steps cost about the kernel's 20 µs): nothing to plan
+            return run(call.q, call.k, call.v)
         mask_dtype = call.dtype if call.device.type == "cpu" and call.dtype in (torch.float32, torch.float64) \
             else torch.float32
         plan = _plan(call, mask_dtype) if _needs_dense(call) else (_Plan() if call.mask is None else
@@ -248,6 +244,24 @@ class SdpaBackend(Backend):
             out, lse = score_mods.add_sinks(out, lse, call.sinks)
             out = out.to(call.dtype)
         return out, lse
+
+    def repeat(self, call: AttentionCall):
+        """On the CPU, a call without extras whose mask is none or causal that torch's flag expresses: one kernel
+        call (q, k, v with a strided head dim are made dense first, see base.dense_rows)."""
+        if not (call.device.type == "cpu" and call.bias is None and call.score_mod is None and call.sinks is None
+                and not call.dropout_p and call.H_q == call.H_kv and call.D == call.D_v
+                and (call.mask is None or call.mask.spec == ("causal",)) and call.q_pos0 is None and not call.k_pos0):
+            return None
+        causal = call.mask is not None and _causal_flag(call)
+        if causal is None:
+            return None
+        scale = call.scale
+
+        def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v))
+            out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)[:2]
+            return out, (lse if lse.dtype == torch.float32 else lse.float())
+        return run
 
 
 BACKEND = SdpaBackend(
