@@ -183,23 +183,34 @@ def test_a_repeated_plain_call_skips_validation_and_gives_the_same_bits(backend,
     b = backends.get(backend or "native")
     if b.unavailable_reasons():
         pytest.skip(f"{b.name}: {b.unavailable_reasons()}")
+    causal = backend != "sdpa"  # sdpa keeps no causal call: whether torch's flag means selfattn's depends on N_k
     g = torch.Generator().manual_seed(0)
-    cache = torch.randn(1, 4, 80, 16, generator=g)
+    cache = torch.randn(1, 4, 90, 16, generator=g)
     q = torch.randn(1, 4, 1, 16, generator=g)
-    first = selfattn.attention(q, cache[:, :, :40], cache[:, :, 40:], causal=True, backend=backend, return_lse=True)
+    first = selfattn.attention(q, cache[:, :, :40], cache[:, :, 40:80], causal=causal, backend=backend,
+                               return_lse=True)
     calls = []
     real = api.make_call
     monkeypatch.setattr(api, "make_call", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    k2, v2 = cache[:, :, 40:].clone(), cache[:, :, :40].clone()  # other tensors, the same signature
-    again = selfattn.attention(q, cache[:, :, :40], cache[:, :, 40:], causal=True, backend=backend, return_lse=True)
-    other = selfattn.attention(q, k2, v2, causal=True, backend=backend)
+    k2, v2 = cache[:, :, 40:80].clone(), cache[:, :, :40].clone()  # other tensors, the same signature
+    again = selfattn.attention(q, cache[:, :, :40], cache[:, :, 40:80], causal=causal, backend=backend,
+                               return_lse=True)
+    other = selfattn.attention(q, k2, v2, causal=causal, backend=backend)
+    grown = [selfattn.attention(q, cache[:, :, :n], cache[:, :, 40:40 + n], causal=causal, backend=backend,
+                                return_lse=True) for n in (33, 39, 41)]  # a decoding cache: N_k in one bucket
     assert calls == [], "the repeated call was validated again"
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    oracle = selfattn.attention(q.double(), k2.double(), v2.double(), causal=True, backend="reference")
-    testing.check_against_oracle(other, testing.naive(q, k2, v2, causal=True), oracle)
+    oracle = selfattn.attention(q.double(), k2.double(), v2.double(), causal=causal, backend="reference")
+    testing.check_against_oracle(other, testing.naive(q, k2, v2, causal=causal), oracle)
+    monkeypatch.setattr(api, "make_call", real)
+    for n, (out, lse) in zip((33, 39, 41), grown, strict=True):  # the whole way gives the same bits
+        want = selfattn.attention(q, cache[:, :, :n], cache[:, :, 40:40 + n], causal=causal, backend=backend,
+                                  return_lse=True, dropout_p=0.0, dropout_seed=0)  # not plain: not kept
+        assert torch.equal(out, want[0]) and torch.equal(lse, want[1]), n
+    monkeypatch.setattr(api, "make_call", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     # what the signature does not cover goes the whole way again
     q.requires_grad_()
-    selfattn.attention(q, cache[:, :, :40], cache[:, :, 40:], causal=True, backend=backend)
+    selfattn.attention(q, cache[:, :, :40], cache[:, :, 40:80], causal=causal, backend=backend)
     assert calls, "a call with gradients took the kept function"
 
 
@@ -212,6 +223,15 @@ def test_a_repeated_signature_still_rejects_what_validation_rejects():
         selfattn.attention(q, k, v, causal=True, scale=True)
     with pytest.raises(TypeError, match="return_lse must be True or False"):
         selfattn.attention(q, k, v, causal=True, scale=1.0, return_lse="yes")
+
+
+def test_a_kept_call_rejects_k_and_v_of_different_lengths_like_validation():
+    q = torch.randn(1, 2, 1, 8)
+    selfattn.attention(q, torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8), causal=True)
+    with pytest.raises(ValueError, match="k and v must have the same heads and positions"):
+        selfattn.attention(q, torch.randn(1, 2, 30, 8), torch.randn(1, 2, 31, 8), causal=True)
+    out = selfattn.attention(q, torch.randn(1, 2, 0, 8), torch.randn(1, 2, 0, 8), causal=True)
+    assert out.shape == (1, 2, 1, 8) and not out.any()
 
 
 def test_registry_changes_and_reset_forget_repeated_calls():

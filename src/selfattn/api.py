@@ -116,16 +116,22 @@ def attention(
 
 def _repeat_key(q, k, v, causal, scale, backend) -> tuple | None:
     """The signature under which a plain call (no mask object, bias, modifier, sinks, dropout or gradients) can skip
-    validation and planning the next time (``Backend.repeat``), or None. Only exact types are keyed (True and 1
-    hash alike), so whatever validation would reject never matches a kept entry."""
+    validation and planning the next time (``Backend.repeat``), or None: shapes, dtypes, devices, causal, scale,
+    backend, threads, with N_k by its bucket (a decoding cache grows by one key a step). Only exact types are keyed
+    (True and 1 hash alike), and N_k must equal v's, so whatever validation would reject never matches an entry."""
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor or \
             (causal is not True and causal is not False) or not (scale is None or type(scale) is float) or \
             not (backend is None or type(backend) is str):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
-    return ("repeat", q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, causal,
-            scale, backend, torch.get_num_threads())
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return None
+    ks, vs = k.shape, v.shape
+    if not (q.shape[2] and ks[2] and ks[2] == vs[2]):  # what only validation can word goes the whole way
+        return None
+    return ("repeat", q.shape, ks[0], ks[1], choice.n_bucket(ks[2]), ks[3], vs[0], vs[1], vs[3], q.dtype, k.dtype,
+            v.dtype, q.device, k.device, v.device, causal, scale, backend, torch.get_num_threads())
 
 
 def attention_weights(

@@ -206,9 +206,11 @@ class Backend:
 
     def repeat(self, call: AttentionCall):
         """A function ``(q, k, v) -> (out, lse)`` for later calls with this one's signature (shapes, dtypes, device,
-        causal, scale) and nothing else (no mask object, bias, modifier, sinks, dropout or gradients), or None.
-        ``selfattn.attention`` keeps it per signature and calls it directly, so a repeated call (a decoding step)
-        pays neither the validation nor the planning again; a backend offers it where that is most of a call."""
+        causal, scale), except N_k, which may be any number of keys in N_k's bucket (``choice.n_bucket``): a
+        decoding step's cache grows by one key per step. None where the backend cannot promise that. Only plain
+        calls (no mask object, bias, modifier, sinks, dropout or gradients) ask. ``selfattn.attention`` keeps the
+        function per signature and calls it directly, so a repeated call pays neither the validation nor the
+        planning again; a backend offers it where that is most of a call."""
         return None
 
     def forward_block(self, call: AttentionCall) -> tuple[Tensor, Tensor]:

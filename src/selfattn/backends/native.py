@@ -268,13 +268,18 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def _splits(call: AttentionCall, plan: _Plan) -> int:
-    items = call.B * (call.H_q // plan.extras["fold"]) * -(-call.N_q // plan.BQ)
+    return _split_count(call.B, call.H_q, plan.extras["fold"], call.N_q, plan.BQ, plan.BK, call.N_k)
+
+
+def _split_count(B: int, H_q: int, fold: int, N_q: int, BQ: int, BK: int, N_k: int) -> int:
+    """Key ranges per work item (flash-decoding) when there are fewer than SPLIT_ITEMS_PER_CORE items per core."""
+    items = B * (H_q // fold) * -(-N_q // BQ)
     cores = torch.get_num_threads()
-    n_kb = -(-call.N_k // plan.BK)
-    if items >= SPLIT_ITEMS_PER_CORE * cores or call.N_k < 2 * SPLIT_MIN_KEYS:
+    n_kb = -(-N_k // BK)
+    if items >= SPLIT_ITEMS_PER_CORE * cores or N_k < 2 * SPLIT_MIN_KEYS:
         return 1
     want = -(-SPLIT_ITEMS_PER_CORE * cores // items)
-    return max(1, min(want, call.N_k // SPLIT_MIN_KEYS, n_kb))
+    return max(1, min(want, N_k // SPLIT_MIN_KEYS, n_kb))
 
 
 def forward_f32(call: AttentionCall, q: Tensor, k: Tensor, v: Tensor, dist: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -430,14 +435,18 @@ class NativeBackend(Backend):
         return (out if out.dtype == call.dtype else out.to(call.dtype)), lse
 
     def repeat(self, call: AttentionCall):
-        if _launch_key(call) is None:
+        """For later calls that differ from this one only in N_k (a decoding step: the cache grows by one), with no
+        mask or plain causal: nothing else the kernel is told depends on N_k but what ``run`` works out."""
+        if call.mask is not None and call.mask.spec != ("causal",) or call.q_pos0 is not None or call.k_pos0:
             return None
-        launch, ext, scale, k_pos0, dtype = _launch(call), extension(), call.scale, call.k_pos0, call.dtype
+        launch, ext, scale, dtype = _launch(call), extension(), call.scale, call.dtype
+        B, H_q, N_q, fold, BQ, BK = call.B, call.H_q, call.N_q, launch.fold, launch.mask_args[1], launch.mask_args[2]
 
         def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            out, lse = ext.forward(_rows(q), _rows(k), _rows(v), scale, launch.q_start, k_pos0, *launch.mask_args,
-                                   launch.cap, None, launch.d_min, launch.after, None, None, None, 0, 1.0,
-                                   launch.fold, launch.splits)
+            N_k = k.shape[2]
+            out, lse = ext.forward(_rows(q), _rows(k), _rows(v), scale, N_k - N_q, 0, *launch.mask_args, launch.cap,
+                                   None, 1 - N_k, launch.after, None, None, None, 0, 1.0, fold,
+                                   _split_count(B, H_q, fold, N_q, BQ, BK, N_k))
             return (out if out.dtype is dtype else out.to(dtype)), lse
         return run
 

@@ -220,7 +220,7 @@ class SdpaBackend(Backend):
 
     def forward(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
         call = dense_rows(call)  # the kernels below SDPA's public API misread a strided head dim
-        run = self.repeat(call)
+        run = self._plain_run(call)
         if run is not None:  # the shortest path (decoding steps cost about the kernel's 20 µs): nothing to plan
             return run(call.q, call.k, call.v)
         mask_dtype = call.dtype if call.device.type == "cpu" and call.dtype in (torch.float32, torch.float64) \
@@ -247,7 +247,11 @@ class SdpaBackend(Backend):
 
     def repeat(self, call: AttentionCall):
         """On the CPU, a call without extras whose mask is none or causal that torch's flag expresses: one kernel
-        call (q, k, v with a strided head dim are made dense first, see base.dense_rows)."""
+        call (q, k, v with a strided head dim are made dense first, see base.dense_rows). Kept for later calls
+        (``Backend.repeat``) only without a mask: whether torch's causal flag means selfattn's depends on N_k."""
+        return self._plain_run(call) if call.mask is None else None
+
+    def _plain_run(self, call: AttentionCall):
         if not (call.device.type == "cpu" and call.bias is None and call.score_mod is None and call.sinks is None
                 and not call.dropout_p and call.H_q == call.H_kv and call.D == call.D_v
                 and (call.mask is None or call.mask.spec == ("causal",)) and call.q_pos0 is None and not call.k_pos0):
