@@ -296,7 +296,22 @@ inline void drop_row(const Params& p, float* w, int64_t n, int64_t b, int64_t h,
   const int32_t* cols = p.drop_cols + k0;
   const uint32_t T = p.drop_T;
   const float ds = p.drop_scale;
-  for (int64_t j = 0; j < n; ++j) {
+  // the hash on int32 lanes: a multiply keeps the low 32 bits as uint32's does, >> 16 & 0xffff is the logical shift,
+  // and x >= T unsigned is (x ^ 2^31) >= (T ^ 2^31) signed (gcc left the scalar loop unvectorized for AVX2)
+  using VI = at::vec::Vectorized<int32_t>;
+  static_assert(VI::size() == Vec::size(), "int32 and float lanes must pair up");
+  constexpr int64_t W = Vec::size();
+  const VI vrow(static_cast<int32_t>(row)), mix(static_cast<int32_t>(kMix)), sixteen(16), low(0xffff);
+  const VI flip(std::numeric_limits<int32_t>::min()), vT(static_cast<int32_t>(T ^ 0x80000000u));
+  const Vec vds(ds), zero(0.f);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    VI x = (vrow ^ VI::loadu(cols + j)) * mix;
+    x = x ^ ((x >> sixteen) & low);
+    const Vec keep = at::vec::cast<float>((x ^ flip) >= vT);
+    Vec::blendv(zero, Vec::loadu(w + j) * vds, keep).store(w + j);
+  }
+  for (; j < n; ++j) {
     uint32_t x = (row ^ static_cast<uint32_t>(cols[j])) * kMix;
     x ^= x >> 16;
     w[j] = x >= T ? w[j] * ds : 0.f;
