@@ -379,3 +379,23 @@ def test_found_flex_probe_lost_precision_below_lse_zero():
     out_naive = testing.naive(q, k, v, bias=bias)[0]
     testing.check_against_oracle(out, out_naive, out_ref)
     assert torch.isfinite(lse).all() and (lse - lse_ref).abs().max() < 1e-4 * lse_ref.abs().max(), (lse, lse_ref)
+
+
+def test_found_flex_compiles_a_chain_of_a_ready_made_and_a_custom_modifier():
+    """Found by make fuzz: alibi >> custom has no spec (a custom link), so flex handed FlexAttention the chain's
+    tile function, whose ALiBi link indexes the (B, H, 1, 1) grids it is given on tiles: an IndexError inside
+    torch.compile. A chain now keeps its links (ScoreMod.parts) and flex rebuilds each one in scalar form."""
+    probe = torch.ones(1, 1, 1, 8)
+    reasons = backends.get("flex").not_supported_reasons(selfattn.api.make_call(probe, probe, probe))
+    if reasons:
+        pytest.skip(f"flex does not run here: {reasons}")
+    chain = score_mods.alibi(torch.tensor([0.0039])) >> score_mods.ScoreMod(
+        lambda s, b, h, q, k: s * 0.5 + (h - (q - k) % 3).to(s.dtype) * 0.25, "custom")
+    assert chain.spec is None and len(chain.parts) == 2
+    for shape in ((1, 1, 1, 1, 1, 1, 1), (1, 2, 1, 6, 9, 8, 8)):
+        H_q = shape[1]
+        mod = chain if H_q == 1 else score_mods.alibi(score_mods.alibi_slopes(H_q)) >> chain.parts[1]
+        assert check_attention_case(dict(layout="contiguous", shape=shape, dtype=torch.float32,
+                                         kw=dict(bias=torch.tensor([[[[1.5410]]]]), score_mod=mod,
+                                                 sinks=torch.full((H_q,), -0.2934)),
+                                         seed=1_537_364_731, return_lse=False, grad=False, backend="flex")) == "ok"

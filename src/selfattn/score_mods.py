@@ -48,6 +48,7 @@ class ScoreMod:
     name: str = "custom"
     spec: tuple | None = None
     captures: tuple[Tensor, ...] = ()
+    parts: tuple = ()  # a chain's links, in order, when a custom link leaves it without a spec (``>>``)
 
     def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return self.score_mod(score, b, h, q_idx, kv_idx)
@@ -56,8 +57,9 @@ class ScoreMod:
         """``a >> b``: apply a, then b."""
         other = as_score_mod(other)
         spec = None if self.spec is None or other.spec is None else ("then", self.spec, other.spec)
+        parts = () if spec is not None else (self.parts or (self,)) + (other.parts or (other,))
         return ScoreMod(lambda s, b, h, q, k: other.score_mod(self.score_mod(s, b, h, q, k), b, h, q, k),
-                        f"({self.name} >> {other.name})", spec, self.captures + other.captures)
+                        f"({self.name} >> {other.name})", spec, self.captures + other.captures, parts)
 
     @property
     def additive(self) -> bool:

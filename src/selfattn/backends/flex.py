@@ -67,7 +67,16 @@ def _compiled():
 
 def _flex_mod(mod: score_mods.ScoreMod):
     """A modifier in scalar form (FlexAttention calls it per score): ready-made ones rebuilt from their spec, a
-    custom one as given."""
+    custom one as given, a chain link by link (a ready-made link's own function indexes (B, H, 1, 1) grids, which
+    FlexAttention's scalars are not: found by make fuzz with alibi >> custom)."""
+    if mod.spec is None and mod.parts:
+        links = [_flex_mod(p) for p in mod.parts]
+
+        def linked(s, b, h, q, k):
+            for f in links:
+                s = f(s, b, h, q, k)
+            return s
+        return linked
     if mod.spec is None:
         return mod.score_mod
 
