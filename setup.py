@@ -29,9 +29,7 @@ def _say(msg: str) -> None:
 
 
 def _variant_source(isa: str) -> str:
-    """A one-line source per variant that includes the kernel: the variants are compiled in parallel, and one shared
-    source path would give them one object file (two builds raced on it, and an AVX2 object was linked as the
-    AVX-512 module)."""
+    """A one-line source per variant that includes the kernel, so each variant has an object file of its own."""
     here = os.path.dirname(os.path.abspath(__file__))
     folder = os.path.join("build", "native-variants")
     os.makedirs(folder, exist_ok=True)
@@ -69,12 +67,15 @@ def native_extensions():
     ]
 
     class Build(BuildExtension):
-        """Builds the variants two at a time, and installs the package even when a compiler is missing."""
+        """Builds the variants one after another, and installs the package even when a compiler is missing.
+
+        Not in parallel: torch's BuildExtension swaps the compiler's compile function per extension, so setuptools'
+        parallel build_ext raced on it (an AVX-512 variant was compiled with the AVX2 flags, or linked from an
+        object that was never written: a fresh clone ended without the kernel)."""
 
         def finalize_options(self):
             super().finalize_options()
-            if self.parallel is None:
-                self.parallel = os.cpu_count() or 1
+            self.parallel = False
 
         def run(self):
             try:
