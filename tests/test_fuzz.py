@@ -399,3 +399,16 @@ def test_found_flex_compiles_a_chain_of_a_ready_made_and_a_custom_modifier():
                                          kw=dict(bias=torch.tensor([[[[1.5410]]]]), score_mod=mod,
                                                  sinks=torch.full((H_q,), -0.2934)),
                                          seed=1_537_364_731, return_lse=False, grad=False, backend="flex")) == "ok"
+
+
+def test_found_native_exp_u20_pushed_one_key_dv_over_the_rule():
+    """Found by make fuzz: with ATen's exp_u20 in the native forward's row pass (torch's own kernel uses it), one
+    key, scale 1, ALiBi, a bias and a sink gave dV 6% over 3x the naive error + floor: P = exp(S − lse) in the
+    backward inherits the forward's exp rounding through lse. The forward uses SLEEF's 1-ulp exp again."""
+    case = dict(layout="contiguous", shape=(1, 1, 1, 1, 1, 16, 16), dtype=torch.float32,
+                kw=dict(bias=torch.tensor([[[[1.5410]]]]), score_mod=score_mods.alibi(torch.tensor([0.0039])),
+                        sinks=torch.tensor([-0.2934]), scale=1.0),
+                seed=1_537_364_731, return_lse=False, grad=True, backend="native")
+    if backends.get("native").unavailable_reasons():
+        pytest.skip(f"native: {backends.get('native').unavailable_reasons()}")
+    assert check_attention_case(case) == "ok"
