@@ -223,6 +223,8 @@ def test_a_repeated_signature_still_rejects_what_validation_rejects():
         selfattn.attention(q, k, v, causal=True, scale=True)
     with pytest.raises(TypeError, match="return_lse must be True or False"):
         selfattn.attention(q, k, v, causal=True, scale=1.0, return_lse="yes")
+    with pytest.raises(TypeError, match="dropout_p must be a float"):  # not a tensor's ambiguous truth value
+        selfattn.attention(q, k, v, causal=True, scale=1.0, dropout_p=torch.zeros(2))
 
 
 def test_a_kept_call_rejects_k_and_v_of_different_lengths_like_validation():

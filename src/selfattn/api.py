@@ -83,8 +83,9 @@ def attention(
         >>> selfattn.attention(q, k, v, causal=True).shape
         torch.Size([1, 2, 5, 8])
     """
-    plain = mask is None and bias is None and score_mod is None and sinks is None and dropout_p == 0.0 and \
-        dropout_seed is None and not torch.compiler.is_compiling()
+    plain = mask is None and bias is None and score_mod is None and sinks is None and \
+        type(dropout_p) in (float, int) and dropout_p == 0 and dropout_seed is None and \
+        not torch.compiler.is_compiling()  # exact types: a tensor dropout_p goes to validation, which words it
     key = _repeat_key(q, k, v, causal, scale, backend) if plain else None
     if key is not None:
         run = choice.MEMO.get(key)
