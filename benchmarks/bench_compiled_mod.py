@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_native import machine  # noqa: E402
+from bench_native import machine, medians  # noqa: E402
 
 MODS = {
     "tanh_cap_30": lambda s, b, h, q, k: 30.0 * torch.tanh(s / 30.0),
@@ -40,16 +39,9 @@ MODS = {
 
 
 def _median_times(fs: dict, rounds: int, number: int) -> dict:
-    for f in fs.values():
-        f()
-    times = {n: [] for n in fs}
-    for _ in range(rounds):
-        for n, f in fs.items():
-            t0 = time.perf_counter()
-            for _ in range(number):
-                f()
-            times[n].append((time.perf_counter() - t0) / number)
-    return {n: statistics.median(t) for n, t in times.items()}
+    """bench_native.medians of each callable repeated ``number`` times, per call."""
+    t = medians({n: (lambda f=f: [f() for _ in range(number)]) for n, f in fs.items()}, rounds)
+    return {n: s / number for n, s in t.items()}
 
 
 def main(argv=None) -> None:
