@@ -141,7 +141,8 @@ def test_dropout_drops_the_oracles_weights_bit_for_bit():
     testing.check_against_oracle(w, naive, oracle, what="native dropped weights")
 
 
-@pytest.mark.parametrize("mod", ["alibi", "alibi-per-batch", "relative", "t5", "softcap>>alibi", "alibi>>softcap"])
+@pytest.mark.parametrize("mod", ["alibi", "alibi-per-batch", "relative", "t5", "softcap>>alibi", "alibi>>softcap",
+                                 "softcap30>>alibi"])
 def test_modifier_parameters_get_their_gradients(mod):
     """Gradients of q, k, v, the modifier's slopes or table and the sinks, against the float64 oracle with the 3x
     rule (the naive computation in float32 through autograd is the yardstick)."""
@@ -155,6 +156,8 @@ def test_modifier_parameters_get_their_gradients(mod):
         "t5": lambda t: score_mods.relative_bias(t, buckets=16, bidirectional=False),
         "softcap>>alibi": lambda s: score_mods.softcap(2.0) >> score_mods.alibi(s),
         "alibi>>softcap": lambda s: score_mods.alibi(s) >> score_mods.softcap(2.0),
+        # scores well inside the cap: every tile's tanh takes the kernel's polynomial, not SLEEF's
+        "softcap30>>alibi": lambda s: score_mods.softcap(30.0) >> score_mods.alibi(s),
     }[mod]
     q, k, v = _qkv(2, H, 2, 45, 130, 16)
     sinks = torch.randn(H, generator=g)
@@ -175,6 +178,26 @@ def test_modifier_parameters_get_their_gradients(mod):
         terms = 2 * 45 * 130 if name in ("param", "sinks") else 130
         floor = testing.floor_for(torch.float32, r.abs().max().item()) * math.sqrt(terms)
         testing.check_against_oracle(a, n, r, factor=3.0, what=f"native d{name} ({mod})", floor=floor)
+
+
+def test_soft_cap_tanh_against_float64():
+    """The kernel's tanh, vector by vector: its polynomial (every lane |x| <= 0.75) within 1 ulp of float64's tanh
+    (the fit's bound is 0.84 ulp: IEEE arithmetic, the same on every CPU), SLEEF's fallback within its documented 3.5
+    ulp; a vector with one lane beyond the range falls back whole; NaN stays NaN, ±inf gives ±1."""
+    g = torch.Generator().manual_seed(3)
+    inside = torch.cat([torch.linspace(-0.75, 0.75, 200_001), torch.rand(100_000, generator=g) * 1.5 - 0.75,
+                        torch.logspace(-38, 0, 4_000) * 0.75])
+    beyond = torch.cat([torch.randn(100_000, generator=g) * 4, torch.linspace(-12, 12, 50_001)])
+    mixed = inside[: 64 * 1000].clone().view(-1, 64)
+    mixed[:, 5] = torch.linspace(0.76, 40, mixed.shape[0])  # one lane beyond in every vector
+    for x, ulps in [(inside, 1.0), (beyond, 3.5), (mixed.flatten(), 3.5)]:
+        got = native.extension()._tanh(x).double()
+        want = torch.tanh(x.double())
+        ulp = torch.nextafter(want.abs().float(), torch.tensor(math.inf)).double() - want.abs().float().double()
+        worst = ((got - want).abs() / ulp).max().item()
+        assert worst <= ulps, f"tanh {worst:.2f} ulp > {ulps} over {x.numel()} values in [{x.min()}, {x.max()}]"
+    special = native.extension()._tanh(torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0] + [0.1] * 11))
+    assert special[0].isnan() and special[1] == 1 and special[2] == -1 and special[3] == 0 and special[4] == 0
 
 
 def test_same_result_run_to_run_and_from_several_threads():
