@@ -200,8 +200,9 @@ def test_soft_cap_tanh_against_float64():
     assert special[0].isnan() and special[1] == 1 and special[2] == -1 and special[3] == 0 and special[4] == 0
 
 
-def test_same_result_run_to_run_and_from_several_threads():
-    q, k, v = _qkv(1, 8, 2, 600, 900, 32, grad=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: oneDNN's per-thread kernels, if any
+def test_same_result_run_to_run_and_from_several_threads(dtype):
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in _qkv(1, 8, 2, 600, 900, 32))
     kw = dict(causal=True, dropout_p=0.1, dropout_seed=5, score_mod=score_mods.softcap(20.0))
 
     def run():
@@ -312,6 +313,30 @@ def test_info_says_what_was_built():
 
     line = next(x for x in cli.info().splitlines() if x.strip().startswith("native"))
     assert f"built for {native.extension().isa} (CPU capability {torch.backends.cpu.get_cpu_capability()})" in line
+
+
+def test_bf16_products_where_the_cpu_has_avx512_bf16_isa():
+    """The bf16 forward multiplies in bf16 exactly where the CPU has AVX512-BF16 without AMX and the AVX-512 module
+    runs (ATEN_CPU_CAPABILITY=avx2 emulates a CPU without it); `selfattn info` says which, with the reason."""
+    import pathlib
+
+    from selfattn import cli
+
+    flags = set()
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for f in line.split()}
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to say what the CPU has")
+    ok, why = native.extension().bf16_dot()
+    mkldnn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    expected = native.extension().isa == "avx512" and "avx512_bf16" in flags and "amx_bf16" not in flags
+    if expected and not mkldnn:
+        pytest.skip("torch without oneDNN: no brgemm to call")
+    assert ok == expected, why
+    assert ok or why
+    line = next(x for x in cli.info().splitlines() if x.strip().startswith("native"))
+    assert ("bf16 products: oneDNN brgemm" in line) == ok and (ok or why in line)
 
 
 def test_each_built_variant_is_its_own_instruction_set():

@@ -377,7 +377,8 @@ def call_modifier(call: AttentionCall):
 
 
 class _NativeAttention(torch.autograd.Function):
-    """q, k, v (float32), dist (or None) and sinks (or None) in; out (float32) and lse out."""
+    """q, k, v (float32, or bf16 / fp16 read by the forward itself), dist (or None) and sinks (or None) in; out
+    (float32) and lse out. The backward works in float32: it converts q, k, v when it runs."""
 
     @staticmethod
     def forward(ctx, q, k, v, dist, sinks, call: AttentionCall):
@@ -392,7 +393,7 @@ class _NativeAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, _d_lse):
         q, k, v, dist, sinks, out, lse = ctx.saved_tensors
-        dq, dk, dv, d_dist = backward_f32(ctx.call, q, k, v, dist, out, lse, d_out)
+        dq, dk, dv, d_dist = backward_f32(ctx.call, _f32(q), _f32(k), _f32(v), dist, out, lse, d_out)
         d_sinks = score_mods.sinks_grad(out, lse, d_out, sinks) if sinks is not None and ctx.needs_input_grad[4] \
             else None
         return dq, dk, dv, d_dist if ctx.needs_input_grad[3] else None, d_sinks, None
@@ -425,9 +426,8 @@ class NativeBackend(Backend):
         if call.score_mod is not None:
             _, additive, _ = call_modifier(call)
             dist, _ = _dist(call, additive)
-        if call.needs_grad:
-            q, k, v = _f32(call.q), _f32(call.k), _f32(call.v)
-            out, lse = _NativeAttention.apply(q, k, v, dist, call.sinks, call)
+        if call.needs_grad:  # bf16 / fp16 as given: the forward reads them (bf16 products where the CPU has them)
+            out, lse = _NativeAttention.apply(_rows(call.q), _rows(call.k), _rows(call.v), dist, call.sinks, call)
         else:  # nothing here needs autograd: the kernel's outputs carry none; half precision is converted per tile
             out, lse = forward_f32(call, _rows(call.q), _rows(call.k), _rows(call.v), dist)
             if call.sinks is not None:
@@ -482,7 +482,10 @@ def describe() -> str:
     if mod is None:
         return f"native: {load_error()}"
     blas = "MKL sgemm" if mod.uses_mkl() else "plain loops (no MKL in this torch: slow)"
-    return f"native: built for {mod.isa} (CPU capability {torch.backends.cpu.get_cpu_capability()}), GEMM: {blas}"
+    ok, why = mod.bf16_dot()
+    bf16 = "oneDNN brgemm (AVX512-BF16)" if ok else f"converted to float32 ({why})"
+    return (f"native: built for {mod.isa} (CPU capability {torch.backends.cpu.get_cpu_capability()}), GEMM: {blas}, "
+            f"bf16 products: {bf16}")
 
 
 __all__ = ["BACKEND", "extension", "load_error", "describe"]

@@ -2,7 +2,7 @@
 //
 // How it differs from the oracle (selfattn/reference.py, float64, the whole N_q x N_k matrix):
 //   * Scores are made one tile at a time (query rows x BK keys) with a float32 GEMM (MKL's sgemm where torch carries
-//     it), and the softmax is online: a running row maximum m and sum l; the tile's weights rescale the output rows
+//     it; bf16 inputs on an AVX512-BF16 CPU multiply in bf16 through oneDNN's brgemm), and the softmax is online: a running row maximum m and sum l; the tile's weights rescale the output rows
 //     by exp(m_old - m_new). Only O and lse = m + log(l) leave the forward.
 //   * Score modifiers, the bias, the mask and dropout are applied to a row of the tile while it sits in L1, in the
 //     order of the oracle: s = scale * q.k -> [additive terms] -> soft-cap -> [additive terms] -> + bias -> mask.
@@ -27,14 +27,19 @@
 
 #include <torch/extension.h>
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #ifndef SELFATTN_ISA
@@ -454,6 +459,126 @@ inline float exp_sum(float* s, int64_t n, float m) {
   return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
 }
 
+// ------------------------------------------------------------------------------ bf16 dot products (AVX512-BF16)
+
+// On a CPU with AVX512-BF16 a bf16 forward multiplies in bf16 with float32 sums: oneDNN's brgemm micro-kernel
+// through ATen (at::native::cpublas::brgemm), 1.6-2x MKL's sgemm on the tile shapes measured. Its B operand is in
+// VNNI-2 layout: element (k, n) at ((k / 2) * N + n) * 2 + k % 2, so the pairs of the reduction dimension sit in
+// one 32-bit word. The operands are packed per tile with zero padding: rows to a multiple of 16, keys to 32 (a
+// bounded set of shapes, each JIT-compiled once per thread), the reduction to even. P is rounded to bf16 before
+// P V, as a bf16 computation rounds it. The AVX2 and default builds, AMX CPUs (oneDNN's AMX layout is not this one
+// and no AMX machine was at hand to test it) and a failed self-test keep the float32 path (`selfattn info` says
+// which).
+constexpr int64_t kPadRows = 16, kPadKeys = 32;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct Bf16Dot {
+  bool ok = false;
+  std::string why;
+};
+
+// K rows (n x D, `ld` apart) -> B = K^T (D2 x np) in VNNI-2: word (d / 2, j) holds K[j][d], K[j][d + 1].
+inline void pack_kt(const uint16_t* K, int64_t ld, int64_t n, int64_t D, int64_t np, uint32_t* out) {
+  const int64_t pairs = (D + 1) / 2, full = D / 2;
+#if defined(CPU_CAPABILITY_AVX512)
+  if (ld % 2 == 0 && D % 2 == 0) {  // rows of whole words: ATen's 16 x 16 register transpose (moves, no arithmetic)
+    at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(K), ld / 2, reinterpret_cast<float*>(out), np,
+                                  static_cast<int>(n), static_cast<int>(full));
+    if (np > n)
+      for (int64_t pp = 0; pp < pairs; ++pp) std::fill(out + pp * np + n, out + (pp + 1) * np, 0u);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* row = K + j * ld;
+    for (int64_t pp = 0; pp < full; ++pp) {
+      uint32_t w;
+      std::memcpy(&w, row + 2 * pp, 4);
+      out[pp * np + j] = w;
+    }
+    if (full < pairs) out[full * np + j] = row[D - 1];
+  }
+  if (np > n)
+    for (int64_t pp = 0; pp < pairs; ++pp) std::fill(out + pp * np + n, out + (pp + 1) * np, 0u);
+}
+
+// V rows (n x Dv, `ld` apart) -> B = V (np x Dv) in VNNI-2: word (j / 2, c) holds V[j][c], V[j + 1][c].
+inline void pack_v(const uint16_t* V, int64_t ld, int64_t n, int64_t Dv, int64_t np, uint32_t* out) {
+  for (int64_t j = 0; j < np; j += 2) {
+    uint32_t* o = out + (j / 2) * Dv;
+    if (j + 1 < n) {
+      const uint16_t *a = V + j * ld, *b = a + ld;
+      for (int64_t c = 0; c < Dv; ++c) o[c] = uint32_t(a[c]) | (uint32_t(b[c]) << 16);
+    } else if (j < n) {
+      const uint16_t* a = V + j * ld;
+      for (int64_t c = 0; c < Dv; ++c) o[c] = a[c];
+    } else {
+      std::fill(o, o + Dv, 0u);
+    }
+  }
+}
+
+// C (M x N, ldc) (+)= A (M x K bf16, lda) B (VNNI-2, K x N).
+inline void bf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint32_t* B, float* C,
+                      int64_t ldc, bool add) {
+  at::native::cpublas::brgemm(M, N, K, lda, N, ldc, add, reinterpret_cast<const at::BFloat16*>(A),
+                              reinterpret_cast<const at::BFloat16*>(B), C, /*is_vnni=*/true);
+}
+
+// Whether the bf16 path runs here, checked once: built for AVX-512, the CPU has AVX512-BF16 and no AMX, and oneDNN's
+// brgemm gives the exact products of small integers on the shapes the kernel uses (odd reduction, odd N, 512 keys).
+const Bf16Dot& bf16_dot() {
+  static const Bf16Dot state = [] {
+    Bf16Dot s;
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512bf16")) {
+      s.why = "this CPU has no AVX512-BF16";
+      return s;
+    }
+    if (__builtin_cpu_supports("amx-bf16")) {
+      s.why = "AMX CPU: oneDNN's AMX operand layout is untested here";
+      return s;
+    }
+    try {
+      for (auto [M, K, N] : {std::array<int64_t, 3>{16, 30, 59}, std::array<int64_t, 3>{32, 64, 512}}) {
+        const int64_t K2 = round_up(K, 2);
+        std::vector<uint16_t> A(M * K2), Bt(N * K2);
+        std::vector<float> a(M * K), b(N * K), C(M * N, 0.f);
+        for (int64_t i = 0; i < M * K; ++i) a[i] = float(int((i * 7 + 3) % 9) - 4);
+        for (int64_t i = 0; i < N * K; ++i) b[i] = float(int((i * 5 + 1) % 7) - 3);
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t k = 0; k < K; ++k) A[i * K2 + k] = c10::BFloat16(a[i * K + k]).x;
+        for (int64_t j = 0; j < N; ++j)
+          for (int64_t k = 0; k < K; ++k) Bt[j * K2 + k] = c10::BFloat16(b[j * K + k]).x;
+        std::vector<uint32_t> Bv(K2 / 2 * N);
+        pack_kt(Bt.data(), K2, N, K2, N, Bv.data());
+        bf16_gemm(M, N, K2, A.data(), K2, Bv.data(), C.data(), N, false);
+        at::native::cpublas::brgemm_release(true);
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t j = 0; j < N; ++j) {
+            float want = 0.f;
+            for (int64_t k = 0; k < K; ++k) want += a[i * K + k] * b[j * K + k];
+            if (C[i * N + j] != want) {
+              s.why = "oneDNN's bf16 brgemm failed its self-test";
+              return s;
+            }
+          }
+      }
+    } catch (const std::exception& e) {
+      s.why = std::string("oneDNN's bf16 brgemm is unavailable: ") + e.what();
+      return s;
+    }
+    s.ok = true;
+#else
+    s.why = "built without AVX-512";
+#endif
+    return s;
+  }();
+  return state;
+}
+
 struct Forward {
   const Params& p;
   int64_t fold;    // query heads folded into one item's rows (the group when the mask ignores h, else 1)
@@ -463,6 +588,7 @@ struct Forward {
   float* part_o;   // (splits, B, Hq, Nq, Dv) when splits > 1
   float* part_m;   // (splits, B, Hq, Nq): row maximum
   float* part_l;   // (splits, B, Hq, Nq): row sum
+  bool dot16 = false;  // bf16 inputs multiplied in bf16 (bf16_dot()) on tiles of more than kFewRows rows
 
   int64_t heads_per_b() const { return p.Hq / fold; }
   int64_t items() const { return p.B * heads_per_b() * p.nqb * splits; }
@@ -475,28 +601,52 @@ struct Forward {
     const int64_t q0 = qb * p.BQ, nr = std::min(p.Nq, q0 + p.BQ) - q0, rows = fold * nr;
     const int64_t kb0 = sp * p.nkb / splits, kb1 = (sp + 1) * p.nkb / splits;
     const int64_t D = p.D, Dv = p.Dv, BK = p.BK;
-    const bool half = p.dtype != at::kFloat;
-    buf.resize(rows * (D + Dv + BK + 2) + (half ? BK * (D + Dv) : 0));
-    float *Q = buf.data(), *O = Q + rows * D, *S = O + rows * Dv, *m = S + rows * BK, *l = m + rows;
-    float *Kt = l + rows, *Vt = Kt + BK * D;  // converted K and V tiles (bf16 / fp16 inputs)
+    const bool half = p.dtype != at::kFloat, d16 = dot16 && rows > kFewRows;
+    // with bf16 products: rows padded to R, keys to NP, the reduction to D2; the bf16 operands after the floats
+    const int64_t R = d16 ? round_up(rows, kPadRows) : rows, NP = round_up(BK, kPadKeys), D2 = round_up(D, 2);
+    const int64_t floats = R * (D + Dv + BK + 2) + (half && !d16 ? BK * (D + Dv) : 0);
+    const int64_t words = d16 ? R * D2 / 2 + D2 / 2 * NP + R * NP / 2 + NP / 2 * Dv : 0;  // 32-bit words
+    buf.resize(floats + words + 16);
+    float *Q = buf.data(), *O = Q + R * D, *S = O + R * Dv, *m = S + R * BK, *l = m + R;
+    float *Kt = l + R, *Vt = Kt + BK * D;  // converted K and V tiles (bf16 / fp16 inputs)
+    uint32_t* w16 = reinterpret_cast<uint32_t*>(buf.data() + round_up(floats, 16));  // 64-byte aligned
+    uint16_t *Qb = reinterpret_cast<uint16_t*>(w16), *Pb = Qb + R * D2;   // R x D2, R x NP (bf16)
+    uint32_t *Kv = w16 + (R * D2 + R * NP) / 2, *Vv = Kv + D2 / 2 * NP;     // packed K^T and V tiles
     for (int64_t r = 0; r < rows; ++r) {  // Q rows of the folded heads, side by side for one GEMM
-      int64_t ld;
-      const float* src = input_rows(p, 0, b, h0 + r / nr, q0 + r % nr, 1, D, Q + r * D, ld);
-      if (src != Q + r * D) std::copy(src, src + D, Q + r * D);
+      if (d16) {
+        const int64_t h = h0 + r / nr, i = q0 + r % nr;
+        const uint16_t* src = static_cast<const uint16_t*>(p.raw[0]) + b * p.sq[0] + h * p.sq[1] + i * p.sq[2];
+        std::copy(src, src + D, Qb + r * D2);
+        if (D2 > D) Qb[r * D2 + D] = 0;
+      } else {
+        int64_t ld;
+        const float* src = input_rows(p, 0, b, h0 + r / nr, q0 + r % nr, 1, D, Q + r * D, ld);
+        if (src != Q + r * D) std::copy(src, src + D, Q + r * D);
+      }
       m[r] = kNegInf;
       l[r] = 0.f;
     }
-    std::fill(O, O + rows * Dv, 0.f);
+    if (d16) {  // padding rows: zero Q (their scores are ignored) and zero P (their output rows stay zero)
+      std::fill(Qb + rows * D2, Qb + R * D2, uint16_t(0));
+      std::fill(Pb + rows * NP, Pb + R * NP, uint16_t(0));
+    }
+    std::fill(O, O + R * Dv, 0.f);
     for (int64_t kb = kb0; kb < kb1; ++kb) {
       const Tile t = tile(p, qb, kb);
       if (t.state == kEmpty) continue;
-      const int64_t n = t.k_end - t.k0;
+      const int64_t n = t.k_end - t.k0, np = round_up(n, kPadKeys);
       int64_t ldk, ldv;
-      const float* K = input_rows(p, 1, b, hk, t.k0, n, D, Kt, ldk);
-      if (rows <= kFewRows)  // S = Q K^T
-        few_rows_qk(rows, n, D, Q, K, ldk, S, BK);
-      else
-        gemm(false, true, rows, n, D, 1.f, Q, D, K, ldk, 0.f, S, BK);
+      if (d16) {  // S = Q K^T in bf16 products
+        const uint16_t* K = static_cast<const uint16_t*>(p.raw[1]) + b * p.sk[0] + hk * p.sk[1] + t.k0 * p.sk[2];
+        pack_kt(K, p.sk[2], n, D, np, Kv);
+        bf16_gemm(R, np, D2, Qb, D2, Kv, S, BK, false);
+      } else {
+        const float* K = input_rows(p, 1, b, hk, t.k0, n, D, Kt, ldk);
+        if (rows <= kFewRows)  // S = Q K^T
+          few_rows_qk(rows, n, D, Q, K, ldk, S, BK);
+        else
+          gemm(false, true, rows, n, D, 1.f, Q, D, K, ldk, 0.f, S, BK);
+      }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t h = h0 + r / nr, i = q0 + r % nr;
         float* s = S + r * BK;
@@ -527,12 +677,23 @@ struct Forward {
         if (alpha != 1.f) at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, O + r * Dv, O + r * Dv, Dv);
         if constexpr (Ops::drop) drop_row(p, s, n, b, h, i, t.k0);
       }
+      if (d16) {  // O += P V: P rounded to bf16 as a bf16 computation rounds it
+        for (int64_t r = 0; r < rows; ++r) {
+          at::vec::convert(S + r * BK, reinterpret_cast<c10::BFloat16*>(Pb + r * NP), n);
+          std::fill(Pb + r * NP + n, Pb + r * NP + np, uint16_t(0));
+        }
+        const uint16_t* V = static_cast<const uint16_t*>(p.raw[2]) + b * p.sv[0] + hk * p.sv[1] + t.k0 * p.sv[2];
+        pack_v(V, p.sv[2], n, Dv, np, Vv);
+        bf16_gemm(R, Dv, np, Pb, NP, Vv, O, Dv, true);
+        continue;
+      }
       const float* V = input_rows(p, 2, b, hk, t.k0, n, Dv, Vt, ldv);
       if (rows <= kFewRows)  // O += P V
         few_rows_pv(rows, n, Dv, S, BK, V, ldv, O);
       else
         gemm(false, false, rows, Dv, n, 1.f, S, BK, V, ldv, 1.f, O, Dv);
     }
+    if (d16) at::native::cpublas::brgemm_release(true);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t h = h0 + r / nr, i = q0 + r % nr, row = (b * p.Hq + h) * p.Nq + i;
       if (splits > 1) {
@@ -883,6 +1044,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   Forward f{p, fold, splits, out.data_ptr<float>(), lse.data_ptr<float>(),
             splits > 1 ? part_o.data_ptr<float>() : nullptr, splits > 1 ? part_m.data_ptr<float>() : nullptr,
             splits > 1 ? part_l.data_ptr<float>() : nullptr};
+  f.dot16 = p.dtype == at::kBFloat16 && bf16_dot().ok && at::globalContext().userEnabledMkldnn();
   with_ops(p, [&](auto ops) { f.template run<decltype(ops)>(); });
   return {out, lse};
 }
@@ -946,4 +1108,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("isa") = SELFATTN_ISA;
   m.def("uses_mkl", &uses_mkl);
   m.def("_tanh", &soft_tanh_of, py::arg("x"));
+  m.def("bf16_dot", [] { return py::make_tuple(bf16_dot().ok, bf16_dot().why); });
 }
