@@ -566,6 +566,9 @@ const Bf16Dot& bf16_dot() {
             }
           }
       }
+    } catch (const c10::Error& e) {  // e.g. ONEDNN_MAX_CPU_ISA below AVX-512, or oneDNN disabled
+      s.why = std::string("oneDNN's bf16 brgemm is unavailable: ") + e.what_without_backtrace();
+      return s;
     } catch (const std::exception& e) {
       s.why = std::string("oneDNN's bf16 brgemm is unavailable: ") + e.what();
       return s;
