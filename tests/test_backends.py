@@ -259,3 +259,22 @@ def test_attention_call_init_takes_every_field_and_stays_read_only():
     assert dataclasses.replace(call, k_pos0=3).k_pos0 == 3 and call.k_pos0 == 0
     with pytest.raises(dataclasses.FrozenInstanceError):
         call.scale = 1.0
+
+
+def test_flex_past_its_compile_limit_raises_rather_than_running_uncompiled(monkeypatch):
+    """Past torch.compile's recompile limit FlexAttention ran uncompiled, holding every score (the fuzzer's warnings
+    showed it). The flex backend lifts the limit to RECOMPILE_LIMIT and raises BackendError past it; here the limit
+    is 1, so of two new signatures the second must raise, whatever this process compiled before."""
+    from selfattn.backends import BackendError, flex
+
+    if backends.get("flex").unavailable_reasons():
+        pytest.skip(f"flex: {backends.get('flex').unavailable_reasons()}")
+    monkeypatch.setattr(flex, "RECOMPILE_LIMIT", 1)
+    mask = masks.sliding_window(3)  # an object of this test's own: its signatures are new
+    shapes = [(1, 1, 5, 8), (1, 1, 7, 8)]
+    try:
+        selfattn.attention(*(torch.randn(shapes[0]) for _ in range(3)), mask=mask, backend="flex")
+    except BackendError:
+        pass
+    with pytest.raises(BackendError, match="compiled for 1 call signatures"):
+        selfattn.attention(*(torch.randn(shapes[1]) for _ in range(3)), mask=mask, backend="flex")

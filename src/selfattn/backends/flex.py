@@ -62,6 +62,28 @@ def _compiled():
     return torch.compile(flex_attention, dynamic=False)
 
 
+# Signatures FlexAttention may be compiled for in one process. torch.compile's own limit (8 per function) is
+# silent: past it, FlexAttention ran uncompiled, materialising every N_q x N_k score (the fuzzer's warnings showed
+# it). Past this one the call raises BackendError instead.
+RECOMPILE_LIMIT = 64
+
+
+def _run_compiled(*args, **kwargs):
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        try:
+            return _compiled()(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            from selfattn.backends import BackendError
+
+            raise BackendError(
+                f"flex: FlexAttention has been compiled for {RECOMPILE_LIMIT} call signatures in this process, and "
+                "past that torch would run it uncompiled (every score in memory). Reuse shapes and Mask / ScoreMod "
+                "objects, call torch._dynamo.reset() to start over, or choose another backend "
+                "(backend='native' or 'tiled' on the CPU)") from e
+
+
 # ------------------------------------------------------------------------------------ selfattn's functions, for Flex
 
 
@@ -231,7 +253,7 @@ class FlexBackend(Backend):
             v[:, :, :-1, -1] = 1.0  # the real keys' weight 1 − w
         signature = (call.device.type, q.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), id(prepared))
         t0 = time.perf_counter() if signature not in COMPILE_TIMES else None
-        result = _compiled()(q, k, v, score_mod=prepared.score_mod, block_mask=prepared.block_mask,
+        result = _run_compiled(q, k, v, score_mod=prepared.score_mod, block_mask=prepared.block_mask,
                              scale=call.scale, enable_gqa=call.H_q != call.H_kv, return_lse=not probe)
         if t0 is not None:
             COMPILE_TIMES[signature] = time.perf_counter() - t0
