@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -101,12 +100,9 @@ def vm(field: str) -> int:
 def machine() -> dict:
     import torch
 
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from selfattn.backends import choice
+
+    model = choice.cpu_model()
     return {"cpu": model, "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "cores": os.cpu_count(), "torch": torch.__version__, "loadavg": os.getloadavg()}
 

@@ -160,7 +160,9 @@ def cpu_name() -> str:
 
 
 @functools.cache
-def _cpu_name() -> str:
+def cpu_model() -> str:
+    """The CPU's model name, e.g. "AMD EPYC 9B14" (Linux's /proc/cpuinfo, else what ``platform`` knows): the one
+    reader the tables and every benchmark's machine record use."""
     model = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -170,8 +172,11 @@ def _cpu_name() -> str:
                     break
     except OSError:
         pass
-    model = model or platform.processor() or platform.machine() or "unknown CPU"
-    return f"{model} [{torch.backends.cpu.get_cpu_capability()}]"
+    return model or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _cpu_name() -> str:
+    return f"{cpu_model()} [{torch.backends.cpu.get_cpu_capability()}]"
 
 
 def device_name(device_type: str) -> str:
