@@ -1047,7 +1047,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   Forward f{p, fold, splits, out.data_ptr<float>(), lse.data_ptr<float>(),
             splits > 1 ? part_o.data_ptr<float>() : nullptr, splits > 1 ? part_m.data_ptr<float>() : nullptr,
             splits > 1 ? part_l.data_ptr<float>() : nullptr};
-  f.dot16 = p.dtype == at::kBFloat16 && bf16_dot().ok && at::globalContext().userEnabledMkldnn();
+  // (keys padded to kPadKeys must fit a row of S: BK is 512 from Python, any value at this entry point)
+  f.dot16 = p.dtype == at::kBFloat16 && p.BK % kPadKeys == 0 && bf16_dot().ok &&
+            at::globalContext().userEnabledMkldnn();
   with_ops(p, [&](auto ops) { f.template run<decltype(ops)>(); });
   return {out, lse};
 }
