@@ -482,22 +482,23 @@ struct Bf16Dot {
 inline void pack_kt(const uint16_t* K, int64_t ld, int64_t n, int64_t D, int64_t np, uint32_t* out) {
   const int64_t pairs = (D + 1) / 2, full = D / 2;
 #if defined(CPU_CAPABILITY_AVX512)
-  if (ld % 2 == 0 && D % 2 == 0) {  // rows of whole words: ATen's 16 x 16 register transpose (moves, no arithmetic)
+  const bool words = ld % 2 == 0 && D % 2 == 0;  // rows of whole words: ATen's 16 x 16 register transpose
+#else
+  const bool words = false;
+#endif
+  if (words) {  // moves only, no arithmetic: the bits of every pair arrive as they left
     at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(K), ld / 2, reinterpret_cast<float*>(out), np,
                                   static_cast<int>(n), static_cast<int>(full));
-    if (np > n)
-      for (int64_t pp = 0; pp < pairs; ++pp) std::fill(out + pp * np + n, out + (pp + 1) * np, 0u);
-    return;
-  }
-#endif
-  for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* row = K + j * ld;
-    for (int64_t pp = 0; pp < full; ++pp) {
-      uint32_t w;
-      std::memcpy(&w, row + 2 * pp, 4);
-      out[pp * np + j] = w;
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t* row = K + j * ld;
+      for (int64_t pp = 0; pp < full; ++pp) {
+        uint32_t w;
+        std::memcpy(&w, row + 2 * pp, 4);
+        out[pp * np + j] = w;
+      }
+      if (full < pairs) out[full * np + j] = row[D - 1];
     }
-    if (full < pairs) out[full * np + j] = row[D - 1];
   }
   if (np > n)
     for (int64_t pp = 0; pp < pairs; ++pp) std::fill(out + pp * np + n, out + (pp + 1) * np, 0u);
@@ -517,6 +518,12 @@ inline void pack_v(const uint16_t* V, int64_t ld, int64_t n, int64_t Dv, int64_t
       std::fill(o, o + Dv, 0u);
     }
   }
+}
+
+// Row j0 of q (which = 0), k (1) or v (2) at (b, h), as the raw 16-bit values of a bf16 input.
+inline const uint16_t* raw_rows(const Params& p, int which, int64_t b, int64_t h, int64_t j0) {
+  const int64_t* st = which == 0 ? p.sq : which == 1 ? p.sk : p.sv;
+  return static_cast<const uint16_t*>(p.raw[which]) + b * st[0] + h * st[1] + j0 * st[2];
 }
 
 // C (M x N, ldc) (+)= A (M x K bf16, lda) B (VNNI-2, K x N).
@@ -612,13 +619,13 @@ struct Forward {
     buf.resize(floats + words + 16);
     float *Q = buf.data(), *O = Q + R * D, *S = O + R * Dv, *m = S + R * BK, *l = m + R;
     float *Kt = l + R, *Vt = Kt + BK * D;  // converted K and V tiles (bf16 / fp16 inputs)
-    uint32_t* w16 = reinterpret_cast<uint32_t*>(buf.data() + round_up(floats, 16));  // 64-byte aligned
+    uint32_t* w16 = reinterpret_cast<uint32_t*>(buf.data() + round_up(floats, 16));  // 64 bytes past the floats
     uint16_t *Qb = reinterpret_cast<uint16_t*>(w16), *Pb = Qb + R * D2;   // R x D2, R x NP (bf16)
     uint32_t *Kv = w16 + (R * D2 + R * NP) / 2, *Vv = Kv + D2 / 2 * NP;     // packed K^T and V tiles
     for (int64_t r = 0; r < rows; ++r) {  // Q rows of the folded heads, side by side for one GEMM
       if (d16) {
         const int64_t h = h0 + r / nr, i = q0 + r % nr;
-        const uint16_t* src = static_cast<const uint16_t*>(p.raw[0]) + b * p.sq[0] + h * p.sq[1] + i * p.sq[2];
+        const uint16_t* src = raw_rows(p, 0, b, h, i);
         std::copy(src, src + D, Qb + r * D2);
         if (D2 > D) Qb[r * D2 + D] = 0;
       } else {
@@ -640,8 +647,7 @@ struct Forward {
       const int64_t n = t.k_end - t.k0, np = round_up(n, kPadKeys);
       int64_t ldk, ldv;
       if (d16) {  // S = Q K^T in bf16 products
-        const uint16_t* K = static_cast<const uint16_t*>(p.raw[1]) + b * p.sk[0] + hk * p.sk[1] + t.k0 * p.sk[2];
-        pack_kt(K, p.sk[2], n, D, np, Kv);
+        pack_kt(raw_rows(p, 1, b, hk, t.k0), p.sk[2], n, D, np, Kv);
         bf16_gemm(R, np, D2, Qb, D2, Kv, S, BK, false);
       } else {
         const float* K = input_rows(p, 1, b, hk, t.k0, n, D, Kt, ldk);
@@ -685,8 +691,7 @@ struct Forward {
           at::vec::convert(S + r * BK, reinterpret_cast<c10::BFloat16*>(Pb + r * NP), n);
           std::fill(Pb + r * NP + n, Pb + r * NP + np, uint16_t(0));
         }
-        const uint16_t* V = static_cast<const uint16_t*>(p.raw[2]) + b * p.sv[0] + hk * p.sv[1] + t.k0 * p.sv[2];
-        pack_v(V, p.sv[2], n, Dv, np, Vv);
+        pack_v(raw_rows(p, 2, b, hk, t.k0), p.sv[2], n, Dv, np, Vv);
         bf16_gemm(R, Dv, np, Pb, NP, Vv, O, Dv, true);
         continue;
       }
