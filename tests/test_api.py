@@ -183,7 +183,7 @@ def test_a_repeated_plain_call_skips_validation_and_gives_the_same_bits(backend,
     b = backends.get(backend or "native")
     if b.unavailable_reasons():
         pytest.skip(f"{b.name}: {b.unavailable_reasons()}")
-    causal = backend != "sdpa"  # sdpa keeps no causal call: whether torch's flag means selfattn's depends on N_k
+    causal = True
     g = torch.Generator().manual_seed(0)
     cache = torch.randn(1, 4, 90, 16, generator=g)
     q = torch.randn(1, 4, 1, 16, generator=g)
@@ -212,6 +212,55 @@ def test_a_repeated_plain_call_skips_validation_and_gives_the_same_bits(backend,
     q.requires_grad_()
     selfattn.attention(q, cache[:, :, :40], cache[:, :, 40:80], causal=causal, backend=backend)
     assert calls, "a call with gradients took the kept function"
+
+
+@pytest.mark.parametrize("backend", ["native", "sdpa"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+def test_a_repeated_training_call_is_kept_apart_and_gives_the_same_gradients(backend, heads, monkeypatch):
+    """A call that autograd records is kept under its own signature (a training step's attention): the second one
+    skips validation, and its output and the gradients of q, k, v equal, bit for bit, those of the whole way
+    (a call that is not plain); a call without gradients of the same shapes is not given the kept function."""
+    from selfattn import api, backends
+
+    b = backends.get(backend)
+    if b.unavailable_reasons():
+        pytest.skip(f"{b.name}: {b.unavailable_reasons()}")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, h, 45, 16, generator=g) for h in (heads[0], heads[1], heads[1]))
+    d_out = torch.randn(2, heads[0], 45, 16, generator=g)
+
+    def step(**extra):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = selfattn.attention(*leaves, causal=True, backend=backend, **extra)
+        return (out, *torch.autograd.grad(out, leaves, d_out))
+
+    step()
+    calls = []
+    real = api.make_call
+    monkeypatch.setattr(api, "make_call", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    kept = step()
+    assert calls == [], "the repeated training call was validated again"
+    whole = step(dropout_p=0.0, dropout_seed=0)  # not plain: the whole way
+    for name, a, w in zip(["out", "dq", "dk", "dv"], kept, whole, strict=True):
+        assert torch.equal(a, w), name
+    calls.clear()
+    out = selfattn.attention(q, k, v, causal=True, backend=backend)
+    assert calls, "a call without gradients took the training call's function"
+    assert out.grad_fn is None and torch.equal(out, kept[0].detach())
+
+
+def test_a_kept_sdpa_causal_signature_leaves_unaligned_calls_to_the_whole_way():
+    """sdpa's kept causal function serves N_q == N_k (torch's top-left flag is selfattn's bottom-right there); a later
+    call of the same signature with other N_k in the bucket is not one it serves, and goes the whole way (a dense
+    mask) with the right answer."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 20, 8, generator=g)
+    cache = torch.randn(1, 2, 30, 8, generator=g)
+    selfattn.attention(q, cache[:, :, :20], cache[:, :, :20], causal=True, backend="sdpa")  # kept
+    k, v = cache[:, :, :27], cache[:, :, 3:]
+    out = selfattn.attention(q, k, v, causal=True, backend="sdpa")
+    oracle = selfattn.attention(q.double(), k.double(), v.double(), causal=True, backend="reference")
+    testing.check_against_oracle(out, testing.naive(q, k, v, causal=True), oracle)
 
 
 def test_a_repeated_signature_still_rejects_what_validation_rejects():

@@ -28,32 +28,8 @@ def _qkv(B, H_q, H_kv, N_q, N_k, D, D_v=None, seed=0, grad=False):
 
 
 def _check(q, k, v, grads=True, **kw):
-    """native against the float64 oracle with the rule: output error at most 2x the naive computation's in the same
-    dtype, gradients 3x, plus the floors of selfattn.testing (the naive computation applies the same modifiers,
-    sinks and dropout bits)."""
-    out = selfattn.attention(q, k, v, backend="native", **kw)
-    q64, k64, v64 = (t.detach().double().requires_grad_(grads) for t in (q, k, v))
-    kw64 = {n: (t.detach().double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) and
-                t.is_floating_point() else t) for n, t in kw.items()}
-    ref = selfattn.attention(q64, k64, v64, backend="reference", **kw64)
-    qn, kn, vn = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
-    naive = testing.naive_modded(qn, kn, vn, **kw)
-    testing.check_against_oracle(out, naive, ref, what="native out")
-    if grads:
-        d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-        got = torch.autograd.grad(out, (q, k, v), d_out)
-        want = torch.autograd.grad(ref, (q64, k64, v64), d_out.double())
-        naive_grads = torch.autograd.grad(naive, (qn, kn, vn), d_out)
-        with torch.no_grad():
-            weights = selfattn.attention_weights(q64, k64, **{n: t for n, t in kw64.items() if n in (
-                "causal", "mask", "bias", "scale", "score_mod", "sinks")})
-            floors = testing.grad_floors(q64, k64, v64, d_out.double(), weights, scale=kw.get("scale"),
-                                         dtype=q.dtype)
-        keep = 1.0 - kw.get("dropout_p", 0.0)  # kept weights are scaled by 1 / (1 − p)
-        for name, a, r, n, floor in zip("qkv", got, want, naive_grads, floors, strict=True):
-            testing.check_against_oracle(a, n, r, factor=3.0, what=f"native d{name}",
-                                         floor=max(floor / keep, testing.floor_for(q.dtype, r.abs().max().item())))
-    return out
+    """native against the float64 oracle with the 2x / 3x rule (``selfattn.testing.check_backend``)."""
+    return testing.check_backend("native", q, k, v, grads=grads, **kw)
 
 
 @pytest.mark.parametrize("heads", [(9, 3), (32, 8), (8, 1)])
@@ -181,6 +157,56 @@ def test_modifier_parameters_get_their_gradients(mod):
         testing.check_against_oracle(a, n, r, factor=3.0, what=f"native d{name} ({mod})", floor=floor)
 
 
+@pytest.mark.parametrize("mod", ["alibi", "alibi-per-batch", "t5>>softcap"])
+def test_modifier_table_is_kept_across_decoding_steps_and_follows_edits(mod):
+    """Without gradients for its tensors, a modifier's table by distance is made once and reused as a view while a
+    cache grows (and made again, larger, when a step leaves its range); editing the slopes or table in place makes
+    it again. Every step is checked against the float64 oracle."""
+    H, B = 4, 2
+    g = torch.Generator().manual_seed(11)
+    param = torch.rand(B, H, generator=g) if mod == "alibi-per-batch" else \
+        torch.randn(H, 16, generator=g) if mod.startswith("t5") else score_mods.alibi_slopes(H)
+    score_mod = score_mods.relative_bias(param, buckets=16, bidirectional=False) >> score_mods.softcap(5.0) \
+        if mod.startswith("t5") else score_mods.alibi(param)
+    cache_k, cache_v = (torch.randn(B, 2, 400, 32, generator=g) for _ in range(2))
+    tables = []
+    for N_k in [37, 38, 39, 150, 151, 390]:
+        q = torch.randn(B, H, 1, 32, generator=g)
+        _check(q, cache_k[:, :, :N_k], cache_v[:, :, :N_k], grads=False, causal=True, score_mod=score_mod)
+        tables.append(native._DIST_TABLES[score_mod][2])
+    assert tables[0] is tables[1] is tables[2], "consecutive steps inside the table's range made it again"
+    assert tables[3] is not tables[2] and tables[3].shape[-1] > tables[2].shape[-1]
+    with torch.no_grad():
+        param.mul_(1.5)  # an in-place edit: the kept table must not be used
+    q = torch.randn(B, H, 1, 32, generator=g)
+    _check(q, cache_k[:, :, :390], cache_v[:, :, :390], grads=False, causal=True, score_mod=score_mod)
+    assert native._DIST_TABLES[score_mod][2] is not tables[-1]
+
+
+def test_the_entry_point_reads_dist_through_its_strides():
+    """dist may be a view (unit stride along the distances, any head and batch strides): the kept table's slices
+    and an expanded batch give what a contiguous copy gives, forward and backward."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 33, 16, generator=g) for _ in range(3))
+    L = 33 + 33 - 1
+    wide = torch.randn(1, 4, L + 50, generator=g)
+    views = {"slice": wide[..., 20:20 + L], "expanded-batch": wide[..., 20:20 + L].expand(2, 4, L)}
+    ext = native.extension()
+    for name, dist in views.items():
+        (q_, k_, v_), args = _kernel_args(q, k, v, dist=dist, d_min=-32, mask_kind=1)
+        (_, _, _), args_c = _kernel_args(q, k, v, dist=dist.contiguous(), d_min=-32, mask_kind=1)
+        out, lse = ext.forward(q_, k_, v_, **args)
+        out_c, lse_c = ext.forward(q_, k_, v_, **args_c)
+        assert torch.equal(out, out_c) and torch.equal(lse, lse_c), name
+        d_out = torch.randn(out.shape, generator=g)
+        back = {n: a for n, a in args.items() if n not in ("fold", "splits")}
+        back_c = {n: a for n, a in args_c.items() if n not in ("fold", "splits")}
+        got = ext.backward(q_, k_, v_, out, d_out, lse, **back)
+        want = ext.backward(q_, k_, v_, out, d_out, lse, **back_c)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b), name
+
+
 def test_soft_cap_tanh_against_float64():
     """The kernel's tanh, vector by vector: its polynomial (every lane |x| <= 0.75) within 1 ulp of float64's tanh
     (the fit's bound is 0.84 ulp: IEEE arithmetic, the same on every CPU), SLEEF's fallback within its documented 3.5
@@ -266,7 +292,8 @@ def _kernel_args(q, k, v, **over):
 
 
 @pytest.mark.parametrize("bad", ["float64", "mixed-half", "transposed-last", "overlapping-rows", "wrong-heads",
-                                 "wrong-batch", "bits-shape", "partial-without-bits", "dist-shape", "bias-shape",
+                                 "wrong-batch", "bits-shape", "partial-without-bits", "dist-shape", "dist-stride",
+                                 "bias-shape",
                                  "drop-rows", "fold", "splits", "state-value"])
 def test_the_entry_point_rejects_what_it_cannot_read(bad):
     """The extension checks every tensor it is handed; bad ones raise instead of reading out of bounds."""
@@ -295,6 +322,8 @@ def test_the_entry_point_rejects_what_it_cannot_read(bad):
         over = dict(mask_kind=2, states=torch.full((2, 1), 7, dtype=torch.int8), bits_at=bits_at, bits=bits)
     elif bad == "dist-shape":
         over = dict(dist=torch.zeros(1, 4, 10), d_min=-31)
+    elif bad == "dist-stride":
+        over = dict(dist=torch.zeros(1, 4, 63 * 2)[..., ::2], d_min=-31)
     elif bad == "bias-shape":
         over = dict(bias=torch.zeros(1, 4, 32, 31))
     elif bad == "drop-rows":

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import selfattn
-from selfattn import backends, masks, reference, score_mods
+from selfattn import backends, masks, reference, score_mods, testing
+from selfattn.backends import sdpa
 
 
 def _qkv(B=2, H_q=4, H_kv=2, N_q=37, N_k=90, D=32, seed=0):
@@ -27,6 +28,31 @@ def test_additive_modifiers_as_a_dense_mask_match_the_oracle(mod):
     dead = torch.isneginf(lse_ref)
     assert dead.any() and torch.equal(torch.isneginf(lse), dead) and (out[dead] == 0).all()
     torch.testing.assert_close(lse[~dead].double(), lse_ref[~dead], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", ["kernel", "views"])
+@pytest.mark.parametrize("case", ["causal", "none", "padding", "alibi", "decode"])
+def test_grouped_query_heads_forward_and_backward(groups, case, monkeypatch):
+    """Grouped-query calls, with the kernel taking the groups itself (this torch's, ``cpu_kernel_groups``) and with
+    the views used where it does not (folded rows, or K and V expanded per batch element), against the float64
+    oracle with the 2x / 3x rule."""
+    if groups == "kernel" and not sdpa.cpu_kernel_groups():
+        pytest.skip("this torch's CPU flash kernel does not take grouped K/V heads")
+    if groups == "views":
+        monkeypatch.setattr(sdpa, "cpu_kernel_groups", lambda: False)
+    backends.choice.MEMO.clear()  # kept runs were made with the other path
+    B, H_q, H_kv, N_q, N_k, D = 2, 6, 2, 37, 37, 24
+    kw = {"causal": dict(causal=True), "none": {},
+          "padding": dict(mask=masks.key_padding(torch.tensor([37, 20]))),
+          "alibi": dict(causal=True, score_mod=score_mods.alibi(score_mods.alibi_slopes(H_q))),
+          "decode": dict(causal=True)}[case]
+    if case == "decode":
+        N_q = 1  # one query: it sees every key, no mask
+    q, k, v = _qkv(B, H_q, H_kv, N_q, N_k, D, seed=3)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert not backends.get("sdpa").not_supported_reasons(selfattn.api.make_call(q, k, v, **kw))
+    testing.check_backend("sdpa", q, k, v, **kw)
+    backends.choice.MEMO.clear()
 
 
 def test_sinks_forward_and_a_bias_that_hides_a_row():

@@ -89,9 +89,9 @@ def attention(
     key = _repeat_key(q, k, v, causal, scale, backend) if plain else None
     if key is not None:
         run = choice.MEMO.get(key)
-        if run is not None and (return_lse is True or return_lse is False):
-            out, lse = run(q, k, v)
-            return (out, lse) if return_lse else out
+        done = run(q, k, v) if run is not None and (return_lse is True or return_lse is False) else None
+        if done is not None:  # (None: a call of this signature the kept function does not serve)
+            return done if return_lse else done[0]
     call = make_call(q, k, v, causal=causal, mask=mask, bias=bias, scale=scale, score_mod=score_mod, sinks=sinks,
                      dropout_p=dropout_p, dropout_seed=dropout_seed)
     if not isinstance(return_lse, bool):
@@ -116,23 +116,23 @@ def attention(
 
 
 def _repeat_key(q, k, v, causal, scale, backend) -> tuple | None:
-    """The signature under which a plain call (no mask object, bias, modifier, sinks, dropout or gradients) can skip
-    validation and planning the next time (``Backend.repeat``), or None: shapes, dtypes, devices, causal, scale,
-    backend, threads, with N_k by its bucket (a decoding cache grows by one key a step). Only exact types are keyed
-    (True and 1 hash alike), and N_k must equal v's, so whatever validation would reject never matches an entry."""
+    """The signature under which a plain call (no mask object, bias, modifier, sinks or dropout) can skip validation
+    and planning the next time (``Backend.repeat``), or None: shapes, dtypes, devices, causal, scale, backend,
+    threads, whether autograd records the call, with N_k by its bucket (a decoding cache grows by one key a step).
+    Only exact types are keyed (True and 1 hash alike), and N_k must equal v's, so whatever validation would reject
+    never matches an entry."""
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor or \
             (causal is not True and causal is not False) or not (scale is None or type(scale) is float) or \
             not (backend is None or type(backend) is str):
         return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return None
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return None
     ks, vs = k.shape, v.shape
     if not (q.shape[2] and ks[2] and ks[2] == vs[2]):  # what only validation can word goes the whole way
         return None
     return ("repeat", q.shape, ks[0], ks[1], choice.n_bucket(ks[2]), ks[3], vs[0], vs[1], vs[3], q.dtype, k.dtype,
-            v.dtype, q.device, k.device, v.device, causal, scale, backend, torch.get_num_threads())
+            v.dtype, q.device, k.device, v.device, causal, scale, backend, torch.get_num_threads(), grad)
 
 
 def attention_weights(

@@ -143,6 +143,37 @@ def grad_floors(q: Tensor, k: Tensor, v: Tensor, d_out: Tensor, weights: Tensor,
             2 * eps * max(1.0, do_max * max(1.0, col_mass)))
 
 
+def check_backend(backend: str, q: Tensor, k: Tensor, v: Tensor, *, grads: bool = True, **kw) -> Tensor:
+    """``selfattn.attention(q, k, v, backend=backend, **kw)`` against the float64 oracle with the rule: the output
+    within 2x the naive computation's error in the same dtype, the gradients of q, k, v (for a random d_out) within
+    3x, plus the floors above (the naive computation applies the same modifiers, sinks and dropout bits). q, k, v
+    require grad when ``grads``. Returns the backend's output."""
+    from selfattn import api
+
+    out = api.attention(q, k, v, backend=backend, **kw)
+    q64, k64, v64 = (t.detach().double().requires_grad_(grads) for t in (q, k, v))
+    kw64 = {n: (t.detach().double().requires_grad_(t.requires_grad) if isinstance(t, Tensor) and
+                t.is_floating_point() else t) for n, t in kw.items()}
+    ref = api.attention(q64, k64, v64, backend="reference", **kw64)
+    qn, kn, vn = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
+    naive = naive_modded(qn, kn, vn, **kw)
+    check_against_oracle(out, naive, ref, what=f"{backend} out")
+    if grads:
+        d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        got = torch.autograd.grad(out, (q, k, v), d_out)
+        want = torch.autograd.grad(ref, (q64, k64, v64), d_out.double())
+        naive_grads = torch.autograd.grad(naive, (qn, kn, vn), d_out)
+        with torch.no_grad():
+            weights = api.attention_weights(q64, k64, **{n: t for n, t in kw64.items() if n in (
+                "causal", "mask", "bias", "scale", "score_mod", "sinks")})
+            floors = grad_floors(q64, k64, v64, d_out.double(), weights, scale=kw.get("scale"), dtype=q.dtype)
+        keep = 1.0 - kw.get("dropout_p", 0.0)  # kept weights are scaled by 1 / (1 − p)
+        for name, a, r, n, floor in zip("qkv", got, want, naive_grads, floors, strict=True):
+            check_against_oracle(a, n, r, factor=3.0, what=f"{backend} d{name}",
+                                 floor=max(floor / keep, floor_for(q.dtype, r.abs().max().item())))
+    return out
+
+
 def check_against_third_party(ours: Tensor, theirs: Tensor, theirs_float64: Tensor, *, factor: float = 3.0,
                               what: str = "weights") -> tuple[float, float]:
     """Assert |ours − theirs| ≤ factor·|theirs − theirs_float64| + floor, for a third party's low-precision result

@@ -207,10 +207,13 @@ class Backend:
     def repeat(self, call: AttentionCall):
         """A function ``(q, k, v) -> (out, lse)`` for later calls with this one's signature (shapes, dtypes, device,
         causal, scale), except N_k, which may be any number of keys in N_k's bucket (``choice.n_bucket``): a
-        decoding step's cache grows by one key per step. None where the backend cannot promise that. Only plain
-        calls (no mask object, bias, modifier, sinks, dropout or gradients) ask. ``selfattn.attention`` keeps the
-        function per signature and calls it directly, so a repeated call pays neither the validation nor the
-        planning again; a backend offers it where that is most of a call."""
+        decoding step's cache grows by one key per step. None where the backend cannot promise that; the function
+        itself returns None for a call it does not serve after all, which then goes the whole way. Only plain
+        calls (no mask object, bias, modifier, sinks or dropout) ask; for a call that autograd records (q, k or v
+        requires grad) the function must be differentiable in q, k, v as ``forward`` is, and it is kept apart from
+        the one for calls without. ``selfattn.attention`` keeps the function per signature and calls it directly,
+        so a repeated call pays neither the validation nor the planning again; a backend offers it where that is
+        most of a call (a decoding step, or a training step's small attention)."""
         return None
 
     def forward_block(self, call: AttentionCall) -> tuple[Tensor, Tensor]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -167,10 +168,19 @@ def _shift_invariant(spec) -> bool:
 
 
 def _modifier(call: AttentionCall) -> tuple[float, list, bool] | str:
-    """(soft-cap or 0, additive ready-made modifiers, whether they come after the cap), or why not."""
+    """(soft-cap or 0, additive ready-made modifiers, whether they come after the cap), or why not; kept on the
+    modifier object (frozen: its spec never changes)."""
     mod = call.score_mod
     if mod is None:
         return 0.0, [], True
+    found = mod.__dict__.get("_native_modifier")
+    if found is None:
+        found = _split_modifier(mod)
+        object.__setattr__(mod, "_native_modifier", found)
+    return found
+
+
+def _split_modifier(mod) -> tuple[float, list, bool] | str:
     if mod.spec is None:
         return f"a custom score_mod ({mod.name}) runs as Python on tiles: the tiled backend takes it"
     leaves = score_mods.leaves(mod.spec)
@@ -185,21 +195,48 @@ def _modifier(call: AttentionCall) -> tuple[float, list, bool] | str:
     return cap, [score_mods.from_spec(leaf) for leaf in before + after], not before
 
 
-def _dist(call: AttentionCall, additive: list) -> tuple[Tensor | None, int]:
+def _dist(call: AttentionCall, additive: list) -> Tensor | None:
     """Σ of the additive modifiers by head and distance d = kv_pos − q_pos: (B or 1, H_q, N_q + N_k − 1) float32,
-    index d − d_min; differentiable in the slopes and tables."""
-    d_min = call.k_pos0 - (call.q_start + call.N_q - 1)
+    index d − d_min, unit stride along d. Differentiable in the slopes and tables when they require grad; otherwise
+    a view of a table kept per modifier object (``_DIST_TABLES``), so a decoding step or a layer that reuses its
+    modifier does not make it again."""
     if not additive:
-        return None, d_min
+        return None
+    d_min = call.k_pos0 - (call.q_start + call.N_q - 1)
     L = call.N_q + call.N_k - 1
-    per_batch = any(m.spec[0] == "alibi" and m.spec[1].dim() == 2 for m in additive)
-    b = torch.arange(call.B if per_batch else 1).view(-1, 1, 1, 1)
+    mod = call.score_mod
+    if torch.is_grad_enabled() and any(t.requires_grad for t in mod.captures):
+        return _dist_table(call, additive, d_min, L)
+    # (a table made under inference_mode cannot be saved for a backward: kept apart)
+    key = (call.B if _per_batch(additive) else 1, call.H_q, torch.is_inference_mode_enabled(),
+           tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in mod.captures))
+    kept = _DIST_TABLES.get(mod)
+    if kept is None or kept[0] != key or not kept[1] <= d_min <= d_min + L <= kept[1] + kept[2].shape[-1]:
+        lo, hi = d_min, d_min + L
+        if kept is not None and kept[0] == key:  # what was there too
+            lo, hi = min(lo, kept[1]), max(hi, kept[1] + kept[2].shape[-1])
+        lo, n = lo - (hi - lo), 3 * (hi - lo)  # room on both sides: a growing cache extends it rarely
+        with torch.no_grad():
+            kept = _DIST_TABLES[mod] = (key, lo, _dist_table(call, additive, lo, n))
+    return kept[2].narrow(-1, d_min - kept[1], L)
+
+
+def _per_batch(additive: list) -> bool:
+    return any(m.spec[0] == "alibi" and m.spec[1].dim() == 2 for m in additive)
+
+
+def _dist_table(call: AttentionCall, additive: list, lo: int, n: int) -> Tensor:
+    """The modifiers' Σ for distances lo .. lo + n − 1: (B or 1, H_q, n) float32, contiguous."""
+    b = torch.arange(call.B if _per_batch(additive) else 1).view(-1, 1, 1, 1)
     h = torch.arange(call.H_q).view(1, -1, 1, 1)
     qi = torch.zeros(1, 1, 1, 1, dtype=torch.long)
-    ki = torch.arange(d_min, d_min + L).view(1, 1, 1, L)
+    ki = torch.arange(lo, lo + n).view(1, 1, 1, n)
     zero = torch.zeros((), dtype=torch.float32)
     total = sum(m.score_mod(zero, b, h, qi, ki).float() for m in additive)
-    return total.expand(b.shape[0], call.H_q, 1, L).reshape(b.shape[0], call.H_q, L).contiguous(), d_min
+    return total.expand(b.shape[0], call.H_q, 1, n).reshape(b.shape[0], call.H_q, n).contiguous()
+
+
+_DIST_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ScoreMod -> (key, lo, table)
 
 
 def _dropout(call: AttentionCall):
@@ -363,9 +400,8 @@ def backward_f32(call: AttentionCall, q, k, v, dist, out, lse, d_out):
     cap, _, after = call_modifier(call)
     plan = _prepare(call, "backward")
     d_min = call.k_pos0 - (call.q_start + call.N_q - 1)
-    out, d_out, lse = (t.float().contiguous() for t in (out, d_out, lse))
-    delta = (d_out * out).sum(-1).contiguous()
-    grads = extension().backward(q, k, v, out, d_out, lse, delta, **_args(call, plan, dist, d_min, cap, after))
+    out, d_out, lse = (t.float().contiguous() for t in (out, d_out, lse))  # the kernel makes rowsum(dO * O) itself
+    grads = extension().backward(q, k, v, out, d_out, lse, **_args(call, plan, dist, d_min, cap, after))
     return (*grads[:3], grads[3] if dist is not None else None)
 
 
@@ -425,7 +461,7 @@ class NativeBackend(Backend):
         dist = None
         if call.score_mod is not None:
             _, additive, _ = call_modifier(call)
-            dist, _ = _dist(call, additive)
+            dist = _dist(call, additive)
         if call.needs_grad:  # bf16 / fp16 as given: the forward reads them (bf16 products where the CPU has them)
             out, lse = _NativeAttention.apply(_rows(call.q), _rows(call.k), _rows(call.v), dist, call.sinks, call)
         else:  # nothing here needs autograd: the kernel's outputs carry none; half precision is converted per tile
@@ -441,6 +477,14 @@ class NativeBackend(Backend):
             return None
         launch, ext, scale, dtype = _launch(call), extension(), call.scale, call.dtype
         B, H_q, N_q, fold, BQ, BK = call.B, call.H_q, call.N_q, launch.fold, launch.mask_args[1], launch.mask_args[2]
+        if call.needs_grad:  # a training step: the autograd function, with this call's mask for the backward
+            mask, causal = call.mask, call.causal
+
+            def run_grad(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+                out, lse = _NativeAttention.apply(_rows(q), _rows(k), _rows(v), None, None,
+                                                  AttentionCall(q, k, v, scale, mask, None, causal))
+                return (out if out.dtype is dtype else out.to(dtype)), lse
+            return run_grad
 
         def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             N_k = k.shape[2]
@@ -453,13 +497,13 @@ class NativeBackend(Backend):
     def forward_block(self, call: AttentionCall):
         _, additive, _ = call_modifier(call)
         with torch.no_grad():
-            dist, _ = _dist(call, additive)
+            dist = _dist(call, additive)
             return forward_f32(call, _f32(call.q), _f32(call.k), _f32(call.v), dist)
 
     def backward_block(self, call: AttentionCall, out, lse, d_out):
         _, additive, _ = call_modifier(call)
         with torch.no_grad():
-            dist, _ = _dist(call, additive)
+            dist = _dist(call, additive)
             return backward_f32(call, _f32(call.q), _f32(call.k), _f32(call.v), dist, out, lse, d_out)[:3]
 
 

@@ -5,7 +5,8 @@ take no mask, a top-left causal flag, or a dense additive mask. This backend han
 the same thing as selfattn's call, and declines the rest with the reason:
 
 * no mask; ``causal`` where top-left equals selfattn's bottom-right (queries and keys aligned, N_q == N_k) or where
-  every query sees every key (decoding); grouped-query attention (K and V are not copied on the CPU);
+  every query sees every key (decoding); grouped-query attention (K and V are not copied on the CPU: the kernel
+  takes the groups itself where this torch's does, ``cpu_kernel_groups``, else views fold them);
 * any other mask, an additive ``bias``, or an additive ready-made score modifier (ALiBi, relative and T5 biases)
   as one dense float mask, when it is small: at most ``DENSE_MAX_ELEMENTS`` after broadcasting (a key-padding
   mask is (B, 1, 1, N_k) whatever N_q; a causal or window mask is N_q x N_k). Past that the dense mask costs more
@@ -27,6 +28,7 @@ log-sum-exp (CPU) for a row that sees no key; such rows are set to zeros with ls
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -140,6 +142,22 @@ def _dense_plan(call: AttentionCall, dtype: torch.dtype) -> _Plan:
     return _Plan(add=add, dead=dead)
 
 
+@functools.cache
+def cpu_kernel_groups() -> bool:
+    """Whether this torch's CPU flash kernel takes fewer K/V heads than query heads itself (grouped-query attention
+    without copies, as ``enable_gqa`` uses it), checked once on a small call against the same call with K and V
+    repeated per query head."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 3, 8, generator=g)
+    k, v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(2))
+    try:
+        got = _FLASH_CPU(q, k, v, 0.0, True, scale=0.5)[0]
+    except RuntimeError:
+        return False
+    want = _FLASH_CPU(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), 0.0, True, scale=0.5)[0]
+    return bool(torch.equal(got, want))
+
+
 def _run_cpu(call: AttentionCall, plan: _Plan, add: Tensor | None) -> tuple[Tensor, Tensor]:
     """The CPU flash kernel, K and V shared by the query heads of a group without copies. Shapes as in the call."""
     q, k, v = call.q, call.k, call.v
@@ -151,7 +169,7 @@ def _run_cpu(call: AttentionCall, plan: _Plan, add: Tensor | None) -> tuple[Tens
         else:
             q, k = (torch.nn.functional.pad(t, (0, D_v - D)) for t in (q, k))
     g = H_q // k.shape[1]
-    if g == 1:
+    if g == 1 or cpu_kernel_groups():
         out, lse = _FLASH_CPU(q, k, v, 0.0, plan.causal, attn_mask=add, scale=call.scale)[:2]
     elif not plan.causal and (add is None or (add.shape[1] == 1 and add.shape[2] == 1)):
         # rows independent of the head: the g query heads of a group are g·N_q rows of one head (B, H_kv, g·N_q, D)
@@ -221,8 +239,9 @@ class SdpaBackend(Backend):
     def forward(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
         call = dense_rows(call)  # the kernels below SDPA's public API misread a strided head dim
         run = self._plain_run(call)
-        if run is not None:  # the shortest path (decoding steps cost about the kernel's 20 µs): nothing to plan
-            return run(call.q, call.k, call.v)
+        done = run(call.q, call.k, call.v) if run is not None else None
+        if done is not None:  # the shortest path (decoding steps cost about the kernel's 20 µs): nothing to plan
+            return done
         mask_dtype = call.dtype if call.device.type == "cpu" and call.dtype in (torch.float32, torch.float64) \
             else torch.float32
         plan = _plan(call, mask_dtype) if _needs_dense(call) else (_Plan() if call.mask is None else
@@ -246,24 +265,27 @@ class SdpaBackend(Backend):
         return out, lse
 
     def repeat(self, call: AttentionCall):
-        """On the CPU, a call without extras whose mask is none or causal that torch's flag expresses: one kernel
-        call (q, k, v with a strided head dim are made dense first, see base.dense_rows). Kept for later calls
-        (``Backend.repeat``) only without a mask: whether torch's causal flag means selfattn's depends on N_k."""
-        return self._plain_run(call) if call.mask is None else None
+        """On the CPU, a call without extras whose mask is none or causal: one kernel call (q, k, v with a strided
+        head dim are made dense first, see base.dense_rows), kept for later calls (``Backend.repeat``)."""
+        return self._plain_run(call)
 
     def _plain_run(self, call: AttentionCall):
+        """``run(q, k, v) -> (out, lse)``, or None from ``run`` for a causal call torch's top-left flag does not
+        express (N_q > 1 queries against N_k != N_q keys: a kept signature's N_k varies within its bucket)."""
         if not (call.device.type == "cpu" and call.bias is None and call.score_mod is None and call.sinks is None
-                and not call.dropout_p and call.H_q == call.H_kv and call.D == call.D_v
+                and not call.dropout_p and (call.H_q == call.H_kv or cpu_kernel_groups()) and call.D == call.D_v
                 and (call.mask is None or call.mask.spec == ("causal",)) and call.q_pos0 is None and not call.k_pos0):
             return None
-        causal = call.mask is not None and _causal_flag(call)
-        if causal is None:
-            return None
-        scale = call.scale
+        causal, scale = call.mask is not None, call.scale
 
-        def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
+            flag = False  # no mask, or one query: it sees every key
+            if causal and q.shape[2] > 1:
+                if q.shape[2] != k.shape[2]:
+                    return None
+                flag = True  # aligned: top-left is bottom-right
             q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v))
-            out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)[:2]
+            out, lse = _FLASH_CPU(q, k, v, 0.0, flag, scale=scale)[:2]
             return out, (lse if lse.dtype == torch.float32 else lse.float())
         return run
 

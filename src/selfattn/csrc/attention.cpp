@@ -179,7 +179,7 @@ struct Params {
   // modifiers
   float cap = 0.f;                    // soft-cap; 0 = none
   const float* dist = nullptr;        // (Bd, Hq, L) additive term by distance kv_pos - q_pos, index d - d_min
-  int64_t dist_sb = 0, dist_L = 0, d_min = 0;
+  int64_t dist_B = 1, dist_sb = 0, dist_sh = 0, dist_L = 0, d_min = 0;  // dist's batches, strides and length
   bool dist_after_cap = true;
   const float* bias = nullptr;        // additive bias, strides (b, h, q, k); k stride 0 or 1
   int64_t sbias[4] = {0, 0, 0, 0};
@@ -269,7 +269,7 @@ inline void modify_row(const Params& p, float* s, int64_t n, int64_t b, int64_t 
   at::vec::map([sc](Vec x) { return x * sc; }, s, s, n);
   if constexpr (Ops::dist) {
     // distance of key k0 from row i, kv_pos - q_pos; the term for key k0 + j is dist_row[j]
-    dist_row = p.dist + b * p.dist_sb + h * p.dist_L + (p.k_pos0 + k0 - p.q_pos(i) - p.d_min);
+    dist_row = p.dist + b * p.dist_sb + h * p.dist_sh + (p.k_pos0 + k0 - p.q_pos(i) - p.d_min);
     if (!p.dist_after_cap) at::vec::map2([](Vec x, Vec y) { return x + y; }, s, s, dist_row, n);
   }
   if constexpr (Ops::cap) {
@@ -417,24 +417,54 @@ const float* input_rows(const Params& p, int which, int64_t b, int64_t h, int64_
 // s = exp(s - m) with the row sum in another (four passes before). exp is SLEEF's 1-ulp one (Vectorized::exp), not
 // ATen's faster exp_u20 polynomial that torch's own kernel uses: exp_u20(0) is not 1, so a row's lse was off by up
 // to 4.4 eps, and the backward's P = exp(S - lse) carried it past the 3x rule (found by make fuzz: one key, dV).
-template <bool CAP>
-inline float scale_max(float* s, int64_t n, float scale, float cap) {
+// The additive terms of one row as the fused pass reads them: `dist` (the modifiers' term by distance, key j at
+// dist[j]; before the cap or after it) and `bias` (key j at bias[j * bias_step], step 0 or 1).
+struct RowTerms {
+  const float* dist = nullptr;
+  bool dist_after = true;
+  const float* bias = nullptr;
+  int64_t bias_step = 1;
+};
+
+template <class Ops>
+inline RowTerms row_terms(const Params& p, int64_t b, int64_t h, int64_t i, int64_t k0) {
+  RowTerms rt;
+  if constexpr (Ops::dist) {
+    rt.dist = p.dist + b * p.dist_sb + h * p.dist_sh + (p.k_pos0 + k0 - p.q_pos(i) - p.d_min);
+    rt.dist_after = p.dist_after_cap;
+  }
+  if constexpr (Ops::bias) {
+    rt.bias = p.bias + b * p.sbias[0] + h * p.sbias[1] + i * p.sbias[2] + k0 * p.sbias[3];
+    rt.bias_step = p.sbias[3];
+  }
+  return rt;
+}
+
+// s = the modified scores of one row (modify_row's ops in its order, for keys [0, n)) with the row maximum, in one
+// pass: x * scale, + dist (before the cap), cap * tanh(x / cap), + dist (after it), + bias.
+template <class Ops>
+inline float scale_max(float* s, int64_t n, float scale, float cap, const RowTerms& rt) {
   constexpr int64_t W = Vec::size();
-  const Vec sc(scale), inv(CAP ? 1.f / cap : 1.f), c(cap);
-  auto f = [&](Vec x) {  // the ops and their order of modify_row: x * scale, then cap * tanh(x / cap)
+  const Vec sc(scale), inv(Ops::cap ? 1.f / cap : 1.f), c(cap);
+  const float b0 = Ops::bias ? rt.bias[0] : 0.f;
+  auto f = [&](Vec x, int64_t j, int64_t m) {
+    auto load = [m](const float* a) { return m == W ? Vec::loadu(a) : Vec::loadu(a, m); };
     x = x * sc;
-    if constexpr (CAP) x = soft_tanh(x * inv) * c;
+    if constexpr (Ops::dist) if (!rt.dist_after) x = x + load(rt.dist + j);
+    if constexpr (Ops::cap) x = soft_tanh(x * inv) * c;
+    if constexpr (Ops::dist) if (rt.dist_after) x = x + load(rt.dist + j);
+    if constexpr (Ops::bias) x = x + (rt.bias_step ? load(rt.bias + j) : Vec(b0));
     return x;
   };
   Vec mx(kNegInf);
   int64_t j = 0;
   for (; j + W <= n; j += W) {
-    const Vec x = f(Vec::loadu(s + j));
+    const Vec x = f(Vec::loadu(s + j), j, W);
     x.store(s + j);
     mx = at::vec::maximum(mx, x);
   }
   if (j < n) {
-    const Vec x = f(Vec::loadu(s + j, n - j));
+    const Vec x = f(Vec::loadu(s + j, n - j), j, n - j);
     x.store(s + j, n - j);
     mx = at::vec::maximum(mx, Vec::set(Vec(kNegInf), x, n - j));
   }
@@ -661,10 +691,10 @@ struct Forward {
         float* s = S + r * BK;
         const uint8_t* bits = t.bits ? bits_for(p, t, b, h) + (i - q0) * p.BK : nullptr;
         float mx;
-        if (!Ops::dist && !Ops::bias && (t.state != kPartial || p.mask_kind == 1)) {  // plain or soft-capped
-          int64_t nv = n;  // scores, causal or not: one pass over the keys the row sees, the rest -inf
+        if (t.state != kPartial || p.mask_kind == 1) {  // no mask bits: one pass over the keys the row sees
+          int64_t nv = n;  // (causal or not), the rest -inf
           if (t.state == kPartial) nv = std::clamp<int64_t>(p.q_pos(i) - p.k_pos0 - t.k0 + 1, 0, n);
-          mx = nv > 0 ? scale_max<Ops::cap>(s, nv, p.scale, p.cap) : kNegInf;
+          mx = nv > 0 ? scale_max<Ops>(s, nv, p.scale, p.cap, row_terms<Ops>(p, b, h, i, t.k0)) : kNegInf;
           std::fill(s + nv, s + n, kNegInf);
         } else {
           modify_row<Ops>(p, s, n, b, h, i, t.k0, t.state, bits, nullptr);
@@ -836,7 +866,7 @@ struct Backward {
           at::vec::map3([dl](Vec pp, Vec ww, Vec gg) { return ww * gg - pp * dl; }, dp, s, w, dp, n);
           float* dd = nullptr;
           if constexpr (Ops::dist) {
-            dd = ddist + (p.dist_sb ? b : 0) * p.Hq * p.dist_L + h * p.dist_L + (p.k_pos0 + k0 - p.q_pos(i) - p.d_min);
+            dd = ddist + (p.dist_B > 1 ? b : 0) * p.Hq * p.dist_L + h * p.dist_L + (p.k_pos0 + k0 - p.q_pos(i) - p.d_min);
             if (p.dist_after_cap) at::vec::map2([](Vec x, Vec y) { return x + y; }, dd, dd, dp, n);
           }
           if constexpr (Ops::cap) {
@@ -990,13 +1020,17 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   TORCH_CHECK_VALUE(cap >= 0 && std::isfinite(cap), "selfattn native: cap must be finite and >= 0");
   if (dist) {
     check_f32(*dist, "dist", {-1, Hq, Nq + Nk - 1});
-    TORCH_CHECK_VALUE(dist->is_contiguous() && (dist->size(0) == 1 || dist->size(0) == B),
-                      "selfattn native: dist must be contiguous (1 or B, H_q, N_q + N_k - 1)");
+    TORCH_CHECK_VALUE((dist->size(0) == 1 || dist->size(0) == B) && dist->stride(2) == 1 && dist->stride(1) >= 0 &&
+                          dist->stride(0) >= 0,
+                      "selfattn native: dist must be (1 or B, H_q, N_q + N_k - 1) with unit stride along the "
+                      "distances, got strides ", dist->strides());
     // every row's distances must lie inside the table
     TORCH_CHECK_VALUE(d_min == k_pos0 - (q_start + Nq - 1), "selfattn native: d_min must be k_pos0 - last q_pos");
     p.dist = dist->data_ptr<float>();
     p.dist_L = dist->size(2);
-    p.dist_sb = dist->size(0) == 1 ? 0 : Hq * p.dist_L;
+    p.dist_B = dist->size(0);
+    p.dist_sb = p.dist_B == 1 ? 0 : dist->stride(0);
+    p.dist_sh = dist->stride(1);
     p.d_min = d_min;
     p.dist_after_cap = dist_after_cap;
   }
@@ -1061,7 +1095,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 
 // Returns dq, dk, dv and, with `dist`, its gradient (1 or B, H_q, L).
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                 const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta, double scale,
+                                 const at::Tensor& dout, const at::Tensor& lse, double scale,
                                  int64_t q_start, int64_t k_pos0, int64_t mask_kind, int64_t BQ, int64_t BK,
                                  const c10::optional<at::Tensor>& states, const c10::optional<at::Tensor>& bits_at,
                                  const c10::optional<at::Tensor>& bits, double cap,
@@ -1073,8 +1107,19 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   check_out(out, "out", {p.B, p.Hq, p.Nq, p.Dv});
   check_out(dout, "d_out", {p.B, p.Hq, p.Nq, p.Dv});
   check_out(lse, "lse", {p.B, p.Hq, p.Nq});
-  check_out(delta, "delta", {p.B, p.Hq, p.Nq});
-  const int64_t S = slots();
+  const int64_t S = slots(), rows = p.B * p.Hq * p.Nq;
+  // delta = rowsum(dO * O), the softmax's share of dS, one dot product per row
+  auto delta = at::empty({p.B, p.Hq, p.Nq}, q.options());
+  {
+    const float *o = out.data_ptr<float>(), *g = dout.data_ptr<float>();
+    float* dl = delta.data_ptr<float>();
+    const int64_t Dv = p.Dv;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / Dv), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        dl[r] = at::vec::map2_reduce_all<float>([](Vec x, Vec y) { return x * y; },
+                                               [](Vec x, Vec y) { return x + y; }, o + r * Dv, g + r * Dv, Dv);
+    });
+  }
   auto dq_slots = at::zeros({S, p.B, p.Hq, p.Nq, p.D}, q.options());
   auto dk = at::empty({p.B, p.Hkv, p.Nk, p.D}, q.options());
   auto dv = at::empty({p.B, p.Hkv, p.Nk, p.Dv}, q.options());
@@ -1085,8 +1130,24 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
               dq_slots.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
               dist ? ddist_slots.data_ptr<float>() : nullptr, Bd};
   with_ops(p, [&](auto ops) { bw.template run<decltype(ops)>(); });
-  // slots summed in a fixed order: the same result run to run at a fixed thread count
-  at::Tensor dq = (S == 1 ? dq_slots[0] : dq_slots.sum(0)).mul_(scale);
+  // slots summed in a fixed order and scaled in one pass: the same result run to run at a fixed thread count
+  at::Tensor dq = at::empty({p.B, p.Hq, p.Nq, p.D}, q.options());
+  {
+    const float* sl = dq_slots.data_ptr<float>();
+    float* d = dq.data_ptr<float>();
+    const int64_t n = rows * p.D;
+    const Vec sc(static_cast<float>(scale));
+    at::parallel_for(0, n, 16384, [&](int64_t j0, int64_t j1) {
+      if (S == 1) {
+        at::vec::map([sc](Vec x) { return x * sc; }, d + j0, sl + j0, j1 - j0);
+        return;
+      }
+      at::vec::map2([](Vec x, Vec y) { return x + y; }, d + j0, sl + j0, sl + n + j0, j1 - j0);
+      for (int64_t s_ = 2; s_ < S; ++s_)
+        at::vec::map2([](Vec x, Vec y) { return x + y; }, d + j0, d + j0, sl + s_ * n + j0, j1 - j0);
+      at::vec::map([sc](Vec x) { return x * sc; }, d + j0, d + j0, j1 - j0);
+    });
+  }
   std::vector<at::Tensor> res{dq, dk, dv};
   if (dist) res.push_back(S == 1 ? ddist_slots[0] : ddist_slots.sum(0));
   return res;
@@ -1114,7 +1175,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "selfattn's fused CPU attention kernel (see selfattn/csrc/attention.cpp)";
   namespace py = pybind11;
   m.def("forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("q_start"), py::arg("k_pos0"), py::arg("mask_kind"), py::arg("BQ"), py::arg("BK"), py::arg("states"), py::arg("bits_at"), py::arg("bits"), py::arg("cap"), py::arg("dist"), py::arg("d_min"), py::arg("dist_after_cap"), py::arg("bias"), py::arg("drop_rows"), py::arg("drop_cols"), py::arg("drop_T"), py::arg("drop_scale"), py::arg("fold"), py::arg("splits"));
-  m.def("backward", &backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("d_out"), py::arg("lse"), py::arg("delta"), py::arg("scale"), py::arg("q_start"), py::arg("k_pos0"), py::arg("mask_kind"), py::arg("BQ"), py::arg("BK"), py::arg("states"), py::arg("bits_at"), py::arg("bits"), py::arg("cap"), py::arg("dist"), py::arg("d_min"), py::arg("dist_after_cap"), py::arg("bias"), py::arg("drop_rows"), py::arg("drop_cols"), py::arg("drop_T"), py::arg("drop_scale"));
+  m.def("backward", &backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("d_out"), py::arg("lse"), py::arg("scale"), py::arg("q_start"), py::arg("k_pos0"), py::arg("mask_kind"), py::arg("BQ"), py::arg("BK"), py::arg("states"), py::arg("bits_at"), py::arg("bits"), py::arg("cap"), py::arg("dist"), py::arg("d_min"), py::arg("dist_after_cap"), py::arg("bias"), py::arg("drop_rows"), py::arg("drop_cols"), py::arg("drop_T"), py::arg("drop_scale"));
   m.attr("isa") = SELFATTN_ISA;
   m.def("uses_mkl", &uses_mkl);
   m.def("_tanh", &soft_tanh_of, py::arg("x"));
