@@ -852,21 +852,25 @@ struct Backward {
             const Vec lv(L);
             at::vec::map([lv](Vec x) { return (x - lv).exp(); }, s, s, n);
           }
-          float* w = W + r * BK;
-          std::copy(s, s + n, w);
-          if constexpr (Ops::drop) drop_row(p, w, n, b, h, i, k0);
+          if constexpr (Ops::drop) {  // without dropout W is P itself
+            float* w = W + r * BK;
+            std::copy(s, s + n, w);
+            drop_row(p, w, n, b, h, i, k0);
+          }
         }
+        const float* Wt = Ops::drop ? W : S;
         const float* dO = dout + row0 * Dv;
-        gemm(true, false, n, Dv, nr, 1.f, W, BK, dO, Dv, 1.f, dV, Dv);     // dV += W^T dO
+        gemm(true, false, n, Dv, nr, 1.f, Wt, BK, dO, Dv, 1.f, dV, Dv);    // dV += W^T dO
         gemm(false, true, nr, n, Dv, 1.f, dO, Dv, V, p.sv[2], 0.f, dP, BK);  // dP = dO V^T
         for (int64_t r = 0; r < nr; ++r) {  // dS = W * dP - P * delta, then back through the modifiers
           const int64_t i = q0 + r;
-          float *s = S + r * BK, *w = W + r * BK, *dp = dP + r * BK;
+          float *s = S + r * BK, *dp = dP + r * BK;
+          const float* w = Wt + r * BK;
           const Vec dl(delta[row0 + r]);
           at::vec::map3([dl](Vec pp, Vec ww, Vec gg) { return ww * gg - pp * dl; }, dp, s, w, dp, n);
           float* dd = nullptr;
           if constexpr (Ops::dist) {
-            dd = ddist + (p.dist_B > 1 ? b : 0) * p.Hq * p.dist_L + h * p.dist_L + (p.k_pos0 + k0 - p.q_pos(i) - p.d_min);
+            dd = ddist + ((p.dist_B > 1 ? b : 0) * p.Hq + h) * p.dist_L + (p.k_pos0 + k0 - p.q_pos(i) - p.d_min);
             if (p.dist_after_cap) at::vec::map2([](Vec x, Vec y) { return x + y; }, dd, dd, dp, n);
           }
           if constexpr (Ops::cap) {
