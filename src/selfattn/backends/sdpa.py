@@ -284,9 +284,11 @@ class SdpaBackend(Backend):
                 if q.shape[2] != k.shape[2]:
                     return None
                 flag = True  # aligned: top-left is bottom-right
-            q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v))
-            out, lse = _FLASH_CPU(q, k, v, 0.0, flag, scale=scale)[:2]
-            return out, (lse if lse.dtype == torch.float32 else lse.float())
+            if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # (rare: a strided head dim)
+                q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v))
+            r = _FLASH_CPU(q, k, v, 0.0, flag, scale=scale)
+            lse = r[1]
+            return r[0], (lse if lse.dtype is torch.float32 else lse.float())
         return run
 
 
