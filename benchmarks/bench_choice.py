@@ -108,10 +108,22 @@ def choice_cost():
     return {"choose_us": round(choose * 1e6, 3), "make_call_us": round(make * 1e6, 3)}
 
 
+def markdown(rows: list[dict]) -> str:
+    def ms(x: float) -> str:
+        return f"{x:.3f} ms" if x < 10 else f"{x:.1f} ms"
+
+    lines = ["| call kind | dtype | N_q × N_k | mode | chosen | selfattn | SDPA | ratio |",
+             "|---|---|---|---|---|---:|---:|---:|"]
+    lines += [f"| {r['case']} | {r['dtype']} | {r['N_q']} × {r['N_k']} | {r['mode']} | {r['chosen']} | "
+              f"{ms(r['selfattn_ms'])} | {ms(r['sdpa_ms'])} | {r['ratio']:.2f}× |" for r in rows]
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default="benchmarks/results/choice_cpu.json")
+    p.add_argument("--markdown", action="store_true", help="also print the rows as a markdown table (docs/benchmarks.md)")
     args = p.parse_args()
     load_before = os.getloadavg()
     cost = choice_cost()
@@ -126,6 +138,8 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    if args.markdown:
+        print(markdown(rows))
     worst = max(rows, key=lambda r: r["ratio"])
     print(f"wrote {args.out}; worst ratio {worst['ratio']:.2f}x ({worst['case']} {worst['dtype']} {worst['N_k']} "
           f"{worst['mode']})")

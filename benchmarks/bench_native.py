@@ -8,7 +8,7 @@ and keeps the median, so ratios compare like with like on a loaded machine. Grou
   mods      causal, H = 8, N = 4k and 8k: soft-cap, ALiBi, relative bias, sinks, dropout 0.1 against plain native
             (targets <= 1.15x, dropout <= 1.3x), forward and forward + backward
   decode    1 query, GQA 9/3 and 32/8, D = 64 and 128, N_k = 16 .. 32k: native / SDPA through selfattn.attention
-            (target <= 0.8); N_k = 16 measures the fixed cost of a call
+            (target <= 0.8); N_k = 16 measures the fixed cost of a call; with ALiBi against plain native
   half      bf16 and fp16 forward + backward against native float32 (target <= 1.1x)
   memory    peak RSS above the inputs at N = 65,536, forward, in a fresh process (target <= 1.25x of q, k, v, out)
 
@@ -151,9 +151,12 @@ def group_decode(rounds, lengths):
 
     import selfattn
 
+    from selfattn import score_mods
+
     rows = []
     F = torch.nn.functional
     for heads in ((9, 3), (32, 8)):
+        alibi = score_mods.alibi(score_mods.alibi_slopes(heads[0]))  # one object per model, as a model keeps it
         for D in (64, 128):
             for N_k in lengths:
                 q, k, v = _qkv(1, heads[0], heads[1], 1, N_k, D)
@@ -161,11 +164,15 @@ def group_decode(rounds, lengths):
                     "native": lambda q=q, k=k, v=v: selfattn.attention(q, k, v, causal=True, backend="native"),
                     "auto": lambda q=q, k=k, v=v: selfattn.attention(q, k, v, causal=True),
                     "sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                    # a decoding step with ALiBi (BLOOM, MPT): its table by distance is kept between steps
+                    "alibi": lambda q=q, k=k, v=v: selfattn.attention(q, k, v, causal=True, score_mod=alibi,
+                                                                      backend="native"),
                 }
                 t = medians({n: (lambda f=f: [f() for _ in range(20)]) for n, f in fs.items()}, rounds)
                 t = {n: s / 20 for n, s in t.items()}
                 rows.append({"H_q": heads[0], "H_kv": heads[1], "D": D, "N_k": N_k, **t,
-                             "ratio": t["native"] / t["sdpa"], "auto_ratio": t["auto"] / t["sdpa"]})
+                             "ratio": t["native"] / t["sdpa"], "auto_ratio": t["auto"] / t["sdpa"],
+                             "alibi_x_native": t["alibi"] / t["native"]})
                 print(rows[-1], flush=True)
             _fixed_cost([r for r in rows if (r["H_q"], r["D"]) == (heads[0], D)])
     return rows
