@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import selfattn
-from selfattn import backends, masks, testing
+from selfattn import backends, masks, score_mods, testing
 
 
 def qkv(B=1, H_q=2, H_kv=2, N_q=4, N_k=4, D=8, D_v=8, dtype=torch.float32):
@@ -247,6 +247,54 @@ def test_a_repeated_training_call_is_kept_apart_and_gives_the_same_gradients(bac
     out = selfattn.attention(q, k, v, causal=True, backend=backend)
     assert calls, "a call without gradients took the training call's function"
     assert out.grad_fn is None and torch.equal(out, kept[0].detach())
+
+
+def test_a_model_s_modifier_object_is_kept_with_its_decoding_steps(monkeypatch):
+    """A ready-made modifier object passed again (a model's ALiBi, a decoding loop) joins the kept signature from
+    its second call: later steps skip validation and give the whole way's bits, an in-place edit of its slopes is
+    seen, and a modifier made anew per call, or one whose slopes require grad, is never kept."""
+    from selfattn import api, backends
+    from selfattn.backends import choice
+
+    if backends.get("native").unavailable_reasons():
+        pytest.skip("native kernel not built")
+    g = torch.Generator().manual_seed(6)
+    slopes = score_mods.alibi_slopes(4)
+    alibi = score_mods.alibi(slopes)
+    cache_k, cache_v = (torch.randn(1, 2, 200, 16, generator=g) for _ in range(2))
+    q = torch.randn(1, 4, 1, 16, generator=g)
+
+    def step(n, mod=alibi, **extra):
+        return selfattn.attention(q, cache_k[:, :, :n], cache_v[:, :, :n], causal=True, score_mod=mod,
+                                  backend="native", return_lse=True, **extra)
+
+    step(100), step(101)  # the first call of the object goes the whole way; the second keeps the signature
+    calls = []
+    real = api.make_call
+    monkeypatch.setattr(api, "make_call", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    kept = [step(n) for n in (102, 103, 120)]
+    assert calls == [], "a kept modifier's decoding step was validated again"
+    for n, (out, lse) in zip((102, 103, 120), kept, strict=True):
+        want = step(n, dropout_p=0.0, dropout_seed=0)  # not plain: the whole way
+        assert torch.equal(out, want[0]) and torch.equal(lse, want[1]), n
+    with torch.no_grad():
+        slopes.mul_(2.0)  # edited in place after it was kept
+    out = step(121)[0]
+    k, v = cache_k[:, :, :121], cache_v[:, :, :121]
+    oracle = selfattn.attention(q.double(), k.double(), v.double(), causal=True, score_mod=alibi, backend="reference")
+    testing.check_against_oracle(out, testing.naive_modded(q, k, v, causal=True, score_mod=alibi), oracle)
+    monkeypatch.setattr(api, "make_call", real)
+    def kept_functions():
+        return sum(isinstance(key, tuple) and key[:1] == ("repeat",) for key in choice.MEMO)
+
+    before = kept_functions()
+    for n in (130, 131, 132):
+        step(n, mod=score_mods.alibi(score_mods.alibi_slopes(4)))  # a new object per call
+        step(n, mod=score_mods.alibi(score_mods.alibi_slopes(4).requires_grad_()))
+    grad_mod = score_mods.alibi(score_mods.alibi_slopes(4).requires_grad_())
+    for n in (140, 141, 142):
+        step(n, mod=grad_mod)
+    assert kept_functions() == before, "modifiers made per call, or with gradients, filled the memo"
 
 
 def test_a_kept_sdpa_causal_signature_leaves_unaligned_calls_to_the_whole_way():

@@ -83,10 +83,11 @@ def attention(
         >>> selfattn.attention(q, k, v, causal=True).shape
         torch.Size([1, 2, 5, 8])
     """
-    plain = mask is None and bias is None and score_mod is None and sinks is None and \
+    plain = mask is None and bias is None and sinks is None and \
+        (score_mod is None or type(score_mod) is score_mods.ScoreMod and score_mod.spec is not None) and \
         type(dropout_p) in (float, int) and dropout_p == 0 and dropout_seed is None and \
         not torch.compiler.is_compiling()  # exact types: a tensor dropout_p goes to validation, which words it
-    key = _repeat_key(q, k, v, causal, scale, backend) if plain else None
+    key = _repeat_key(q, k, v, causal, scale, backend, score_mod) if plain else None
     if key is not None:
         run = choice.MEMO.get(key)
         done = run(q, k, v) if run is not None and (return_lse is True or return_lse is False) else None
@@ -106,7 +107,7 @@ def attention(
             lse = call.sinks.detach().float().view(1, -1, 1).expand_as(lse).clone()
     else:
         out, lse = ops.forward(call, backend)  # the custom op while torch.compile traces (see selfattn.ops)
-        if key is not None:
+        if key is not None and _seen_twice(score_mod):
             run = backends.choose(call, backend).repeat(call)
             if run is not None:
                 if len(choice.MEMO) >= choice.MEMO_MAX:
@@ -115,24 +116,36 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-def _repeat_key(q, k, v, causal, scale, backend) -> tuple | None:
-    """The signature under which a plain call (no mask object, bias, modifier, sinks or dropout) can skip validation
-    and planning the next time (``Backend.repeat``), or None: shapes, dtypes, devices, causal, scale, backend,
-    threads, whether autograd records the call, with N_k by its bucket (a decoding cache grows by one key a step).
-    Only exact types are keyed (True and 1 hash alike), and N_k must equal v's, so whatever validation would reject
-    never matches an entry."""
+def _repeat_key(q, k, v, causal, scale, backend, score_mod=None) -> tuple | None:
+    """The signature under which a plain call (no mask object, bias, sinks or dropout; a ready-made score modifier
+    object at most) can skip validation and planning the next time (``Backend.repeat``), or None: shapes, dtypes,
+    devices, causal, scale, backend, threads, whether autograd records the call, the modifier object itself, with
+    N_k by its bucket (a decoding cache grows by one key a step). Only exact types are keyed (True and 1 hash alike),
+    and N_k must equal v's, so whatever validation would reject never matches an entry."""
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor or \
             (causal is not True and causal is not False) or not (scale is None or type(scale) is float) or \
             not (backend is None or type(backend) is str):
         return None
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if score_mod is not None and (grad or any(t.requires_grad for t in score_mod.captures)):
+        return None  # a modifier's call with gradients goes the whole way
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return None
     ks, vs = k.shape, v.shape
     if not (q.shape[2] and ks[2] and ks[2] == vs[2]):  # what only validation can word goes the whole way
         return None
     return ("repeat", q.shape, ks[0], ks[1], choice.n_bucket(ks[2]), ks[3], vs[0], vs[1], vs[3], q.dtype, k.dtype,
-            v.dtype, q.device, k.device, v.device, causal, scale, backend, torch.get_num_threads(), grad)
+            v.dtype, q.device, k.device, v.device, causal, scale, backend, torch.get_num_threads(), grad, score_mod)
+
+
+def _seen_twice(score_mod) -> bool:
+    """Whether a kept function is worth making for this call: always without a modifier; with one, from the second
+    call that passes the same object (a model keeps its ALiBi modifier; one made per call would only fill the
+    memo)."""
+    if score_mod is None or score_mod.__dict__.get("_repeat_seen"):
+        return True
+    object.__setattr__(score_mod, "_repeat_seen", True)
+    return False
 
 
 def attention_weights(

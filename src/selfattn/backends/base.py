@@ -209,7 +209,8 @@ class Backend:
         causal, scale), except N_k, which may be any number of keys in N_k's bucket (``choice.n_bucket``): a
         decoding step's cache grows by one key per step. None where the backend cannot promise that; the function
         itself returns None for a call it does not serve after all, which then goes the whole way. Only plain
-        calls (no mask object, bias, modifier, sinks or dropout) ask; for a call that autograd records (q, k or v
+        calls (no mask object, bias, sinks or dropout; a ready-made score modifier object passed a second time, and
+        without gradients, is part of the signature) ask; for a call that autograd records (q, k or v
         requires grad) the function must be differentiable in q, k, v as ``forward`` is, and it is kept apart from
         the one for calls without. ``selfattn.attention`` keeps the function per signature and calls it directly,
         so a repeated call pays neither the validation nor the planning again; a backend offers it where that is

@@ -198,17 +198,22 @@ def _split_modifier(mod) -> tuple[float, list, bool] | str:
 def _dist(call: AttentionCall, additive: list) -> Tensor | None:
     """Σ of the additive modifiers by head and distance d = kv_pos − q_pos: (B or 1, H_q, N_q + N_k − 1) float32,
     index d − d_min, unit stride along d. Differentiable in the slopes and tables when they require grad; otherwise
-    a view of a table kept per modifier object (``_DIST_TABLES``), so a decoding step or a layer that reuses its
+    a view of a table kept per modifier object (``_dist_view``), so a decoding step or a layer that reuses its
     modifier does not make it again."""
     if not additive:
         return None
     d_min = call.k_pos0 - (call.q_start + call.N_q - 1)
     L = call.N_q + call.N_k - 1
-    mod = call.score_mod
-    if torch.is_grad_enabled() and any(t.requires_grad for t in mod.captures):
-        return _dist_table(call, additive, d_min, L)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in call.score_mod.captures):
+        return _dist_table(call.B, call.H_q, additive, d_min, L)
+    return _dist_view(call.score_mod, additive, call.B, call.H_q, d_min, L)
+
+
+def _dist_view(mod, additive: list, B: int, H_q: int, d_min: int, L: int) -> Tensor:
+    """Distances d_min .. d_min + L − 1 of the table kept for ``mod`` (made again, larger, when they leave it, or
+    when its tensors were edited in place)."""
     # (a table made under inference_mode cannot be saved for a backward: kept apart)
-    key = (call.B if _per_batch(additive) else 1, call.H_q, torch.is_inference_mode_enabled(),
+    key = (B if _per_batch(additive) else 1, H_q, torch.is_inference_mode_enabled(),
            tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in mod.captures))
     kept = _DIST_TABLES.get(mod)
     if kept is None or kept[0] != key or not kept[1] <= d_min <= d_min + L <= kept[1] + kept[2].shape[-1]:
@@ -217,7 +222,7 @@ def _dist(call: AttentionCall, additive: list) -> Tensor | None:
             lo, hi = min(lo, kept[1]), max(hi, kept[1] + kept[2].shape[-1])
         lo, n = lo - (hi - lo), 3 * (hi - lo)  # room on both sides: a growing cache extends it rarely
         with torch.no_grad():
-            kept = _DIST_TABLES[mod] = (key, lo, _dist_table(call, additive, lo, n))
+            kept = _DIST_TABLES[mod] = (key, lo, _dist_table(B, H_q, additive, lo, n))
     return kept[2].narrow(-1, d_min - kept[1], L)
 
 
@@ -225,15 +230,15 @@ def _per_batch(additive: list) -> bool:
     return any(m.spec[0] == "alibi" and m.spec[1].dim() == 2 for m in additive)
 
 
-def _dist_table(call: AttentionCall, additive: list, lo: int, n: int) -> Tensor:
+def _dist_table(B: int, H_q: int, additive: list, lo: int, n: int) -> Tensor:
     """The modifiers' Σ for distances lo .. lo + n − 1: (B or 1, H_q, n) float32, contiguous."""
-    b = torch.arange(call.B if _per_batch(additive) else 1).view(-1, 1, 1, 1)
-    h = torch.arange(call.H_q).view(1, -1, 1, 1)
+    b = torch.arange(B if _per_batch(additive) else 1).view(-1, 1, 1, 1)
+    h = torch.arange(H_q).view(1, -1, 1, 1)
     qi = torch.zeros(1, 1, 1, 1, dtype=torch.long)
     ki = torch.arange(lo, lo + n).view(1, 1, 1, n)
     zero = torch.zeros((), dtype=torch.float32)
     total = sum(m.score_mod(zero, b, h, qi, ki).float() for m in additive)
-    return total.expand(b.shape[0], call.H_q, 1, n).reshape(b.shape[0], call.H_q, n).contiguous()
+    return total.expand(b.shape[0], H_q, 1, n).reshape(b.shape[0], H_q, n).contiguous()
 
 
 _DIST_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ScoreMod -> (key, lo, table)
@@ -472,11 +477,25 @@ class NativeBackend(Backend):
 
     def repeat(self, call: AttentionCall):
         """For later calls that differ from this one only in N_k (a decoding step: the cache grows by one), with no
-        mask or plain causal: nothing else the kernel is told depends on N_k but what ``run`` works out."""
+        mask or plain causal, and a ready-made modifier without gradients at most (its table by distance is a view
+        per call): nothing else the kernel is told depends on N_k but what ``run`` works out."""
         if call.mask is not None and call.mask.spec != ("causal",) or call.q_pos0 is not None or call.k_pos0:
             return None
         launch, ext, scale, dtype = _launch(call), extension(), call.scale, call.dtype
         B, H_q, N_q, fold, BQ, BK = call.B, call.H_q, call.N_q, launch.fold, launch.mask_args[1], launch.mask_args[2]
+        if call.score_mod is not None:
+            if call.needs_grad:
+                return None
+            mod, (_, additive, _) = call.score_mod, call_modifier(call)
+
+            def run_mod(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+                N_k = k.shape[2]
+                dist = _dist_view(mod, additive, B, H_q, 1 - N_k, N_q + N_k - 1) if additive else None
+                out, lse = ext.forward(_rows(q), _rows(k), _rows(v), scale, N_k - N_q, 0, *launch.mask_args,
+                                       launch.cap, dist, 1 - N_k, launch.after, None, None, None, 0, 1.0, fold,
+                                       _split_count(B, H_q, fold, N_q, BQ, BK, N_k))
+                return (out if out.dtype is dtype else out.to(dtype)), lse
+            return run_mod
         if call.needs_grad:  # a training step: the autograd function, with this call's mask for the backward
             mask, causal = call.mask, call.causal
 
