@@ -113,7 +113,8 @@ def test_gpt_training_step_matches_the_reference_backend(device, served):
         _, loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         results[backend] = (loss.item(), [p.grad.clone() for p in model.parameters()])
-    _only(served[: len(served) // 2], device)  # the first pass, with the default backend
+        if backend is None:  # the first pass, with the default backend (a layer whose signature was kept skips the
+            _only(list(served), device)  # registry: only the first one of a signature is recorded)
     (loss, grads), (ref_loss, ref_grads) = results[None], results["reference"]
     # fixed bounds, why: a float32 model whose attention is either fast or the oracle (rounded to float32): rtol 1e-5 ~
     # 84 ulps (run on the scalar, AVX2, AVX-512 kernels by make test-portable); a wrong mask, scale or position moves
