@@ -483,20 +483,9 @@ class NativeBackend(Backend):
             return None
         launch, ext, scale, dtype = _launch(call), extension(), call.scale, call.dtype
         B, H_q, N_q, fold, BQ, BK = call.B, call.H_q, call.N_q, launch.fold, launch.mask_args[1], launch.mask_args[2]
-        if call.score_mod is not None:
-            if call.needs_grad:
-                return None
-            mod, (_, additive, _) = call.score_mod, call_modifier(call)
-
-            def run_mod(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-                N_k = k.shape[2]
-                dist = _dist_view(mod, additive, B, H_q, 1 - N_k, N_q + N_k - 1) if additive else None
-                out, lse = ext.forward(_rows(q), _rows(k), _rows(v), scale, N_k - N_q, 0, *launch.mask_args,
-                                       launch.cap, dist, 1 - N_k, launch.after, None, None, None, 0, 1.0, fold,
-                                       _split_count(B, H_q, fold, N_q, BQ, BK, N_k))
-                return (out if out.dtype is dtype else out.to(dtype)), lse
-            return run_mod
         if call.needs_grad:  # a training step: the autograd function, with this call's mask for the backward
+            if call.score_mod is not None:
+                return None
             mask, causal = call.mask, call.causal
 
             def run_grad(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -504,11 +493,13 @@ class NativeBackend(Backend):
                                                   AttentionCall(q, k, v, scale, mask, None, causal))
                 return (out if out.dtype is dtype else out.to(dtype)), lse
             return run_grad
+        mod, (_, additive, _) = call.score_mod, call_modifier(call)
 
         def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             N_k = k.shape[2]
+            dist = _dist_view(mod, additive, B, H_q, 1 - N_k, N_q + N_k - 1) if additive else None
             out, lse = ext.forward(_rows(q), _rows(k), _rows(v), scale, N_k - N_q, 0, *launch.mask_args, launch.cap,
-                                   None, 1 - N_k, launch.after, None, None, None, 0, 1.0, fold,
+                                   dist, 1 - N_k, launch.after, None, None, None, 0, 1.0, fold,
                                    _split_count(B, H_q, fold, N_q, BQ, BK, N_k))
             return (out if out.dtype is dtype else out.to(dtype)), lse
         return run

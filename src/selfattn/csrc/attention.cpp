@@ -260,18 +260,39 @@ struct RowOps {
 
 // s[0:n) = scores of row i (head h, batch b) against keys k0..k0+n: modifiers, bias, mask, in the oracle's order.
 // `t` (backward with a soft-cap) receives tanh(x / cap) for dS * (1 - tanh^2).
+// The additive terms of one row as modify_row and the fused pass read them: `dist` (the modifiers' term by distance, key j at
+// dist[j]; before the cap or after it) and `bias` (key j at bias[j * bias_step], step 0 or 1).
+struct RowTerms {
+  const float* dist = nullptr;
+  bool dist_after = true;
+  const float* bias = nullptr;
+  int64_t bias_step = 1;
+};
+
+template <class Ops>
+inline RowTerms row_terms(const Params& p, int64_t b, int64_t h, int64_t i, int64_t k0) {
+  RowTerms rt;
+  if constexpr (Ops::dist) {  // key k0 + j is at distance kv_pos - q_pos; its term is dist[j]
+    rt.dist = p.dist + b * p.dist_sb + h * p.dist_sh + (p.k_pos0 + k0 - p.q_pos(i) - p.d_min);
+    rt.dist_after = p.dist_after_cap;
+  }
+  if constexpr (Ops::bias) {
+    rt.bias = p.bias + b * p.sbias[0] + h * p.sbias[1] + i * p.sbias[2] + k0 * p.sbias[3];
+    rt.bias_step = p.sbias[3];
+  }
+  return rt;
+}
+
 template <class Ops>
 inline void modify_row(const Params& p, float* s, int64_t n, int64_t b, int64_t h, int64_t i, int64_t k0,
                        int8_t state, const uint8_t* bits_row, float* t) {
   const int64_t VN = Vec::size();
-  const float* dist_row = nullptr;
+  const RowTerms rt = row_terms<Ops>(p, b, h, i, k0);
   // the scale after the product, as the naive computation rounds it (scaling Q first was measured 3x less exact)
   const Vec sc(p.scale);
   at::vec::map([sc](Vec x) { return x * sc; }, s, s, n);
   if constexpr (Ops::dist) {
-    // distance of key k0 from row i, kv_pos - q_pos; the term for key k0 + j is dist_row[j]
-    dist_row = p.dist + b * p.dist_sb + h * p.dist_sh + (p.k_pos0 + k0 - p.q_pos(i) - p.d_min);
-    if (!p.dist_after_cap) at::vec::map2([](Vec x, Vec y) { return x + y; }, s, s, dist_row, n);
+    if (!rt.dist_after) at::vec::map2([](Vec x, Vec y) { return x + y; }, s, s, rt.dist, n);
   }
   if constexpr (Ops::cap) {
     const Vec inv(1.f / p.cap), c(p.cap);
@@ -288,14 +309,13 @@ inline void modify_row(const Params& p, float* s, int64_t n, int64_t b, int64_t 
     }
   }
   if constexpr (Ops::dist) {
-    if (p.dist_after_cap) at::vec::map2([](Vec x, Vec y) { return x + y; }, s, s, dist_row, n);
+    if (rt.dist_after) at::vec::map2([](Vec x, Vec y) { return x + y; }, s, s, rt.dist, n);
   }
   if constexpr (Ops::bias) {
-    const float* br = p.bias + b * p.sbias[0] + h * p.sbias[1] + i * p.sbias[2] + k0 * p.sbias[3];
-    if (p.sbias[3] == 1) {
-      at::vec::map2([](Vec x, Vec y) { return x + y; }, s, s, br, n);
+    if (rt.bias_step == 1) {
+      at::vec::map2([](Vec x, Vec y) { return x + y; }, s, s, rt.bias, n);
     } else {
-      const float add = br[0];
+      const float add = rt.bias[0];
       at::vec::map([add](Vec x) { return x + Vec(add); }, s, s, n);
     }
   }
@@ -431,29 +451,6 @@ const float* input_rows(const Params& p, int which, int64_t b, int64_t h, int64_
 // s = exp(s - m) with the row sum in another (four passes before). exp is SLEEF's 1-ulp one (Vectorized::exp), not
 // ATen's faster exp_u20 polynomial that torch's own kernel uses: exp_u20(0) is not 1, so a row's lse was off by up
 // to 4.4 eps, and the backward's P = exp(S - lse) carried it past the 3x rule (found by make fuzz: one key, dV).
-// The additive terms of one row as the fused pass reads them: `dist` (the modifiers' term by distance, key j at
-// dist[j]; before the cap or after it) and `bias` (key j at bias[j * bias_step], step 0 or 1).
-struct RowTerms {
-  const float* dist = nullptr;
-  bool dist_after = true;
-  const float* bias = nullptr;
-  int64_t bias_step = 1;
-};
-
-template <class Ops>
-inline RowTerms row_terms(const Params& p, int64_t b, int64_t h, int64_t i, int64_t k0) {
-  RowTerms rt;
-  if constexpr (Ops::dist) {
-    rt.dist = p.dist + b * p.dist_sb + h * p.dist_sh + (p.k_pos0 + k0 - p.q_pos(i) - p.d_min);
-    rt.dist_after = p.dist_after_cap;
-  }
-  if constexpr (Ops::bias) {
-    rt.bias = p.bias + b * p.sbias[0] + h * p.sbias[1] + i * p.sbias[2] + k0 * p.sbias[3];
-    rt.bias_step = p.sbias[3];
-  }
-  return rt;
-}
-
 // s = the modified scores of one row (modify_row's ops in its order, for keys [0, n)) with the row maximum, in one
 // pass: x * scale, + dist (before the cap), cap * tanh(x / cap), + dist (after it), + bias.
 template <class Ops>
