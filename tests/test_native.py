@@ -118,6 +118,40 @@ def test_dropout_drops_the_oracles_weights_bit_for_bit():
     testing.check_against_oracle(w, naive, oracle, what="native dropped weights")
 
 
+@pytest.mark.parametrize("seed", [0, 1234, 2**31 - 2, 2**32 - 1, 2**40 + 7, -5])
+def test_dropout_halves_are_score_mods_hash_bit_for_bit(seed):
+    """The extension makes the per-row and per-key halves itself; they must be score_mods' bits, at any seed and at
+    negative and shifted positions (rows before the first key, a block of keys further on)."""
+    B, H, q_start, N_q, k_pos0, N_k = 2, 3, -7, 29, 1000, 41
+    rows, cols = native.extension().dropout_halves(seed & 0xFFFFFFFF, B, H, q_start, N_q, k_pos0, N_k)
+    b, h = torch.arange(B).view(-1, 1, 1), torch.arange(H).view(1, -1, 1)
+    qi = torch.arange(q_start, q_start + N_q).view(1, 1, -1)
+    assert rows.dtype == cols.dtype == torch.int32 and rows.shape == (B, H, N_q) and cols.shape == (N_k,)
+    assert torch.equal(rows, score_mods.dropout_rows(seed, b, h, qi))
+    assert torch.equal(cols, score_mods.dropout_cols(seed, torch.arange(k_pos0, k_pos0 + N_k)))
+
+
+@pytest.mark.parametrize("N_k", [300, 6000])  # 6000 keys for one query: flash-decoding's parts meet the sinks
+def test_sinks_join_in_the_kernel_as_add_sinks_does(N_k):
+    """The kernel's last step adds each head's sink to the softmax. Against the oracle it is no worse than the
+    kernel without sinks followed by score_mods.add_sinks (what it replaces); a row that sees no key gets zeros and
+    lse = sink; a sink of -inf changes nothing, bit for bit."""
+    N_q = 1 if N_k > 1000 else 37
+    q, k, v = _qkv(2, 4, 2, N_q, N_k, 24, D_v=20)
+    mask = masks.key_padding(torch.tensor([0, N_k - 9]))  # batch 0 sees no key at all
+    sinks = torch.tensor([0.5, -2.0, 3.0, -math.inf])
+    out, lse = selfattn.attention(q, k, v, mask=mask, sinks=sinks, backend="native", return_lse=True)
+    out0, lse0 = selfattn.attention(q, k, v, mask=mask, backend="native", return_lse=True)
+    after, after_lse = score_mods.add_sinks(out0, lse0, sinks)
+    oracle, oracle_lse = selfattn.attention(q.double(), k.double(), v.double(), mask=mask, sinks=sinks.double(),
+                                            backend="reference", return_lse=True)
+    testing.check_against_oracle(out, after, oracle, what="sinks in the kernel (out)")
+    testing.check_against_oracle(lse[1], after_lse[1], oracle_lse[1], what="sinks in the kernel (lse)")
+    assert (out[0] == 0).all() and torch.equal(lse[0], sinks.view(-1, 1).expand(4, N_q))
+    assert torch.equal(out[1, 3], out0[1, 3]) and torch.equal(lse[1, 3], lse0[1, 3])  # the -inf sink
+    _check(*(t.requires_grad_() for t in (q, k, v)), mask=mask, sinks=sinks.clamp(min=-30).requires_grad_())
+
+
 @pytest.mark.parametrize("mod", ["alibi", "alibi-per-batch", "relative", "t5", "softcap>>alibi", "alibi>>softcap",
                                  "softcap30>>alibi"])
 def test_modifier_parameters_get_their_gradients(mod):
@@ -199,8 +233,8 @@ def test_the_entry_point_reads_dist_through_its_strides():
         out_c, lse_c = ext.forward(q_, k_, v_, **args_c)
         assert torch.equal(out, out_c) and torch.equal(lse, lse_c), name
         d_out = torch.randn(out.shape, generator=g)
-        back = {n: a for n, a in args.items() if n not in ("fold", "splits")}
-        back_c = {n: a for n, a in args_c.items() if n not in ("fold", "splits")}
+        back = {n: a for n, a in args.items() if n not in ("fold", "splits", "sinks")}
+        back_c = {n: a for n, a in args_c.items() if n not in ("fold", "splits", "sinks")}
         got = ext.backward(q_, k_, v_, out, d_out, lse, **back)
         want = ext.backward(q_, k_, v_, out, d_out, lse, **back_c)
         for a, b in zip(got, want, strict=True):
@@ -286,7 +320,7 @@ def test_half_forward_converts_tile_by_tile(dtype, shape):
 def _kernel_args(q, k, v, **over):
     args = dict(scale=0.125, q_start=0, k_pos0=0, mask_kind=0, BQ=16, BK=64, states=None, bits_at=None, bits=None,
                 cap=0.0, dist=None, d_min=0, dist_after_cap=True, bias=None, drop_rows=None, drop_cols=None, drop_T=0,
-                drop_scale=1.0, fold=1, splits=1)
+                drop_scale=1.0, fold=1, splits=1, sinks=None)
     args.update(over)
     return (q, k, v), args
 
@@ -294,7 +328,7 @@ def _kernel_args(q, k, v, **over):
 @pytest.mark.parametrize("bad", ["float64", "mixed-half", "transposed-last", "overlapping-rows", "wrong-heads",
                                  "wrong-batch", "bits-shape", "partial-without-bits", "dist-shape", "dist-stride",
                                  "bias-shape",
-                                 "drop-rows", "fold", "splits", "state-value"])
+                                 "drop-rows", "fold", "splits", "state-value", "sinks-shape", "sinks-dtype"])
 def test_the_entry_point_rejects_what_it_cannot_read(bad):
     """The extension checks every tensor it is handed; bad ones raise instead of reading out of bounds."""
     q, k, v = (torch.randn(1, 4, 32, 16) for _ in range(3))
@@ -333,6 +367,10 @@ def test_the_entry_point_rejects_what_it_cannot_read(bad):
         over = dict(fold=3)
     elif bad == "splits":
         over = dict(splits=5)
+    elif bad == "sinks-shape":
+        over = dict(sinks=torch.zeros(3))
+    elif bad == "sinks-dtype":
+        over = dict(sinks=torch.zeros(4, dtype=torch.float64))
     (q_, k_, v_), args = _kernel_args(*tensors, **over)
     with pytest.raises((ValueError, TypeError)):
         native.extension().forward(q_, k_, v_, **args)

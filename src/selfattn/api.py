@@ -127,7 +127,7 @@ def _repeat_key(q, k, v, causal, scale, backend, score_mod=None) -> tuple | None
             not (backend is None or type(backend) is str):
         return None
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if score_mod is not None and (grad or any(t.requires_grad for t in score_mod.captures)):
+    if score_mod is not None and (grad or score_mod.trains):
         return None  # a modifier's call with gradients goes the whole way
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return None

@@ -62,6 +62,12 @@ class ScoreMod:
                         f"({self.name} >> {other.name})", spec, self.captures + other.captures, parts)
 
     @property
+    def trains(self) -> bool:
+        """Whether autograd records this call's use of the modifier: one of its tensors requires grad, with grad
+        mode on (the one check api, choice and the backends make)."""
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self.captures)
+
+    @property
     def additive(self) -> bool:
         """True when the modifier adds a term that does not depend on the score (ALiBi, relative bias)."""
         return self.spec is not None and all(leaf[0] in ("alibi", "relative", "t5") for leaf in leaves(self.spec))
@@ -281,10 +287,10 @@ def check_sinks(sinks, H_q: int, q: Tensor) -> Tensor | None:
 def add_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
     """Attention without sinks (out (B, H_q, N_q, D_v), lse (B, H_q, N_q)) -> with them: the sink joins the
     softmax's denominator, so L' = logaddexp(L, sink_h) and out' = out · exp(L − L'). Rows that saw no key keep
-    out = 0 and get L' = sink_h."""
+    out = 0 and get L' = sink_h (with a sink of −inf too: L − sink is NaN there, and their factor is 0)."""
     s = sinks.to(lse.dtype).view(1, -1, 1).expand_as(lse)
-    out2 = out * torch.sigmoid(lse - s)[..., None].to(out.dtype)  # exp(L − L') = 1 / (1 + exp(sink − L))
-    return out2, torch.logaddexp(lse, s)
+    keep = torch.sigmoid(lse - s).masked_fill_(torch.isneginf(lse), 0.0)  # exp(L − L') = 1 / (1 + exp(sink − L))
+    return out * keep[..., None].to(out.dtype), torch.logaddexp(lse, s)
 
 
 def sinks_grad(out: Tensor, lse: Tensor, d_out: Tensor, sinks: Tensor) -> Tensor:

@@ -131,8 +131,7 @@ def signature(call: AttentionCall, blocks: bool) -> tuple:
     bias, mod, mask, q, k, v, sinks = call.bias, call.score_mod, call.mask, call.q, call.k, call.v, call.sinks
     grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad)
-        or (sinks is not None and sinks.requires_grad) or (mod is not None and any(t.requires_grad for t in
-                                                                                   mod.captures)))
+        or (sinks is not None and sinks.requires_grad) or (mod is not None and mod.trains))
     return (q.shape, k.shape, v.shape, q.dtype, q.device, None if mask is None else _structure(mask),
             None if bias is None else (bias.shape, bias.dtype, bias.requires_grad),
             None if mod is None else (_structure(mod), tuple(t.requires_grad for t in mod.captures)),

@@ -16,9 +16,11 @@ How it differs from the oracle, and how a call reaches the kernel:
     one float per head and distance, ``dist`` (B or 1, H_q, N_q + N_k − 1), made by the modifiers themselves with
     torch operations, so autograd carries the kernel's ``d dist`` on to slopes and tables;
   - a soft-cap is a number; a custom Python ``score_mod`` is declined (``tiled`` runs it with autograd);
-  - dropout: the per-row and per-key halves of ``score_mods``'s counter-based hash (the kernel does the per-score
-    round), so the dropped weights are the oracle's bit for bit;
-  - sinks join the softmax after the kernel (``score_mods.add_sinks``), and their gradient is O(N).
+  - dropout: the per-row and per-key halves of ``score_mods``'s counter-based hash, made by the extension
+    (``dropout_halves``, the same bits as ``score_mods.dropout_rows`` / ``dropout_cols``), the per-score round by the
+    kernel, so the dropped weights are the oracle's bit for bit;
+  - sinks join each row's softmax in the forward's last step (what ``score_mods.add_sinks`` does after a kernel),
+    and their gradient is O(N).
 * Work is split over the cores by (batch, query-head group, query block) in the forward, with the query heads of a
   grouped-query group folded into one tile's rows, and by key ranges as well when there are few rows
   (flash-decoding); by (batch, K/V head, key block) in the backward.
@@ -204,7 +206,7 @@ def _dist(call: AttentionCall, additive: list) -> Tensor | None:
         return None
     d_min = call.k_pos0 - (call.q_start + call.N_q - 1)
     L = call.N_q + call.N_k - 1
-    if torch.is_grad_enabled() and any(t.requires_grad for t in call.score_mod.captures):
+    if call.score_mod.trains:
         return _dist_table(call.B, call.H_q, additive, d_min, L)
     return _dist_view(call.score_mod, additive, call.B, call.H_q, d_min, L)
 
@@ -247,11 +249,10 @@ _DIST_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ScoreMo
 def _dropout(call: AttentionCall):
     if not call.dropout_p:
         return None, None, 0, 1.0
-    b = torch.arange(call.B).view(-1, 1, 1)
-    h = torch.arange(call.H_q).view(1, -1, 1)
-    qi = torch.arange(call.q_start, call.q_start + call.N_q).view(1, 1, -1)
-    rows = score_mods.dropout_rows(call.dropout_seed, b, h, qi).expand(call.B, call.H_q, call.N_q).contiguous()
-    cols = score_mods.dropout_cols(call.dropout_seed, torch.arange(call.k_pos0, call.k_pos0 + call.N_k)).contiguous()
+    # score_mods.dropout_rows / dropout_cols for this call's rows and keys, made by the extension (a few µs, where the
+    # Python expressions cost 0.2 ms): tests/test_native.py checks that the two agree bit for bit
+    rows, cols = (_EXT[0] or extension()).dropout_halves(call.dropout_seed & 0xFFFFFFFF, call.B, call.H_q,
+                                                         call.q_start, call.N_q, call.k_pos0, call.N_k)
     return rows, cols, int(round(call.dropout_p * 2**32)), 1.0 / (1.0 - call.dropout_p)
 
 
@@ -324,14 +325,17 @@ def _split_count(B: int, H_q: int, fold: int, N_q: int, BQ: int, BK: int, N_k: i
     return max(1, min(want, N_k // SPLIT_MIN_KEYS, n_kb))
 
 
-def forward_f32(call: AttentionCall, q: Tensor, k: Tensor, v: Tensor, dist: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(out, lse) float32 without sinks, no autograd; q, k, v float32, or bf16 / fp16 (converted tile by tile)."""
+def forward_f32(call: AttentionCall, q: Tensor, k: Tensor, v: Tensor, dist: Tensor | None,
+                sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(out, lse) float32, no autograd; q, k, v float32, or bf16 / fp16 (converted tile by tile). ``sinks`` (H_q,)
+    join each row's softmax in the kernel's last step (as ``score_mods.add_sinks`` would after it)."""
     launch = _launch(call)
     drop_rows, drop_cols, T, drop_scale = _dropout(call)
     ext = _EXT[0] or extension()
     return ext.forward(q, k, v, call.scale, launch.q_start, call.k_pos0, *launch.mask_args, launch.cap, dist,
                        launch.d_min, launch.after, _bias(call), drop_rows, drop_cols, T, drop_scale, launch.fold,
-                       launch.splits)  # positional: pybind's keyword matching cost 2 µs of a decoding step
+                       launch.splits, None if sinks is None else sinks.detach().float().contiguous())
+    # (positional: pybind's keyword matching cost 2 µs of a decoding step)
 
 
 @dataclass(frozen=True)
@@ -423,9 +427,7 @@ class _NativeAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, dist, sinks, call: AttentionCall):
-        out, lse = forward_f32(call, q, k, v, None if dist is None else dist.detach())
-        if sinks is not None:
-            out, lse = score_mods.add_sinks(out, lse, sinks.detach())
+        out, lse = forward_f32(call, q, k, v, None if dist is None else dist.detach(), sinks)
         ctx.save_for_backward(q, k, v, dist, sinks, out, lse)
         ctx.call = call
         ctx.mark_non_differentiable(lse)
@@ -470,9 +472,7 @@ class NativeBackend(Backend):
         if call.needs_grad:  # bf16 / fp16 as given: the forward reads them (bf16 products where the CPU has them)
             out, lse = _NativeAttention.apply(_rows(call.q), _rows(call.k), _rows(call.v), dist, call.sinks, call)
         else:  # nothing here needs autograd: the kernel's outputs carry none; half precision is converted per tile
-            out, lse = forward_f32(call, _rows(call.q), _rows(call.k), _rows(call.v), dist)
-            if call.sinks is not None:
-                out, lse = score_mods.add_sinks(out, lse, call.sinks)
+            out, lse = forward_f32(call, _rows(call.q), _rows(call.k), _rows(call.v), dist, call.sinks)
         return (out if out.dtype == call.dtype else out.to(call.dtype)), lse
 
     def repeat(self, call: AttentionCall):
@@ -500,7 +500,7 @@ class NativeBackend(Backend):
             dist = _dist_view(mod, additive, B, H_q, 1 - N_k, N_q + N_k - 1) if additive else None
             out, lse = ext.forward(_rows(q), _rows(k), _rows(v), scale, N_k - N_q, 0, *launch.mask_args, launch.cap,
                                    dist, 1 - N_k, launch.after, None, None, None, 0, 1.0, fold,
-                                   _split_count(B, H_q, fold, N_q, BQ, BK, N_k))
+                                   _split_count(B, H_q, fold, N_q, BQ, BK, N_k), None)
             return (out if out.dtype is dtype else out.to(dtype)), lse
         return run
 

@@ -62,6 +62,7 @@ using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int8_t kEmpty = 0, kPartial = 1, kFull = 2;  // selfattn.masks.EMPTY / PARTIAL / FULL
 constexpr uint32_t kMix = 0x45D9F3Bu;                   // score_mods._MIX: the hash's multiply
+constexpr uint32_t kGolden = 0x61C88647u;                // score_mods._GOLDEN: spreads consecutive counters
 
 // Row-major C (M x N, ldc) = alpha * op(A) * op(B) + beta * C. BLAS is column-major, and a row-major matrix read
 // column-major is its transpose, so this is C^T = op(B)^T op(A)^T with the operands swapped.
@@ -639,6 +640,7 @@ struct Forward {
   float* part_o;   // (splits, B, Hq, Nq, Dv) when splits > 1
   float* part_m;   // (splits, B, Hq, Nq): row maximum
   float* part_l;   // (splits, B, Hq, Nq): row sum
+  const float* sinks = nullptr;  // (Hq) per-head sink logits, or none
   bool dot16 = false;  // bf16 inputs multiplied in bf16 (bf16_dot()) on tiles of more than kFewRows rows
 
   int64_t heads_per_b() const { return p.Hq / fold; }
@@ -752,16 +754,29 @@ struct Forward {
         part_l[at] = l[r];
         continue;
       }
-      float* o = out + row * Dv;
-      if (l[r] == 0.f) {  // every key masked: zeros and lse = -inf
-        std::fill(o, o + Dv, 0.f);
-        lse[row] = kNegInf;
-      } else {
-        const float inv = 1.f / l[r];
-        at::vec::map([inv](Vec x) { return x * Vec(inv); }, o, O + r * Dv, Dv);
-        lse[row] = m[r] + std::log(l[r]);
-      }
+      finish(out + row * Dv, lse + row, O + r * Dv, m[r], l[r], h);
     }
+  }
+
+  // A row's output and lse from its unnormalised sum O, maximum M and sum L; a head's sink joins the denominator
+  // as score_mods.add_sinks does it: L' = logaddexp(L, sink), out = O / L * exp(L - L') = O / L * sigmoid(L - sink).
+  // A row that saw no key (L = 0) gets zeros and lse = -inf, or the sink.
+  void finish(float* o, float* lse_row, const float* O, float M, float L, int64_t h) const {
+    const float L_row = L == 0.f ? kNegInf : M + std::log(L);
+    float keep = 1.f, lse_ = L_row;
+    if (sinks) {
+      const float s = sinks[h];
+      keep = 1.f / (1.f + std::exp(s - L_row));
+      lse_ = L_row == kNegInf ? s : s == kNegInf ? L_row : L_row == s ? L_row + std::log(2.f)
+                                 : std::max(L_row, s) + std::log1p(std::exp(-std::abs(L_row - s)));
+    }
+    *lse_row = lse_;
+    if (L == 0.f) {
+      std::fill(o, o + p.Dv, 0.f);
+      return;
+    }
+    const float inv = keep / L;
+    at::vec::map([inv](Vec x) { return x * Vec(inv); }, o, O, p.Dv);
   }
 
   // splits > 1: out = sum_s exp(m_s - M) O_s / sum_s exp(m_s - M) l_s, row by row
@@ -773,12 +788,8 @@ struct Forward {
         for (int64_t s = 0; s < splits; ++s) M = std::max(M, part_m[s * R + r]);
         float* o = out + r * Dv;
         std::fill(o, o + Dv, 0.f);
-        if (M == kNegInf) {
-          lse[r] = kNegInf;
-          continue;
-        }
         float L = 0.f;
-        for (int64_t s = 0; s < splits; ++s) {
+        for (int64_t s = 0; M != kNegInf && s < splits; ++s) {
           const float ms = part_m[s * R + r];
           if (ms == kNegInf) continue;
           const float w = std::exp(ms - M);
@@ -786,13 +797,7 @@ struct Forward {
           const float* os = part_o + (s * R + r) * Dv;
           for (int64_t d = 0; d < Dv; ++d) o[d] += w * os[d];
         }
-        if (L == 0.f) {
-          std::fill(o, o + Dv, 0.f);
-          lse[r] = kNegInf;
-          continue;
-        }
-        for (int64_t d = 0; d < Dv; ++d) o[d] /= L;
-        lse[r] = M + std::log(L);
+        finish(o, lse + r, o, M, L, (r / p.Nq) % p.Hq);
       }
     });
   }
@@ -1081,7 +1086,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& dist, int64_t d_min, bool dist_after_cap,
                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& drop_rows,
                                 const c10::optional<at::Tensor>& drop_cols, int64_t drop_T, double drop_scale,
-                                int64_t fold, int64_t splits) {
+                                int64_t fold, int64_t splits, const c10::optional<at::Tensor>& sinks) {
   const Params p = make_params(q, k, v, scale, q_start, k_pos0, mask_kind, BQ, BK, states, bits_at, bits, cap, dist,
                                d_min, dist_after_cap, bias, drop_rows, drop_cols, drop_T, drop_scale, /*half_ok=*/true);
   TORCH_CHECK_VALUE(fold >= 1 && p.group() % fold == 0, "selfattn native: fold must divide the group");
@@ -1099,6 +1104,11 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   Forward f{p, fold, splits, out.data_ptr<float>(), lse.data_ptr<float>(),
             splits > 1 ? part_o.data_ptr<float>() : nullptr, splits > 1 ? part_m.data_ptr<float>() : nullptr,
             splits > 1 ? part_l.data_ptr<float>() : nullptr};
+  if (sinks) {
+    check_f32(*sinks, "sinks", {p.Hq});
+    TORCH_CHECK_VALUE(sinks->is_contiguous(), "selfattn native: sinks must be contiguous (H_q,)");
+    f.sinks = sinks->data_ptr<float>();
+  }
   // (keys padded to kPadKeys must fit a row of S: BK is 512 from Python, any value at this entry point)
   f.dot16 = p.dtype == at::kBFloat16 && p.BK % kPadKeys == 0 && bf16_dot().ok &&
             at::globalContext().userEnabledMkldnn();
@@ -1166,6 +1176,40 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   return res;
 }
 
+// score_mods._mix on uint32: two multiply-xorshift rounds and a last xorshift (Python's int64 arithmetic masked to
+// 32 bits keeps the same low bits)
+inline uint32_t mix32(uint32_t x) {
+  x = ((x >> 16) ^ x) * kMix;
+  x = ((x >> 16) ^ x) * kMix;
+  return (x >> 16) ^ x;
+}
+
+// The per-row and per-key halves of the dropout hash (score_mods.dropout_rows / dropout_cols, bit for bit) for rows
+// (b, h, q_start + i) and keys k_pos0 + j: (B, Hq, Nq) and (Nk) int32. Made here, they cost a few microseconds where
+// the Python expressions' thirty tensor operations cost 0.2 ms of a short call.
+std::vector<at::Tensor> dropout_halves(int64_t seed, int64_t B, int64_t Hq, int64_t q_start, int64_t Nq,
+                                       int64_t k_pos0, int64_t Nk) {
+  TORCH_CHECK_VALUE(B > 0 && Hq > 0 && Nq > 0 && Nk > 0, "selfattn native: dropout_halves needs positive sizes");
+  const uint32_t s = mix32(static_cast<uint32_t>(seed));
+  auto rows = at::empty({B, Hq, Nq}, at::kInt), cols = at::empty({Nk}, at::kInt);
+  int32_t* rw = rows.data_ptr<int32_t>();
+  int32_t* cl = cols.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h) {
+      const uint32_t bh = mix32(mix32(s ^ static_cast<uint32_t>(b)) + static_cast<uint32_t>(h) * kGolden);
+      int32_t* r = rw + (b * Hq + h) * Nq;
+      for (int64_t i = 0; i < Nq; ++i) {
+        const uint32_t x = mix32(bh + static_cast<uint32_t>(q_start + i) * kGolden);
+        r[i] = static_cast<int32_t>(x ^ (x >> 16));
+      }
+    }
+  for (int64_t j = 0; j < Nk; ++j) {
+    const uint32_t x = mix32(s + static_cast<uint32_t>(k_pos0 + j) * kGolden);
+    cl[j] = static_cast<int32_t>(x ^ (x >> 16));
+  }
+  return {rows, cols};
+}
+
 bool uses_mkl() {
 #ifdef SELFATTN_MKL
   return true;
@@ -1187,10 +1231,12 @@ at::Tensor soft_tanh_of(const at::Tensor& x) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "selfattn's fused CPU attention kernel (see selfattn/csrc/attention.cpp)";
   namespace py = pybind11;
-  m.def("forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("q_start"), py::arg("k_pos0"), py::arg("mask_kind"), py::arg("BQ"), py::arg("BK"), py::arg("states"), py::arg("bits_at"), py::arg("bits"), py::arg("cap"), py::arg("dist"), py::arg("d_min"), py::arg("dist_after_cap"), py::arg("bias"), py::arg("drop_rows"), py::arg("drop_cols"), py::arg("drop_T"), py::arg("drop_scale"), py::arg("fold"), py::arg("splits"));
+  m.def("forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("q_start"), py::arg("k_pos0"), py::arg("mask_kind"), py::arg("BQ"), py::arg("BK"), py::arg("states"), py::arg("bits_at"), py::arg("bits"), py::arg("cap"), py::arg("dist"), py::arg("d_min"), py::arg("dist_after_cap"), py::arg("bias"), py::arg("drop_rows"), py::arg("drop_cols"), py::arg("drop_T"), py::arg("drop_scale"), py::arg("fold"), py::arg("splits"), py::arg("sinks"));
   m.def("backward", &backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("d_out"), py::arg("lse"), py::arg("scale"), py::arg("q_start"), py::arg("k_pos0"), py::arg("mask_kind"), py::arg("BQ"), py::arg("BK"), py::arg("states"), py::arg("bits_at"), py::arg("bits"), py::arg("cap"), py::arg("dist"), py::arg("d_min"), py::arg("dist_after_cap"), py::arg("bias"), py::arg("drop_rows"), py::arg("drop_cols"), py::arg("drop_T"), py::arg("drop_scale"));
   m.attr("isa") = SELFATTN_ISA;
   m.def("uses_mkl", &uses_mkl);
+  m.def("dropout_halves", &dropout_halves, py::arg("seed"), py::arg("B"), py::arg("H_q"), py::arg("q_start"),
+        py::arg("N_q"), py::arg("k_pos0"), py::arg("N_k"));
   m.def("_tanh", &soft_tanh_of, py::arg("x"));
   m.def("bf16_dot", [] { return py::make_tuple(bf16_dot().ok, bf16_dot().why); });
 }
