@@ -218,20 +218,26 @@ def test_modifier_table_is_kept_across_decoding_steps_and_follows_edits(mod):
 
 
 def test_the_entry_point_reads_dist_through_its_strides():
-    """dist may be a view (unit stride along the distances, any head and batch strides): the kept table's slices
-    and an expanded batch give what a contiguous copy gives, forward and backward."""
+    """dist may be a view (unit stride along the distances, any head and batch strides), or a wider table that
+    starts at its own d_min (what a decoding step passes): the kept table's slices, an expanded batch and the whole
+    table give what a contiguous copy of the call's distances gives, forward and backward."""
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 4, 33, 16, generator=g) for _ in range(3))
     L = 33 + 33 - 1
     wide = torch.randn(1, 4, L + 50, generator=g)
-    views = {"slice": wide[..., 20:20 + L], "expanded-batch": wide[..., 20:20 + L].expand(2, 4, L)}
+    exact = wide[..., 20:20 + L].contiguous()  # distances -32 .. 32
+    views = {"slice": (wide[..., 20:20 + L], -32), "expanded-batch": (wide[..., 20:20 + L].expand(2, 4, L), -32),
+             "whole-table": (wide, -52)}
     ext = native.extension()
-    for name, dist in views.items():
-        (q_, k_, v_), args = _kernel_args(q, k, v, dist=dist, d_min=-32, mask_kind=1)
-        (_, _, _), args_c = _kernel_args(q, k, v, dist=dist.contiguous(), d_min=-32, mask_kind=1)
+    for name, (dist, d_min) in views.items():
+        (q_, k_, v_), args = _kernel_args(q, k, v, dist=dist, d_min=d_min, mask_kind=1)
+        (_, _, _), args_c = _kernel_args(q, k, v, dist=exact.expand(dist.shape[0], 4, L).contiguous(), d_min=-32,
+                                         mask_kind=1)
         out, lse = ext.forward(q_, k_, v_, **args)
         out_c, lse_c = ext.forward(q_, k_, v_, **args_c)
         assert torch.equal(out, out_c) and torch.equal(lse, lse_c), name
+        if name == "whole-table":
+            continue  # the backward's d dist has the table's length: the autograd path passes the call's own
         d_out = torch.randn(out.shape, generator=g)
         back = {n: a for n, a in args.items() if n not in ("fold", "splits", "sinks")}
         back_c = {n: a for n, a in args_c.items() if n not in ("fold", "splits", "sinks")}
@@ -326,7 +332,7 @@ def _kernel_args(q, k, v, **over):
 
 
 @pytest.mark.parametrize("bad", ["float64", "mixed-half", "transposed-last", "overlapping-rows", "wrong-heads",
-                                 "wrong-batch", "bits-shape", "partial-without-bits", "dist-shape", "dist-stride",
+                                 "wrong-batch", "bits-shape", "partial-without-bits", "dist-shape", "dist-stride", "dist-range",
                                  "bias-shape",
                                  "drop-rows", "fold", "splits", "state-value", "sinks-shape", "sinks-dtype"])
 def test_the_entry_point_rejects_what_it_cannot_read(bad):
@@ -356,6 +362,8 @@ def test_the_entry_point_rejects_what_it_cannot_read(bad):
         over = dict(mask_kind=2, states=torch.full((2, 1), 7, dtype=torch.int8), bits_at=bits_at, bits=bits)
     elif bad == "dist-shape":
         over = dict(dist=torch.zeros(1, 4, 10), d_min=-31)
+    elif bad == "dist-range":  # the call needs distances -31 .. 31: a table of 63 from -30 misses the first
+        over = dict(dist=torch.zeros(1, 4, 63), d_min=-30)
     elif bad == "dist-stride":
         over = dict(dist=torch.zeros(1, 4, 63 * 2)[..., ::2], d_min=-31)
     elif bad == "bias-shape":

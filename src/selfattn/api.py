@@ -129,12 +129,10 @@ def _repeat_key(q, k, v, causal, scale, backend, score_mod=None) -> tuple | None
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if score_mod is not None and (grad or score_mod.trains):
         return None  # a modifier's call with gradients goes the whole way
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return None
-    ks, vs = k.shape, v.shape
-    if not (q.shape[2] and ks[2] and ks[2] == vs[2]):  # what only validation can word goes the whole way
-        return None
-    return ("repeat", q.shape, ks[0], ks[1], choice.n_bucket(ks[2]), ks[3], vs[0], vs[1], vs[3], q.dtype, k.dtype,
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4 or not (qs[2] and ks[2] and ks[2] == vs[2]):
+        return None  # what only validation can word goes the whole way
+    return ("repeat", qs, ks[0], ks[1], choice.n_bucket(ks[2]), ks[3], vs[0], vs[1], vs[3], q.dtype, k.dtype,
             v.dtype, q.device, k.device, v.device, causal, scale, backend, torch.get_num_threads(), grad, score_mod)
 
 

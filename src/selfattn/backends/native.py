@@ -212,10 +212,17 @@ def _dist(call: AttentionCall, additive: list) -> Tensor | None:
 
 
 def _dist_view(mod, additive: list, B: int, H_q: int, d_min: int, L: int) -> Tensor:
-    """Distances d_min .. d_min + L − 1 of the table kept for ``mod`` (made again, larger, when they leave it, or
-    when its tensors were edited in place)."""
+    """Distances d_min .. d_min + L − 1 of the table kept for ``mod``."""
+    lo, table = _dist_kept(mod, additive, B if _per_batch(additive) else 1, H_q, d_min, L)
+    return table.narrow(-1, d_min - lo, L)
+
+
+def _dist_kept(mod, additive: list, B_d: int, H_q: int, d_min: int, L: int) -> tuple[int, Tensor]:
+    """(lo, table): the table kept for ``mod``, distances lo .. lo + n − 1 ⊇ d_min .. d_min + L − 1 (made again,
+    larger, when they leave it, or when its tensors were edited in place). B_d: B if the table is per batch, else 1.
+    The kernel reads it whole, from lo (a decoding step then makes no view)."""
     # (a table made under inference_mode cannot be saved for a backward: kept apart)
-    key = (B if _per_batch(additive) else 1, H_q, torch.is_inference_mode_enabled(),
+    key = (B_d, H_q, torch.is_inference_mode_enabled(),
            tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in mod.captures))
     kept = _DIST_TABLES.get(mod)
     if kept is None or kept[0] != key or not kept[1] <= d_min <= d_min + L <= kept[1] + kept[2].shape[-1]:
@@ -224,8 +231,8 @@ def _dist_view(mod, additive: list, B: int, H_q: int, d_min: int, L: int) -> Ten
             lo, hi = min(lo, kept[1]), max(hi, kept[1] + kept[2].shape[-1])
         lo, n = lo - (hi - lo), 3 * (hi - lo)  # room on both sides: a growing cache extends it rarely
         with torch.no_grad():
-            kept = _DIST_TABLES[mod] = (key, lo, _dist_table(B, H_q, additive, lo, n))
-    return kept[2].narrow(-1, d_min - kept[1], L)
+            kept = _DIST_TABLES[mod] = (key, lo, _dist_table(B_d, H_q, additive, lo, n))
+    return kept[1], kept[2]
 
 
 def _per_batch(additive: list) -> bool:
@@ -494,13 +501,21 @@ class NativeBackend(Backend):
                 return (out if out.dtype is dtype else out.to(dtype)), lse
             return run_grad
         mod, (_, additive, _) = call.score_mod, call_modifier(call)
+        kind, cap, after = launch.mask_args[0], launch.cap, launch.after  # (no mask tables: none or plain causal)
+        # this signature's rows and heads fix everything in _split_count but N_k: few work items split the keys
+        few = B * (H_q // fold) * -(-N_q // BQ) < SPLIT_ITEMS_PER_CORE * torch.get_num_threads()
+        forward = ext.forward
+
+        B_d = (B if _per_batch(additive) else 1) if additive else 0
 
         def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            # (the fixed cost of a decoding step: each line here was timed, a few hundred ns at a time)
             N_k = k.shape[2]
-            dist = _dist_view(mod, additive, B, H_q, 1 - N_k, N_q + N_k - 1) if additive else None
-            out, lse = ext.forward(_rows(q), _rows(k), _rows(v), scale, N_k - N_q, 0, *launch.mask_args, launch.cap,
-                                   dist, 1 - N_k, launch.after, None, None, None, 0, 1.0, fold,
-                                   _split_count(B, H_q, fold, N_q, BQ, BK, N_k), None)
+            d_min, dist = _dist_kept(mod, additive, B_d, H_q, 1 - N_k, N_q + N_k - 1) if additive else (0, None)
+            splits = _split_count(B, H_q, fold, N_q, BQ, BK, N_k) if few and N_k >= 2 * SPLIT_MIN_KEYS else 1
+            out, lse = forward(q if q.is_contiguous() else _rows(q), k if k.is_contiguous() else _rows(k),
+                               v if v.is_contiguous() else _rows(v), scale, N_k - N_q, 0, kind, BQ, BK, None, None,
+                               None, cap, dist, d_min, after, None, None, None, 0, 1.0, fold, splits, None)
             return (out if out.dtype is dtype else out.to(dtype)), lse
         return run
 
