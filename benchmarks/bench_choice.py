@@ -7,7 +7,8 @@ float32 and bfloat16; forward, and forward + backward for prefill) it times ``se
 chosen automatically (the table in use is recorded) and ``torch.nn.functional.scaled_dot_product_attention`` on the
 same tensors, interleaved, and reports the medians and the ratio selfattn / SDPA (<= 1: the choice is as fast).
 SDPA is timed a second time in every round, and the ratio of SDPA to itself is reported beside: what this run's
-noise alone moves a ratio by. It also times ``backends.choose`` on a memoised call. The JSON records the CPU model, capability, threads and load.
+noise alone moves a ratio by. It also times ``backends.choose`` on a memoised call. The JSON records the CPU model,
+capability, threads and load.
 """
 
 import argparse
@@ -127,7 +128,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default="benchmarks/results/choice_cpu.json")
-    p.add_argument("--markdown", action="store_true", help="also print the rows as a markdown table (docs/benchmarks.md)")
+    p.add_argument("--markdown", action="store_true",
+                   help="also print the rows as a markdown table (docs/benchmarks.md)")
     args = p.parse_args()
     load_before = os.getloadavg()
     cost = choice_cost()

@@ -165,8 +165,8 @@ def group_decode(rounds, lengths):
                     "auto": lambda q=q, k=k, v=v: selfattn.attention(q, k, v, causal=True),
                     "sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                     # a decoding step with ALiBi (BLOOM, MPT): its table by distance is kept between steps
-                    "alibi": lambda q=q, k=k, v=v: selfattn.attention(q, k, v, causal=True, score_mod=alibi,
-                                                                      backend="native"),
+                    "alibi": lambda q=q, k=k, v=v, a=alibi: selfattn.attention(q, k, v, causal=True, score_mod=a,
+                                                                             backend="native"),
                 }
                 t = medians({n: (lambda f=f: [f() for _ in range(20)]) for n, f in fs.items()}, rounds)
                 t = {n: s / 20 for n, s in t.items()}

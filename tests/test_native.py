@@ -332,8 +332,8 @@ def _kernel_args(q, k, v, **over):
 
 
 @pytest.mark.parametrize("bad", ["float64", "mixed-half", "transposed-last", "overlapping-rows", "wrong-heads",
-                                 "wrong-batch", "bits-shape", "partial-without-bits", "dist-shape", "dist-stride", "dist-range",
-                                 "bias-shape",
+                                 "wrong-batch", "bits-shape", "partial-without-bits", "dist-shape", "dist-stride",
+                                 "dist-range", "bias-shape",
                                  "drop-rows", "fold", "splits", "state-value", "sinks-shape", "sinks-dtype"])
 def test_the_entry_point_rejects_what_it_cannot_read(bad):
     """The extension checks every tensor it is handed; bad ones raise instead of reading out of bounds."""

@@ -6,7 +6,8 @@ the same thing as selfattn's call, and declines the rest with the reason:
 
 * no mask; ``causal`` where top-left equals selfattn's bottom-right (queries and keys aligned, N_q == N_k) or where
   every query sees every key (decoding); grouped-query attention (K and V are not copied on the CPU: the kernel
-  takes the groups itself where this torch's does, ``cpu_kernel_groups``, else views fold them);
+  takes the groups itself where this torch's does, ``cpu_kernel_groups``, else views fold them; on CUDA
+  FlashAttention-2 takes them where it does, ``cuda_flash_groups``, and the memory-efficient kernel gets copies);
 * any other mask, an additive ``bias``, or an additive ready-made score modifier (ALiBi, relative and T5 biases)
   as one dense float mask, when it is small: at most ``DENSE_MAX_ELEMENTS`` after broadcasting (a key-padding
   mask is (B, 1, 1, N_k) whatever N_q; a causal or window mask is N_q x N_k). Past that the dense mask costs more
@@ -192,14 +193,32 @@ def _run_cpu(call: AttentionCall, plan: _Plan, add: Tensor | None) -> tuple[Tens
     return (out if out.shape[-1] == D_v else out[..., :D_v]), lse
 
 
+@functools.cache
+def cuda_flash_groups(device: str) -> bool:
+    """Whether FlashAttention-2 inside this torch takes fewer K/V heads than query heads on ``device`` (its kernel
+    supports grouped-query attention; SDPA's ``enable_gqa`` relies on it): checked once per device on a small call
+    against the same call with K and V repeated per query head, so a torch whose op does not is served by copies."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, 4, 3, 8, generator=g, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 5, 8, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    try:
+        got = flash(q, k, v, 0.0, True, False, scale=0.5)[0]
+    except RuntimeError:
+        return False
+    want = flash(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), 0.0, True, False, scale=0.5)[0]
+    return bool(torch.equal(got, want))
+
+
 def _run_cuda(call: AttentionCall, plan: _Plan, add: Tensor | None) -> tuple[Tensor, Tensor]:
     """FlashAttention-2 inside SDPA where it applies, else the memory-efficient kernel (it takes the dense mask)."""
     q, k, v = call.q, call.k, call.v
     g = call.H_q // call.H_kv
-    if g > 1:  # (B, H_q, N_k, ·): the aten kernels take one head count
-        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    if add is None and q.dtype in (torch.float16, torch.bfloat16) and call.D == call.D_v and \
-            call.D <= FLASH_CUDA_MAX_HEAD_DIM and call.D % 8 == 0:
+    flash = add is None and q.dtype in (torch.float16, torch.bfloat16) and call.D == call.D_v and \
+        call.D <= FLASH_CUDA_MAX_HEAD_DIM and call.D % 8 == 0
+    if g > 1 and not (flash and cuda_flash_groups(str(q.device))):  # (B, H_q, N_k, ·): one head count
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # (a decoding step copies its cache here)
+    if flash:
         r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, plan.causal, False, scale=call.scale)
         return r[0], r[1]
     if add is not None and add.dtype != q.dtype:
