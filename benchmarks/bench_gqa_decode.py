@@ -45,11 +45,8 @@ HEADS = [(9, 3), (32, 8), (8, 1), (8, 8)]
 def machine() -> dict:
     from selfattn.backends import choice
 
-    model = choice.cpu_model()
-    return {"cpu": model, "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cores": os.cpu_count(), "load_start": os.getloadavg()[0],
-            "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
-            "half_schedule": {str(dt): tiled.half_schedule(dt) for dt in (torch.bfloat16, torch.float16)}}
+    halves = (torch.bfloat16, torch.float16)
+    return {**choice.machine(), "half_schedule": {str(dt): tiled.half_schedule(dt) for dt in halves}}
 
 
 def timed(fn, reps: int) -> float:

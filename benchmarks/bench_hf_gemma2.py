@@ -131,7 +131,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(HERE / "results" / "hf_gemma2.json"))
     args = p.parse_args(argv)
     n_prefill = 512 if args.quick else 4096
-    info = machine()  # before the runs: its load_start is the load this run started under
+    info = machine()  # before the runs: its loadavg is the load this run started under
     models = {case: build(impl, cap) for case, (impl, cap) in CASES.items()}
     kernels = {"cap on": attention_call(n_prefill, SOFTCAP), "cap off": attention_call(n_prefill, None)}
     ids = torch.randint(0, CONFIG["vocab_size"], (1, n_prefill), generator=torch.Generator().manual_seed(1))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -37,16 +36,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def machine() -> dict:
-    import torch
+    from selfattn.backends import choice, native
 
-    from selfattn.backends import native
-
-    from selfattn.backends import choice
-
-    model = choice.cpu_model()
-    return {"cpu": model, "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "native": native.describe(), "loadavg": os.getloadavg(),
-            "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}}
+    return {**choice.machine(), "native": native.describe()}
 
 
 def medians(variants: dict, rounds: int) -> dict:

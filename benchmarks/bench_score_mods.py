@@ -98,13 +98,9 @@ def vm(field: str) -> int:
 
 
 def machine() -> dict:
-    import torch
-
     from selfattn.backends import choice
 
-    model = choice.cpu_model()
-    return {"cpu": model, "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "cores": os.cpu_count(), "torch": torch.__version__, "loadavg": os.getloadavg()}
+    return choice.machine()
 
 
 def main(argv=None) -> None:
@@ -116,7 +112,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     info = machine()
-    print(f"{info['cpu']}, ISA {info['isa']}, {info['threads']} threads, torch {info['torch']}")
+    print(f"{info['cpu']}, ISA {info['capability']}, {info['threads']} threads, torch {info['torch']}")
     rows = []
     for N in args.n:
         variants = [v for v in VARIANTS if v not in DENSE or N <= DENSE_MAX_N]
@@ -168,7 +164,7 @@ def plot(rows, path: Path, info: dict) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("N")
     ax.set_ylabel("fwd+bwd time / no modifier")
-    ax.set_title(f"score modifiers, causal H=8 D=64 fp32 — {info['cpu'][:40]} ({info['isa']})", fontsize=8)
+    ax.set_title(f"score modifiers, causal H=8 D=64 fp32 — {info['cpu'][:40]} ({info['capability']})", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

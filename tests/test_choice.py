@@ -128,3 +128,15 @@ def test_call_kinds_name_what_the_table_is_keyed_by():
     decode = choice.call_kind(selfattn.api.make_call(q, k, k, mask=masks.document(torch.zeros(700, dtype=torch.long))
                                                      & masks.causal(), score_mod=score_mods.softcap(20.0)))
     assert decode[2:4] == ("documents", "softcap") and decode[-2:] == ("decode", 2048)
+
+
+def test_the_machine_record_names_the_cpu_its_isa_and_the_overrides_in_force(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    info = choice.machine()
+    assert info["cpu"] == choice.cpu_model() and info["cpu"]
+    assert info["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["threads"] == torch.get_num_threads() and info["torch"] == torch.__version__
+    assert info["env"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}  # a run under emulation says so in its result
+    assert len(info["loadavg"]) == 3
+    json.dumps(info)  # it goes into the result files as it is

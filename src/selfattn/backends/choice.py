@@ -174,6 +174,15 @@ def cpu_model() -> str:
     return model or platform.processor() or platform.machine() or "unknown CPU"
 
 
+def machine() -> dict:
+    """What every benchmark records beside its numbers: the CPU model, ``get_cpu_capability()``, the ISA overrides in
+    force (``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA``, which emulate another machine), torch's version, its
+    threads, the cores and the load average when asked."""
+    return {"cpu": cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cores": os.cpu_count(), "loadavg": list(os.getloadavg()),
+            "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}}
+
+
 def _cpu_name() -> str:
     return f"{cpu_model()} [{torch.backends.cpu.get_cpu_capability()}]"
 
