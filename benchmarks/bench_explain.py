@@ -15,7 +15,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -104,9 +103,11 @@ def main() -> None:
         rows[f"inference_{impl}"] = {"seconds": s, "peak_mib": peak, "tokens": int(n), "forward_s": float(fwd)}
     ratio = rows["explain"]["peak_mib"] / min(r["peak_mib"] for k, r in rows.items() if k.startswith("inference"))
     # the ratio is against the smallest inference peak: the strictest of the three
-    result_cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name'"], capture_output=True, text=True).stdout
-    cpu = result_cpu.split(":", 1)[-1].strip() or platform.machine()
-    result = {"cpu": cpu, "threads": os.cpu_count(), "rows": rows, "peak_ratio": ratio}
+    from selfattn.backends import choice
+
+    info = choice.machine()
+    cpu = info["cpu"]
+    result = {"cpu": cpu, "threads": os.cpu_count(), "machine": info, "rows": rows, "peak_ratio": ratio}
     for name, r in rows.items():
         if name == "page":
             print(f"{'page in chromium':<18} first view laid out {r['ready_ms']:.0f} ms, head switch median "

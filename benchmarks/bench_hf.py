@@ -149,7 +149,9 @@ def main() -> None:
             else:
                 print(f"{n:>6} {r['impl']:>9} {'-':>9} {'-':>8} {'-':>8} {'-':>9}  {r['error']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": MODEL, "batch": 1, "dtype": "float32", "cpus": os.cpu_count(), "load_before": load,
+    from selfattn.backends import choice
+
+    meta = {"model": MODEL, "batch": 1, "dtype": "float32", "machine": choice.machine(), "load_before": load,
             "load_after": os.getloadavg(), "python": platform.python_version(), "repeats": args.repeats}
     import torch
     import transformers

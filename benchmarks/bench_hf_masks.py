@@ -140,7 +140,9 @@ def main() -> None:
     import torch
     import transformers
 
-    meta = {"model": MODEL, "batch": 2, "dtype": "float32", "cpus": os.cpu_count(), "load_before": load,
+    from selfattn.backends import choice
+
+    meta = {"model": MODEL, "batch": 2, "dtype": "float32", "machine": choice.machine(), "load_before": load,
             "load_after": load_after, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "repeats": args.repeats}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

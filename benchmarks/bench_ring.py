@@ -139,6 +139,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
 
     from selfattn import backends
+    from selfattn.backends import choice
     from selfattn.distributed import choose_block_backend  # the backend the ring will use, for the record
     from selfattn.api import make_call
     import torch
@@ -171,8 +172,8 @@ def main(argv=None) -> None:
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "backend": backend, "machine": platform.platform(),
-                       "cpu_count": os.cpu_count(), "load_end": load,
+            json.dump({"config": vars(args), "backend": backend, "machine": {**choice.machine(),
+                       "platform": platform.platform()}, "cpu_count": os.cpu_count(), "load_end": load,
                        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "results": summary},
                       f, indent=1)
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import selfattn
 from selfattn import masks
+from selfattn.backends import choice
 
 HERE = Path(__file__).resolve().parent
 
@@ -148,7 +149,7 @@ def main(argv=None) -> dict:
         padding_overhead=dict(tokens_padded=len(lengths) * N_max, tokens_packed=T,
                               causal_pairs_padded_batch=len(lengths) * N_max * (N_max + 1) // 2,
                               causal_pairs_packed=pairs_packed),
-        load_before=load_before, load_after=os.getloadavg(), rows=rows,
+        load_before=load_before, load_after=os.getloadavg(), machine=choice.machine(), rows=rows,
     )
     print(f"T = {T} packed tokens, padded batch {len(lengths)} x {N_max} = {len(lengths) * N_max} "
           f"({len(lengths) * N_max / T:.2f}x the tokens); load {load_before[0]:.2f} -> {result['load_after'][0]:.2f}")
