@@ -140,3 +140,25 @@ def test_the_machine_record_names_the_cpu_its_isa_and_the_overrides_in_force(mon
     assert info["env"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}  # a run under emulation says so in its result
     assert len(info["loadavg"]) == 3
     json.dumps(info)  # it goes into the result files as it is
+
+
+def test_tune_merge_adds_to_a_table_and_refuses_another_machines(fresh, tmp_path):
+    from selfattn import tune
+
+    out = str(tmp_path / "table.json")
+    small = dict(dtypes=["float32"], sizes=[64], modes=["fwd"], rounds=1, out=out)
+    tune.tune(workloads=["causal"], **small)
+    first = json.loads(open(out).read())
+    tune.tune(workloads=["plain"], merge=True, **small)
+    merged = json.loads(open(out).read())
+    assert set(merged["entries"]) == set(first["entries"]) | {k.replace("|causal|", "|none|")
+                                                                for k in first["entries"]}
+    assert len(merged["entries"]) == 2 * len(first["entries"])
+    assert merged["merged"] == [{k: first[k] for k in ("measured", "load_average", "rounds")}]
+    tune.tune(workloads=["plain"], **small)  # without merge the file holds this run alone
+    assert set(json.loads(open(out).read())["entries"]) == set(merged["entries"]) - set(first["entries"])
+    other = {**merged, "device": "Some Other CPU [AVX2]"}
+    open(out, "w").write(json.dumps(other))
+    with pytest.raises(ValueError, match="Some Other CPU.*leave out --merge"):
+        tune.tune(workloads=["plain"], merge=True, **small)
+    assert json.loads(open(out).read()) == other  # refused before anything was measured or written

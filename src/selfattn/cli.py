@@ -58,7 +58,7 @@ def tune(args: argparse.Namespace) -> int:
     quick = dict(sizes=[128], rounds=1) if args.quick else {}
     sizes = [int(n) for n in args.sizes.split(",")] if args.sizes else quick.get("sizes")
     table = tuning.tune(device=device, sizes=sizes, rounds=args.rounds or quick.get("rounds", 5),
-                        compiled=args.all or None, out=args.out, log=print,
+                        compiled=args.all or None, out=args.out, merge=args.merge, log=print,
                         **({"workloads": args.workloads.split(",")} if args.workloads else {}),
                         **({"dtypes": args.dtypes.split(",")} if args.dtypes else {}))
     print(f"wrote {table['path']}: {len(table['entries'])} call kinds for {table['device']!r}, torch {table['torch']}")
@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("tune", help="time every backend on this machine and write the automatic choice's table")
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--out", default=None, help="the table file (default: ~/.cache/selfattn/tables/<device>.json)")
-    t.add_argument("--sizes", default=None, help="comma-separated N (default 128,512,2048 on the CPU)")
+    t.add_argument("--sizes", default=None, help="comma-separated N (default 128,512,2048,4096 on the CPU)")
+    t.add_argument("--merge", action="store_true",
+                   help="add to the table file instead of replacing it: kinds this run does not measure stay")
     t.add_argument("--dtypes", default=None, help="comma-separated (default float32,bfloat16)")
     t.add_argument("--workloads", default=None, help="comma-separated (default: all of selfattn.tune.WORKLOADS)")
     t.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 5)")

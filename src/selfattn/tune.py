@@ -33,7 +33,9 @@ from selfattn import backends, masks, score_mods
 from selfattn.backends import choice
 
 B, H, H_KV, D = 1, 8, 2, 64
-CPU_SIZES = (128, 512, 2048)  # prefill N and decoding keys; larger calls take the nearest bucket's ranking
+# Prefill N and decoding keys. Each stands for its bucket of choice.N_BUCKETS: 4096 for the bucket of 2049-8192 (the
+# middle of it on a log scale, at a quarter of 8192's time); larger calls take the nearest measured bucket's ranking.
+CPU_SIZES = (128, 512, 2048, 4096)
 CUDA_SIZES = (1024, 4096, 16384)
 DTYPES = ("float32", "bfloat16")
 MODES = ("fwd", "fwd+bwd")
@@ -107,14 +109,17 @@ def _runner(name: str, q, k, v, kw: dict, grad: bool):
 
 
 def tune(*, device: str = "cpu", workloads=WORKLOADS, dtypes=DTYPES, sizes=None, modes=MODES, rounds: int = 5,
-         compiled: bool | None = None, out: str | None = None, write: bool = True, log=None) -> dict:
+         compiled: bool | None = None, out: str | None = None, write: bool = True, merge: bool = False,
+         log=None) -> dict:
     """Time every backend that can serve each case; return the table (and write it: ``out``, default the user's
     table folder, ``choice.user_dir()``). ``compiled``: also time backends that compile per signature (default:
-    on CUDA only)."""
+    on CUDA only). ``merge``: keep the kinds the table file already holds and this run does not measure (a run for
+    one size or workload adds to a table instead of replacing it); the file must be this device's and torch's."""
     sizes = sizes or (CUDA_SIZES if device == "cuda" else CPU_SIZES)
     compiled = device == "cuda" if compiled is None else compiled
     log = log or (lambda s: None)
     entries, compile_s, path = {}, {}, None
+    kept = _kept(device, out) if merge and write else None
     g = torch.Generator().manual_seed(0)
     for name in workloads:
         for dtype_name in dtypes:
@@ -152,15 +157,34 @@ def tune(*, device: str = "cpu", workloads=WORKLOADS, dtypes=DTYPES, sizes=None,
                     entries[key] = {"order": sorted(ms, key=ms.get), "ms": ms, "median_ms": median}
                     log(f"{key}: " + ", ".join(f"{n} {ms[n]:.3f} ms" for n in entries[key]["order"]))
         if write:  # after every workload: a run cut short (a time limit) keeps what it measured
-            path = _write(device, rounds, compile_s, entries, out)
-    table = _table(device, rounds, compile_s, entries)
+            path = _write(device, rounds, compile_s, entries, out, kept)
+    table = _table(device, rounds, compile_s, entries, kept)
     if write:
         table["path"] = path
         choice.reset()  # the next choice reads it
     return table
 
 
-def _table(device, rounds, compile_s, entries) -> dict:
+def _kept(device: str, out: str | None) -> dict | None:
+    """The table file a merging run adds to (None when there is none yet), after checking it is this machine's."""
+    path = out or str(choice.user_dir() / table_filename({"device": choice.device_name(device),
+                                                          "torch": choice.torch_version()}))
+    if not os.path.exists(path):
+        return None
+    old = choice.load_table(path).data
+    here = (choice.device_name(device), choice.torch_version())
+    if (old.get("device"), old.get("torch")) != here:
+        raise ValueError(f"cannot merge into {path}: it was measured on {old.get('device')!r} with torch "
+                         f"{old.get('torch')}, this is {here[0]!r} with torch {here[1]}; write a new table "
+                         "(leave out --merge, or give another --out)")
+    return old
+
+
+def _table(device, rounds, compile_s, entries, kept: dict | None = None) -> dict:
+    if kept is not None:  # the kinds measured now replace the file's, the others stay; each run is listed
+        entries = {**kept["entries"], **entries}
+        compile_s = {**kept.get("compile_seconds", {}), **compile_s}
+        earlier = kept.get("merged", []) + [{k: kept.get(k) for k in ("measured", "load_average", "rounds")}]
     return {
         "format": choice.TABLE_FORMAT, "device": choice.device_name(device), "torch": choice.torch_version(),
         "torch_full": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -168,11 +192,12 @@ def _table(device, rounds, compile_s, entries) -> dict:
         "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "shape": {"B": B, "H_q": H, "H_kv (gqa, decode-gqa)": H_KV, "D": D}, "rounds": rounds,
         "backends": backends.names(), "compile_seconds": compile_s, "entries": entries,
+        **({"merged": earlier} if kept is not None else {}),
     }
 
 
-def _write(device, rounds, compile_s, entries, out) -> str:
-    table = _table(device, rounds, compile_s, entries)
+def _write(device, rounds, compile_s, entries, out, kept=None) -> str:
+    table = _table(device, rounds, compile_s, entries, kept)
     path = out or str(choice.user_dir() / table_filename(table))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
