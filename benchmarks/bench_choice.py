@@ -2,13 +2,13 @@
 
     python benchmarks/bench_choice.py [--rounds 7] [--out benchmarks/results/choice_cpu.json]
 
-For each case (plain, causal, grouped-query causal, decoding against 128..8k keys, ALiBi as a dense mask for SDPA;
-float32 and bfloat16; forward, and forward + backward for prefill) it times ``selfattn.attention`` with the backend
-chosen automatically (the table in use is recorded) and ``torch.nn.functional.scaled_dot_product_attention`` on the
-same tensors, interleaved, and reports the medians and the ratio selfattn / SDPA (<= 1: the choice is as fast).
-SDPA is timed a second time in every round, and the ratio of SDPA to itself is reported beside: what this run's
-noise alone moves a ratio by. It also times ``backends.choose`` on a memoised call. The JSON records the CPU model,
-capability, threads and load.
+For each case (plain, causal, grouped-query causal at N = 128..4k, decoding against 128..8k keys, ALiBi as a dense
+mask for SDPA; float32 and bfloat16; forward, and forward + backward for prefill) it times ``selfattn.attention``
+with the backend chosen automatically (the table in use is recorded) and
+``torch.nn.functional.scaled_dot_product_attention`` on the same tensors, interleaved, and reports the medians and
+the ratio selfattn / SDPA (<= 1: the choice is as fast). SDPA is timed a second time in every round, and the ratio
+of SDPA to itself is reported beside: what this run's noise alone moves a ratio by. It also times
+``backends.choose`` on a memoised call. The JSON records the CPU model, capability, threads and load.
 """
 
 import argparse
@@ -31,7 +31,7 @@ H, H_KV, D = 8, 2, 64
 
 def cases():
     for dtype in (torch.float32, torch.bfloat16):
-        for N in (128, 512, 2048):
+        for N in (128, 512, 2048, 4096):
             yield "plain", dtype, N, N, H, {}, {}
             yield "causal", dtype, N, N, H, {"causal": True}, {"is_causal": True}
             yield "gqa causal", dtype, N, N, H_KV, {"causal": True}, {"is_causal": True, "enable_gqa": True}
