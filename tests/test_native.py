@@ -247,6 +247,32 @@ def test_the_entry_point_reads_dist_through_its_strides():
             assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("mod", ["alibi", "softcap>>alibi"])
+def test_a_fixed_table_skips_its_gradient_and_changes_no_other_bits(mod):
+    """A modifier whose slopes or table do not require grad (a model's fixed ALiBi) has the kernel skip the table's
+    gradient: dq, dk and dv are the same bits as when it is made, and autograd gets no table gradient it would
+    throw away; with slopes that require grad it is made (``test_modifier_parameters_get_their_gradients`` checks
+    its values)."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 4, 40, 16, generator=g) for _ in range(3))
+    d_out = torch.randn(2, 4, 40, 16, generator=g)
+    slopes = score_mods.alibi_slopes(4)
+    score_mod = score_mods.softcap(3.0) >> score_mods.alibi(slopes) if mod != "alibi" else score_mods.alibi(slopes)
+    call = selfattn.api.make_call(q, k, v, causal=True, score_mod=score_mod)
+    dist = native._dist(call, native.call_modifier(call)[1])
+    out, lse = native.forward_f32(call, q, k, v, dist)
+    with_grad = native.backward_f32(call, q, k, v, dist, out, lse, d_out, dist_grad=True)
+    without = native.backward_f32(call, q, k, v, dist, out, lse, d_out, dist_grad=False)
+    assert with_grad[3] is not None and with_grad[3].abs().sum() > 0 and without[3] is None
+    for name, a, b in zip("qkv", with_grad[:3], without[:3], strict=True):
+        assert torch.equal(a, b), f"d{name} changed when the table's gradient was skipped"
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(selfattn.attention(*leaves, causal=True, score_mod=score_mod, backend="native"),
+                              leaves, d_out)
+    for name, a, b in zip("qkv", got, with_grad[:3], strict=True):
+        assert torch.equal(a, b), f"d{name} through autograd"
+
+
 def test_soft_cap_tanh_against_float64():
     """The kernel's tanh, vector by vector: its polynomial (every lane |x| <= 0.75) within 1 ulp of float64's tanh
     (the fit's bound is 0.84 ulp: IEEE arithmetic, the same on every CPU), SLEEF's fallback within its documented 3.5

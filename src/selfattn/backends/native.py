@@ -411,14 +411,16 @@ _LAUNCHES_MAX = 1024
 _EXT: list = [None]  # the loaded extension, once a call has been admitted (NativeBackend.unavailable_reasons)
 
 
-def backward_f32(call: AttentionCall, q, k, v, dist, out, lse, d_out):
-    """(dq, dk, dv, d_dist or None) float32 given the final out and lse (sinks included)."""
+def backward_f32(call: AttentionCall, q, k, v, dist, out, lse, d_out, dist_grad: bool = True):
+    """(dq, dk, dv, d_dist or None) float32 given the final out and lse (sinks included); ``dist_grad=False``: the
+    table's gradient is not wanted (a fixed ALiBi, a block of ring attention), and the kernel skips it."""
     cap, _, after = call_modifier(call)
     plan = _prepare(call, "backward")
     d_min = call.k_pos0 - (call.q_start + call.N_q - 1)
     out, d_out, lse = (t.float().contiguous() for t in (out, d_out, lse))  # the kernel makes rowsum(dO * O) itself
-    grads = extension().backward(q, k, v, out, d_out, lse, **_args(call, plan, dist, d_min, cap, after))
-    return (*grads[:3], grads[3] if dist is not None else None)
+    grads = extension().backward(q, k, v, out, d_out, lse, **_args(call, plan, dist, d_min, cap, after),
+                                 dist_grad=dist_grad)
+    return (*grads[:3], grads[3] if len(grads) > 3 else None)
 
 
 def call_modifier(call: AttentionCall):
@@ -443,10 +445,11 @@ class _NativeAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, _d_lse):
         q, k, v, dist, sinks, out, lse = ctx.saved_tensors
-        dq, dk, dv, d_dist = backward_f32(ctx.call, _f32(q), _f32(k), _f32(v), dist, out, lse, d_out)
+        dq, dk, dv, d_dist = backward_f32(ctx.call, _f32(q), _f32(k), _f32(v), dist, out, lse, d_out,
+                                          dist_grad=ctx.needs_input_grad[3])
         d_sinks = score_mods.sinks_grad(out, lse, d_out, sinks) if sinks is not None and ctx.needs_input_grad[4] \
             else None
-        return dq, dk, dv, d_dist if ctx.needs_input_grad[3] else None, d_sinks, None
+        return dq, dk, dv, d_dist, d_sinks, None
 
 
 @dataclass(frozen=True)
@@ -529,7 +532,8 @@ class NativeBackend(Backend):
         _, additive, _ = call_modifier(call)
         with torch.no_grad():
             dist = _dist(call, additive)
-            return backward_f32(call, _f32(call.q), _f32(call.k), _f32(call.v), dist, out, lse, d_out)[:3]
+            return backward_f32(call, _f32(call.q), _f32(call.k), _f32(call.v), dist, out, lse, d_out,
+                                dist_grad=False)[:3]
 
 
 BACKEND = NativeBackend(

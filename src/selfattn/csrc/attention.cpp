@@ -887,14 +887,16 @@ struct Backward {
           at::vec::map3([dl](Vec pp, Vec ww, Vec gg) { return ww * gg - pp * dl; }, dp, s, w, dp, n);
           float* dd = nullptr;
           if constexpr (Ops::dist) {
-            dd = ddist + ((p.dist_B > 1 ? b : 0) * p.Hq + h) * p.dist_L + (p.k_pos0 + k0 - p.q_pos(i) - p.d_min);
-            if (p.dist_after_cap) at::vec::map2([](Vec x, Vec y) { return x + y; }, dd, dd, dp, n);
+            if (ddist) {  // (null: the table's gradient is not wanted)
+              dd = ddist + ((p.dist_B > 1 ? b : 0) * p.Hq + h) * p.dist_L + (p.k_pos0 + k0 - p.q_pos(i) - p.d_min);
+              if (p.dist_after_cap) at::vec::map2([](Vec x, Vec y) { return x + y; }, dd, dd, dp, n);
+            }
           }
           if constexpr (Ops::cap) {
             at::vec::map2([](Vec g_, Vec th) { return g_ * (Vec(1.f) - th * th); }, dp, dp, T + r * BK, n);
           }
           if constexpr (Ops::dist) {
-            if (!p.dist_after_cap) at::vec::map2([](Vec x, Vec y) { return x + y; }, dd, dd, dp, n);
+            if (dd && !p.dist_after_cap) at::vec::map2([](Vec x, Vec y) { return x + y; }, dd, dd, dp, n);
           }
         }
         gemm(false, false, nr, D, n, 1.f, dP, BK, K, p.sk[2], 1.f, dq + row0 * D, D);  // dQ += dS K (x scale at the end)
@@ -1121,7 +1123,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   return {out, lse};
 }
 
-// Returns dq, dk, dv and, with `dist`, its gradient (1 or B, H_q, L).
+// Returns dq, dk, dv and, with `dist` and `dist_grad`, its gradient (1 or B, H_q, L): a fixed table (a model's
+// ALiBi) skips its accumulation.
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                  const at::Tensor& dout, const at::Tensor& lse, double scale,
                                  int64_t q_start, int64_t k_pos0, int64_t mask_kind, int64_t BQ, int64_t BK,
@@ -1129,7 +1132,8 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const c10::optional<at::Tensor>& bits, double cap,
                                  const c10::optional<at::Tensor>& dist, int64_t d_min, bool dist_after_cap,
                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& drop_rows,
-                                 const c10::optional<at::Tensor>& drop_cols, int64_t drop_T, double drop_scale) {
+                                 const c10::optional<at::Tensor>& drop_cols, int64_t drop_T, double drop_scale,
+                                 bool dist_grad) {
   const Params p = make_params(q, k, v, scale, q_start, k_pos0, mask_kind, BQ, BK, states, bits_at, bits, cap, dist,
                                d_min, dist_after_cap, bias, drop_rows, drop_cols, drop_T, drop_scale);
   check_out(out, "out", {p.B, p.Hq, p.Nq, p.Dv});
@@ -1153,10 +1157,11 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   auto dv = at::empty({p.B, p.Hkv, p.Nk, p.Dv}, q.options());
   at::Tensor ddist_slots;
   const int64_t Bd = dist ? dist->size(0) : 1;
-  if (dist) ddist_slots = at::zeros({S, Bd, p.Hq, p.dist_L}, q.options());
+  const bool want_ddist = dist.has_value() && dist_grad;
+  if (want_ddist) ddist_slots = at::zeros({S, Bd, p.Hq, p.dist_L}, q.options());
   Backward bw{p, out.data_ptr<float>(), dout.data_ptr<float>(), lse.data_ptr<float>(), delta.data_ptr<float>(),
               dq_slots.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
-              dist ? ddist_slots.data_ptr<float>() : nullptr, Bd};
+              want_ddist ? ddist_slots.data_ptr<float>() : nullptr, Bd};
   with_ops(p, [&](auto ops) { bw.template run<decltype(ops)>(); });
   // slots summed in a fixed order and scaled in one pass: the same result run to run at a fixed thread count
   at::Tensor dq = at::empty({p.B, p.Hq, p.Nq, p.D}, q.options());
@@ -1177,7 +1182,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
     });
   }
   std::vector<at::Tensor> res{dq, dk, dv};
-  if (dist) res.push_back(S == 1 ? ddist_slots[0] : ddist_slots.sum(0));
+  if (want_ddist) res.push_back(S == 1 ? ddist_slots[0] : ddist_slots.sum(0));
   return res;
 }
 
@@ -1237,7 +1242,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "selfattn's fused CPU attention kernel (see selfattn/csrc/attention.cpp)";
   namespace py = pybind11;
   m.def("forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("q_start"), py::arg("k_pos0"), py::arg("mask_kind"), py::arg("BQ"), py::arg("BK"), py::arg("states"), py::arg("bits_at"), py::arg("bits"), py::arg("cap"), py::arg("dist"), py::arg("d_min"), py::arg("dist_after_cap"), py::arg("bias"), py::arg("drop_rows"), py::arg("drop_cols"), py::arg("drop_T"), py::arg("drop_scale"), py::arg("fold"), py::arg("splits"), py::arg("sinks"));
-  m.def("backward", &backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("d_out"), py::arg("lse"), py::arg("scale"), py::arg("q_start"), py::arg("k_pos0"), py::arg("mask_kind"), py::arg("BQ"), py::arg("BK"), py::arg("states"), py::arg("bits_at"), py::arg("bits"), py::arg("cap"), py::arg("dist"), py::arg("d_min"), py::arg("dist_after_cap"), py::arg("bias"), py::arg("drop_rows"), py::arg("drop_cols"), py::arg("drop_T"), py::arg("drop_scale"));
+  m.def("backward", &backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("d_out"), py::arg("lse"), py::arg("scale"), py::arg("q_start"), py::arg("k_pos0"), py::arg("mask_kind"), py::arg("BQ"), py::arg("BK"), py::arg("states"), py::arg("bits_at"), py::arg("bits"), py::arg("cap"), py::arg("dist"), py::arg("d_min"), py::arg("dist_after_cap"), py::arg("bias"), py::arg("drop_rows"), py::arg("drop_cols"), py::arg("drop_T"), py::arg("drop_scale"), py::arg("dist_grad") = true);
   m.attr("isa") = SELFATTN_ISA;
   m.def("uses_mkl", &uses_mkl);
   m.def("dropout_halves", &dropout_halves, py::arg("seed"), py::arg("B"), py::arg("H_q"), py::arg("q_start"),
