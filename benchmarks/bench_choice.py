@@ -80,8 +80,11 @@ def bench(rounds: int):
             ours()
             number = max(1, min(500, int(0.05 / max(time.perf_counter() - t0, 1e-6))))
             times = {"selfattn": [], "sdpa": [], "sdpa again": []}
-            for _ in range(rounds):  # SDPA twice: the ratio of SDPA to itself is this run's noise
-                for label, f in (("selfattn", ours), ("sdpa", theirs), ("sdpa again", theirs)):
+            order = [("selfattn", ours), ("sdpa", theirs), ("sdpa again", theirs)]
+            for r in range(rounds):  # SDPA twice: the ratio of SDPA to itself is this run's noise
+                # every other round backwards: what ran just before moves a small call's time by up to 10 % (the
+                # allocator's and caches' state), so no variant always follows the same one
+                for label, f in (order if r % 2 == 0 else order[::-1]):
                     t0 = time.perf_counter()
                     for _ in range(number):
                         f()

@@ -46,8 +46,9 @@ def medians(variants: dict, rounds: int) -> dict:
     for f in variants.values():
         f()
     times = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, f in variants.items():
+    order = list(variants.items())
+    for r in range(rounds):  # every other round backwards: no variant always follows the same one
+        for name, f in (order if r % 2 == 0 else order[::-1]):
             t0 = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - t0)

@@ -149,8 +149,10 @@ def tune(*, device: str = "cpu", workloads=WORKLOADS, dtypes=DTYPES, sizes=None,
                             compile_s[f"{key}|{b.name}"] = round(time.perf_counter() - t0, 2)
                         runs[b.name] = run
                     times = {n: [] for n in runs}
-                    for _ in range(rounds):  # interleaved: each round times every backend once
-                        for n, run in runs.items():
+                    order = list(runs.items())
+                    for r in range(rounds):  # interleaved: each round times every backend once, every other
+                        # round backwards (what ran just before moves a small call's time by up to 10 %)
+                        for n, run in (order if r % 2 == 0 else order[::-1]):
                             times[n] += _time(run, 1)
                     ms = {n: round(min(t) * 1e3, 4) for n, t in times.items()}
                     median = {n: round(statistics.median(t) * 1e3, 4) for n, t in times.items()}
