@@ -97,12 +97,6 @@ def vm(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def machine() -> dict:
-    from selfattn.backends import choice
-
-    return choice.machine()
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[4096, 8192])
@@ -111,7 +105,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "score_mods.json"))
     args = ap.parse_args(argv)
 
-    info = machine()
+    from selfattn.backends import choice
+
+    info = choice.machine()
     print(f"{info['cpu']}, ISA {info['capability']}, {info['threads']} threads, torch {info['torch']}")
     rows = []
     for N in args.n:

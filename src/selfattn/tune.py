@@ -167,10 +167,15 @@ def tune(*, device: str = "cpu", workloads=WORKLOADS, dtypes=DTYPES, sizes=None,
     return table
 
 
+def _path(device: str, out: str | None) -> str:
+    """The table file a run writes: ``out``, else this device's and torch's file in the user's table folder."""
+    here = {"device": choice.device_name(device), "torch": choice.torch_version()}
+    return out or str(choice.user_dir() / table_filename(here))
+
+
 def _kept(device: str, out: str | None) -> dict | None:
     """The table file a merging run adds to (None when there is none yet), after checking it is this machine's."""
-    path = out or str(choice.user_dir() / table_filename({"device": choice.device_name(device),
-                                                          "torch": choice.torch_version()}))
+    path = _path(device, out)
     if not os.path.exists(path):
         return None
     old = choice.load_table(path).data
@@ -200,7 +205,7 @@ def _table(device, rounds, compile_s, entries, kept: dict | None = None) -> dict
 
 def _write(device, rounds, compile_s, entries, out, kept=None) -> str:
     table = _table(device, rounds, compile_s, entries, kept)
-    path = out or str(choice.user_dir() / table_filename(table))
+    path = _path(device, out)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
